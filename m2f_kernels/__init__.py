@@ -1,0 +1,27 @@
+"""m2f_kernels: fused GPU kernels for Mask2Former's three hotspots, as autograd ops.
+
+    import m2f_kernels
+    out = m2f_kernels.masked_attention(q, k, v, mask)            # decoder cross-attention
+    out = m2f_kernels.ms_deform_attn(value, shapes, starts, loc, w)  # pixel decoder
+    bce, dice = m2f_kernels.point_mask_loss(pred, target, coords, num_masks)
+
+Every op takes ``backend=`` ('auto', 'reference', 'triton', 'cuda'); see
+:func:`set_backend`, :func:`use_backend` and the ``M2F_KERNELS_BACKEND`` variable.
+"""
+from ._dispatch import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
+from .ops import (
+    masked_attention,
+    ms_deform_attn,
+    pairwise_mask_cost,
+    point_mask_loss,
+    point_sample,
+    uncertain_point_coords,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "masked_attention", "ms_deform_attn", "point_sample", "uncertain_point_coords",
+    "point_mask_loss", "pairwise_mask_cost",
+    "set_backend", "get_backend", "use_backend", "BackendUnavailableError", "BACKENDS",
+]

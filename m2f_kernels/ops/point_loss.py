@@ -1,0 +1,254 @@
+"""The point-sampled mask loss ops: point_sample, uncertain_point_coords, point_mask_loss,
+pairwise_mask_cost (custom ops, autograd, public functions)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _validation
+from .._dispatch import implementation
+from ._common import choose_backend, not_differentiable
+
+# --- point_sample ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("m2f_kernels::point_sample", mutates_args=())
+def point_sample_op(input: Tensor, coords: Tensor, backend: str) -> Tensor:
+    """[N, C, P]."""
+    if input.numel() == 0 or coords.numel() == 0:
+        return input.new_zeros(input.shape[0], input.shape[1], coords.shape[1])
+    return implementation(backend, "point_sample_fwd")(input, coords)
+
+
+@point_sample_op.register_fake
+def _(input, coords, backend):
+    return input.new_empty(input.shape[0], input.shape[1], coords.shape[1])
+
+
+@torch.library.custom_op("m2f_kernels::point_sample_backward", mutates_args=())
+def point_sample_backward_op(grad_out: Tensor, input: Tensor, coords: Tensor, backend: str) -> Tensor:
+    if input.numel() == 0 or coords.numel() == 0:
+        return torch.zeros_like(input)
+    return implementation(backend, "point_sample_bwd")(grad_out, input, coords)
+
+
+@point_sample_backward_op.register_fake
+def _(grad_out, input, coords, backend):
+    return torch.empty_like(input)
+
+
+def _point_sample_setup(ctx, inputs, output):
+    input, coords, backend = inputs
+    ctx.save_for_backward(input, coords)
+    ctx.backend = backend
+
+
+def _point_sample_backward(ctx, grad_out):
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError("m2f_kernels.point_sample is differentiable in input only, not in coords")
+    input, coords = ctx.saved_tensors
+    return point_sample_backward_op(grad_out, input, coords, ctx.backend), None, None
+
+
+torch.library.register_autograd("m2f_kernels::point_sample", _point_sample_backward,
+                                setup_context=_point_sample_setup)
+
+
+def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None) -> Tensor:
+    """Bilinear samples of ``input`` at ``coords`` (the official ``point_sample``).
+
+    Args:
+        input: [N, C, H, W].
+        coords: [N, P, 2], (x, y) in [0, 1]; zero padding outside, grid_sample
+            (align_corners=False) convention.
+    Returns:
+        [N, C, P] in input's dtype, differentiable in input.
+    """
+    _validation.point_sample(input, coords)
+    return point_sample_op(input, coords, choose_backend("point_sample", input, backend))
+
+
+# --- uncertain_point_coords -----------------------------------------------------------------
+
+
+@torch.library.custom_op("m2f_kernels::uncertain_point_coords", mutates_args=())
+def uncertain_point_coords_op(logits: Tensor, candidates: Tensor, random: Tensor, num_uncertain: int,
+                              backend: str) -> Tensor:
+    """[N, num_uncertain + R, 2]: most uncertain candidates, then the random points."""
+    if logits.shape[0] == 0 or num_uncertain == 0:
+        return torch.cat([candidates[:, :num_uncertain], random.to(candidates.dtype)], dim=1).contiguous()
+    return implementation(backend, "uncertain_point_coords")(logits, candidates, random, num_uncertain)
+
+
+@uncertain_point_coords_op.register_fake
+def _(logits, candidates, random, num_uncertain, backend):
+    return candidates.new_empty(candidates.shape[0], num_uncertain + random.shape[1], 2)
+
+
+torch.library.register_autograd(
+    "m2f_kernels::uncertain_point_coords",
+    not_differentiable("uncertain_point_coords", "its inputs (compute it under torch.no_grad())"),
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+
+def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: float = 3.0,
+                           importance_sample_ratio: float = 0.75,
+                           generator: Optional[torch.Generator] = None, *,
+                           backend: Optional[str] = None) -> Tensor:
+    """The official importance sampling of point coordinates (PointRend / Mask2Former).
+
+    Draws ``int(num_points * oversample_ratio)`` uniform candidates per mask, keeps the
+    ``int(importance_sample_ratio * num_points)`` whose logit is closest to 0, and fills
+    the rest with fresh uniform points.
+
+    Args:
+        logits: [N, H, W] mask logits.
+        generator: a torch.Generator on logits' device, for reproducible points.
+    Returns:
+        [N, num_points, 2] float32 (x, y) in [0, 1]. Not differentiable: logits are
+        detached.
+    """
+    _validation.uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio)
+    n = logits.shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    candidates = torch.rand(n, num_sampled, 2, device=logits.device, dtype=dtype, generator=generator)
+    random = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, dtype=dtype, generator=generator)
+    chosen = choose_backend("uncertain_point_coords", logits, backend)
+    # detached: point selection has no gradient, and a graph through it would only cost memory
+    return uncertain_point_coords_op(logits.detach(), candidates, random, num_uncertain, chosen)
+
+
+# --- point_mask_loss ------------------------------------------------------------------------
+
+
+@torch.library.custom_op("m2f_kernels::point_mask_loss", mutates_args=())
+def point_mask_loss_op(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float,
+                       batch_index: Optional[Tensor], query_index: Optional[Tensor],
+                       backend: str) -> tuple[Tensor, Tensor]:
+    """(loss_bce, loss_dice), 0-dim in pred's dtype."""
+    if target.shape[0] == 0:
+        return pred.new_zeros(()), pred.new_zeros(())
+    return implementation(backend, "point_mask_loss_fwd")(
+        pred, target, coords, num_masks, batch_index, query_index
+    )
+
+
+@point_mask_loss_op.register_fake
+def _(pred, target, coords, num_masks, batch_index, query_index, backend):
+    return pred.new_empty(()), pred.new_empty(())
+
+
+@torch.library.custom_op("m2f_kernels::point_mask_loss_backward", mutates_args=())
+def point_mask_loss_backward_op(grad_bce: Tensor, grad_dice: Tensor, pred: Tensor, target: Tensor,
+                                coords: Tensor, num_masks: float, batch_index: Optional[Tensor],
+                                query_index: Optional[Tensor], backend: str) -> Tensor:
+    """grad_pred, shaped like pred."""
+    if target.shape[0] == 0:
+        return torch.zeros_like(pred)
+    return implementation(backend, "point_mask_loss_bwd")(
+        grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index
+    )
+
+
+@point_mask_loss_backward_op.register_fake
+def _(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index, backend):
+    return torch.empty_like(pred)
+
+
+def _point_mask_loss_setup(ctx, inputs, output):
+    pred, target, coords, num_masks, batch_index, query_index, backend = inputs
+    ctx.save_for_backward(pred, target, coords, batch_index, query_index)
+    ctx.num_masks, ctx.backend = num_masks, backend
+
+
+def _point_mask_loss_backward(ctx, grad_bce, grad_dice):
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise RuntimeError("m2f_kernels.point_mask_loss is differentiable in pred only, not in target or coords")
+    pred, target, coords, batch_index, query_index = ctx.saved_tensors
+    grad = point_mask_loss_backward_op(grad_bce, grad_dice, pred, target, coords, ctx.num_masks,
+                                       batch_index, query_index, ctx.backend)
+    return grad, None, None, None, None, None, None
+
+
+torch.library.register_autograd("m2f_kernels::point_mask_loss", _point_mask_loss_backward,
+                                setup_context=_point_mask_loss_setup)
+
+
+def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float, *,
+                    pred_index: Optional[Sequence[Tensor]] = None,
+                    backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """The official criterion's mask losses on sampled points.
+
+    Samples pred and target at ``coords`` and returns
+    ``(sigmoid_ce_loss, dice_loss)``: BCE-with-logits averaged over points, summed over
+    masks, divided by ``num_masks``; and the +1-smoothed dice loss summed over masks,
+    divided by ``num_masks``.
+
+    Args:
+        pred: [N, Hp, Wp] mask logits, or [B, Q, Hp, Wp] with ``pred_index``.
+        target: [N, Ht, Wt] bool, uint8 (0/1) or floating; any resolution.
+        coords: [N, P, 2], (x, y) in [0, 1].
+        num_masks: the normaliser (a Python number, > 0).
+        pred_index: (batch_index [N], query_index [N]) picking the matched masks out of a
+            4-D pred without copying them.
+    Returns:
+        (loss_bce, loss_dice), 0-dim tensors in pred's dtype, differentiable in pred.
+    """
+    _validation.point_mask_loss(pred, target, coords, num_masks, pred_index)
+    batch_index, query_index = (None, None) if pred_index is None else pred_index
+    chosen = choose_backend("point_mask_loss", pred, backend)
+    return point_mask_loss_op(pred, target, coords, float(num_masks), batch_index, query_index, chosen)
+
+
+# --- pairwise_mask_cost ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("m2f_kernels::pairwise_mask_cost", mutates_args=())
+def pairwise_mask_cost_op(pred: Tensor, target: Tensor, coords: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(cost_bce [Q, T], cost_dice [Q, T]) in float32 (float64 for float64 pred)."""
+    if pred.shape[0] == 0 or target.shape[0] == 0:
+        dtype = _cost_dtype(pred)
+        empty = pred.new_zeros(pred.shape[0], target.shape[0], dtype=dtype)
+        return empty, empty.clone()
+    return implementation(backend, "pairwise_mask_cost")(pred, target, coords)
+
+
+@pairwise_mask_cost_op.register_fake
+def _(pred, target, coords, backend):
+    dtype = _cost_dtype(pred)
+    return (pred.new_empty(pred.shape[0], target.shape[0], dtype=dtype),
+            pred.new_empty(pred.shape[0], target.shape[0], dtype=dtype))
+
+
+def _cost_dtype(pred: Tensor) -> torch.dtype:
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+torch.library.register_autograd(
+    "m2f_kernels::pairwise_mask_cost",
+    not_differentiable("pairwise_mask_cost", "its inputs (the matcher runs under torch.no_grad())"),
+    setup_context=lambda ctx, inputs, output: None,
+)
+
+
+def pairwise_mask_cost(pred: Tensor, target: Tensor, coords: Tensor, *,
+                       backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """The Hungarian matcher's mask costs between every prediction and every target.
+
+    Args:
+        pred: [Q, Hp, Wp] mask logits.
+        target: [T, Ht, Wt] bool, uint8 (0/1) or floating; any resolution.
+        coords: [P, 2] points shared by all masks, (x, y) in [0, 1].
+    Returns:
+        (cost_bce [Q, T], cost_dice [Q, T]) in float32 whatever pred's dtype:
+        batch_sigmoid_ce_loss (divided by P) and batch_dice_loss of the official matcher.
+        Not differentiable: the inputs are detached.
+    """
+    _validation.pairwise_mask_cost(pred, target, coords)
+    chosen = choose_backend("pairwise_mask_cost", pred, backend)
+    return pairwise_mask_cost_op(pred.detach(), target.detach(), coords.detach(), chosen)

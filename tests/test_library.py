@@ -1,0 +1,144 @@
+"""torch.library integration of every op: gradcheck (float64), opcheck, torch.compile(fullgraph)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import m2f_kernels as mk
+
+F64 = torch.float64
+SHAPES = torch.tensor([[3, 4], [2, 2], [1, 1]])
+STARTS = torch.tensor([0, 12, 16])
+S = 17
+
+
+def _attention_inputs(per_head=False, logits=False):
+    b, h, q, n, d = 2, 3, 5, 7, 4
+    qkv = [torch.randn(b, h, length, d, dtype=F64, requires_grad=True) for length in (q, n, n)]
+    shape = (b, h, q, n) if per_head else (b, q, n)
+    mask = torch.randn(shape, dtype=F64) if logits else torch.rand(shape) < 0.6
+    if logits:
+        mask[0, ..., 0, :] = -1.0  # an empty row exercises the all-keys rule
+    else:
+        mask[0, ..., 0, :] = True
+    return qkv, mask
+
+
+def _deform_inputs():
+    b, lq, h, d, levels, p = 2, 3, 2, 4, 3, 2
+    value = torch.randn(b, S, h, d, dtype=F64, requires_grad=True)
+    loc = (torch.rand(b, lq, h, levels, p, 2, dtype=F64) * 1.2 - 0.1).requires_grad_()
+    weights = torch.rand(b, lq, h, levels, p, dtype=F64, requires_grad=True)
+    return value, loc, weights
+
+
+def _loss_inputs():
+    pred = torch.randn(2, 4, 6, 5, dtype=F64, requires_grad=True)
+    target = torch.rand(3, 9, 8) > 0.5
+    coords = torch.rand(3, 11, 2, dtype=F64)
+    index = (torch.tensor([0, 1, 1]), torch.tensor([2, 0, 3]))
+    return pred, target, coords, index
+
+
+# --- gradcheck ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("logits", [False, True])
+def test_gradcheck_masked_attention(per_head, logits):
+    (q, k, v), mask = _attention_inputs(per_head, logits)
+    assert torch.autograd.gradcheck(lambda q, k, v: mk.masked_attention(q, k, v, mask, backend="reference"), (q, k, v))
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_gradcheck_ms_deform_attn(softmax):
+    value, loc, weights = _deform_inputs()
+    fn = lambda v, l, w: mk.ms_deform_attn(v, SHAPES, STARTS, l, w, softmax=softmax, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (value, loc, weights))
+
+
+def test_gradcheck_point_sample():
+    x = torch.randn(3, 2, 5, 6, dtype=F64, requires_grad=True)
+    coords = torch.rand(3, 7, 2, dtype=F64) * 1.2 - 0.1
+    assert torch.autograd.gradcheck(lambda x: mk.point_sample(x, coords, backend="reference"), (x,))
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_gradcheck_point_mask_loss(indexed):
+    pred, target, coords, index = _loss_inputs()
+    if indexed:
+        fn = lambda p: mk.point_mask_loss(p, target, coords, 2.5, pred_index=index, backend="reference")  # noqa: E731
+    else:
+        pred = pred[index].detach().requires_grad_()
+        fn = lambda p: mk.point_mask_loss(p, target.double(), coords, 2.5, backend="reference")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (pred,))
+
+
+def test_non_differentiable_inputs_raise():
+    coords = torch.rand(3, 7, 2, dtype=F64, requires_grad=True)
+    out = mk.point_sample(torch.randn(3, 2, 5, 6, dtype=F64, requires_grad=True), coords)
+    with pytest.raises(RuntimeError, match="not in coords"):
+        out.sum().backward()
+    logits = torch.randn(3, 8, 8, requires_grad=True)
+    cost, _ = mk.pairwise_mask_cost(logits, torch.rand(2, 8, 8) > 0.5, torch.rand(5, 2))
+    assert not cost.requires_grad  # the public function detaches: the matcher has no gradient
+    cost, _ = torch.ops.m2f_kernels.pairwise_mask_cost(logits, torch.rand(2, 8, 8) > 0.5, torch.rand(5, 2), "reference")
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        cost.sum().backward()
+
+
+# --- opcheck --------------------------------------------------------------------------------
+
+
+def _opcheck_cases():
+    (q, k, v), mask = _attention_inputs()
+    value, loc, weights = _deform_inputs()
+    pred, target, coords, (bi, qi) = _loss_inputs()
+    x = torch.randn(3, 2, 5, 6, dtype=F64, requires_grad=True)
+    ops = torch.ops.m2f_kernels
+    return {
+        "masked_attention": (ops.masked_attention.default, (q, k, v, mask, 0.3, "reference")),
+        "ms_deform_attn": (ops.ms_deform_attn.default, (value, SHAPES, STARTS, loc, weights, True, False, "reference")),
+        "point_sample": (ops.point_sample.default, (x, coords, "reference")),
+        "uncertain_point_coords": (ops.uncertain_point_coords.default,
+                                   (torch.randn(3, 8, 8), torch.rand(3, 30, 2), torch.rand(3, 3, 2), 7, "reference")),
+        "point_mask_loss": (ops.point_mask_loss.default, (pred, target, coords, 2.5, bi, qi, "reference")),
+        "point_mask_loss_3d": (ops.point_mask_loss.default,
+                               (pred[bi, qi].detach().requires_grad_(), target, coords, 2.5, None, None, "reference")),
+        "pairwise_mask_cost": (ops.pairwise_mask_cost.default, (pred[0].detach(), target, coords[0], "reference")),
+    }
+
+
+@pytest.mark.parametrize("name", list(_opcheck_cases()))
+def test_opcheck(name):
+    op, args = _opcheck_cases()[name]
+    torch.library.opcheck(op, args)
+
+
+# --- torch.compile --------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_all_ops():
+    (q, k, v), mask = _attention_inputs()
+    value, loc, weights = _deform_inputs()
+    pred, target, coords, index = _loss_inputs()
+
+    def step(q, k, v, value, loc, weights, pred):
+        a = mk.masked_attention(q, k, v, mask)
+        b = mk.ms_deform_attn(value, SHAPES, STARTS, loc, weights, softmax=True)
+        c = mk.point_sample(pred[0].unsqueeze(1), coords[:1].expand(4, -1, -1))
+        bce, dice = mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index)
+        cost_bce, cost_dice = mk.pairwise_mask_cost(pred[0], target, coords[0])
+        points = mk.uncertain_point_coords(pred[1], 5)
+        return a.sum() + b.sum() + c.sum() + bce + dice + cost_bce.sum() + cost_dice.sum(), points
+
+    args = (q, k, v, value, loc, weights, pred)
+    eager, eager_points = step(*args)
+    torch._dynamo.reset()
+    compiled, compiled_points = torch.compile(step, fullgraph=True)(*args)
+    torch.testing.assert_close(compiled, eager)
+    assert compiled_points.shape == eager_points.shape == (4, 5, 2)
+    grads = torch.autograd.grad(compiled, (q, value, pred))
+    eager_grads = torch.autograd.grad(step(*args)[0], (q, value, pred))
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)

@@ -1,0 +1,110 @@
+"""Bad input: one case per class of mistake, each a ValueError/TypeError naming the argument."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import m2f_kernels as mk
+
+
+def _attention(**change):
+    b, h, q, n, d = 2, 3, 4, 6, 8
+    args = dict(q=torch.randn(b, h, q, d), k=torch.randn(b, h, n, d), v=torch.randn(b, h, n, d),
+                mask=torch.rand(b, q, n) < 0.5)
+    args.update(change)
+    return lambda: mk.masked_attention(args["q"], args["k"], args["v"], args["mask"], **args.get("kw", {}))
+
+
+def _deform(**change):
+    shapes = torch.tensor([[3, 4], [2, 2]])
+    args = dict(value=torch.randn(2, 16, 2, 4), spatial_shapes=shapes, level_start_index=torch.tensor([0, 12]),
+                sampling_locations=torch.rand(2, 5, 2, 2, 3, 2), attention_weights=torch.rand(2, 5, 2, 2, 3))
+    args.update(change)
+    return lambda: mk.ms_deform_attn(args["value"], args["spatial_shapes"], args["level_start_index"],
+                                     args["sampling_locations"], args["attention_weights"])
+
+
+def _loss(**change):
+    args = dict(pred=torch.randn(3, 8, 8), target=torch.rand(3, 16, 16) > 0.5, coords=torch.rand(3, 10, 2),
+                num_masks=3.0, kw={})
+    args.update(change)
+    return lambda: mk.point_mask_loss(args["pred"], args["target"], args["coords"], args["num_masks"], **args["kw"])
+
+
+CASES = {
+    # masked_attention
+    "q rank": (_attention(q=torch.randn(2, 4, 8)), ValueError, "q"),
+    "k batch": (_attention(k=torch.randn(1, 3, 6, 8)), ValueError, "k"),
+    "k heads": (_attention(k=torch.randn(2, 2, 6, 8)), ValueError, "k"),
+    "k head dim": (_attention(k=torch.randn(2, 3, 6, 4)), ValueError, "k"),
+    "v keys": (_attention(v=torch.randn(2, 3, 5, 8)), ValueError, "v"),
+    "q integer": (_attention(q=torch.randint(0, 3, (2, 3, 4, 8))), TypeError, "q"),
+    "qkv dtypes differ": (_attention(k=torch.randn(2, 3, 6, 8, dtype=torch.float64)), TypeError, "k"),
+    "mask int dtype": (_attention(mask=torch.zeros(2, 4, 6, dtype=torch.int32)), TypeError, "mask"),
+    "mask shape": (_attention(mask=torch.rand(2, 4, 5) < 0.5), ValueError, "mask"),
+    "mask device": (_attention(mask=(torch.rand(2, 4, 6) < 0.5).to("meta")), ValueError, "mask"),
+    "no keys": (_attention(k=torch.randn(2, 3, 0, 8), v=torch.randn(2, 3, 0, 8),
+                           mask=torch.zeros(2, 4, 0, dtype=torch.bool)), ValueError, "k"),
+    "q not tensor": (_attention(q=[1.0]), TypeError, "q"),
+    # ms_deform_attn
+    "value rank": (_deform(value=torch.randn(2, 16, 8)), ValueError, "value"),
+    "value integer": (_deform(value=torch.zeros(2, 16, 2, 4, dtype=torch.int64)), TypeError, "value"),
+    "float spatial_shapes": (_deform(spatial_shapes=torch.tensor([[3.0, 4.0], [2.0, 2.0]])), TypeError,
+                             "spatial_shapes"),
+    "spatial_shapes columns": (_deform(spatial_shapes=torch.tensor([[3, 4, 1], [2, 2, 1]])), ValueError,
+                               "spatial_shapes"),
+    "level_start_index wrong": (_deform(level_start_index=torch.tensor([0, 11])), ValueError, "level_start_index"),
+    "level_start_index length": (_deform(level_start_index=torch.tensor([0])), ValueError, "level_start_index"),
+    "S mismatch": (_deform(value=torch.randn(2, 15, 2, 4)), ValueError, "value"),
+    "locations batch": (_deform(sampling_locations=torch.rand(1, 5, 2, 2, 3, 2)), ValueError, "sampling_locations"),
+    "locations heads": (_deform(sampling_locations=torch.rand(2, 5, 3, 2, 3, 2)), ValueError, "sampling_locations"),
+    "locations levels": (_deform(sampling_locations=torch.rand(2, 5, 2, 3, 3, 2)), ValueError, "sampling_locations"),
+    "locations last dim": (_deform(sampling_locations=torch.rand(2, 5, 2, 2, 3, 3)), ValueError,
+                           "sampling_locations"),
+    "weights shape": (_deform(attention_weights=torch.rand(2, 5, 2, 2, 4)), ValueError, "attention_weights"),
+    "weights device": (_deform(attention_weights=torch.rand(2, 5, 2, 2, 3, device="meta")), ValueError,
+                       "attention_weights"),
+    # point_sample
+    "point_sample coords": (lambda: mk.point_sample(torch.randn(2, 1, 4, 4), torch.rand(2, 5, 3)), ValueError,
+                            "coords"),
+    "point_sample N": (lambda: mk.point_sample(torch.randn(2, 1, 4, 4), torch.rand(3, 5, 2)), ValueError, "coords"),
+    "point_sample input rank": (lambda: mk.point_sample(torch.randn(2, 4, 4), torch.rand(2, 5, 2)), ValueError,
+                                "input"),
+    # uncertain_point_coords
+    "num_points < 1": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 0), ValueError, "num_points"),
+    "num_points float": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 3.5), TypeError, "num_points"),
+    "oversample < 1": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 4, 0.5), ValueError,
+                       "oversample_ratio"),
+    "importance > 1": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 4, 3.0, 1.5), ValueError,
+                       "importance_sample_ratio"),
+    "importance < 0": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 4, 3.0, -0.1), ValueError,
+                       "importance_sample_ratio"),
+    # point_mask_loss
+    "loss target dtype": (_loss(target=torch.zeros(3, 16, 16, dtype=torch.int32)), TypeError, "target"),
+    "loss pred N": (_loss(pred=torch.randn(2, 8, 8)), ValueError, "pred"),
+    "loss coords N": (_loss(coords=torch.rand(2, 10, 2)), ValueError, "coords"),
+    "loss no points": (_loss(coords=torch.rand(3, 0, 2)), ValueError, "coords"),
+    "loss num_masks": (_loss(num_masks=0.0), ValueError, "num_masks"),
+    "loss num_masks tensor": (_loss(num_masks=torch.tensor(3.0)), TypeError, "num_masks"),
+    "4-D pred without index": (_loss(pred=torch.randn(2, 5, 8, 8)), ValueError, "pred_index"),
+    "index length": (_loss(pred=torch.randn(2, 5, 8, 8), kw=dict(pred_index=(torch.tensor([0, 1]),
+                                                                            torch.tensor([0, 1])))),
+                     ValueError, "pred_index"),
+    "index float": (_loss(pred=torch.randn(2, 5, 8, 8), kw=dict(pred_index=(torch.zeros(3), torch.zeros(3)))),
+                    TypeError, "pred_index"),
+    # pairwise_mask_cost
+    "cost coords rank": (lambda: mk.pairwise_mask_cost(torch.randn(4, 8, 8), torch.rand(2, 8, 8) > 0.5,
+                                                       torch.rand(1, 5, 2)), ValueError, "coords"),
+    "cost pred integer": (lambda: mk.pairwise_mask_cost(torch.zeros(4, 8, 8, dtype=torch.long),
+                                                        torch.rand(2, 8, 8) > 0.5, torch.rand(5, 2)), TypeError, "pred"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_names_the_argument(case):
+    call, error, argument = CASES[case]
+    with pytest.raises(error) as info:
+        call()
+    assert re.search(rf"\b{re.escape(argument)}\b", str(info.value)), f"message does not name {argument!r}: {info.value}"
