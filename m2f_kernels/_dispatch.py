@@ -134,15 +134,14 @@ def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
         return status
     if backend == "reference":
         return None
-    module, _ = _load(backend)
-    missing = [f for f in BACKEND_FUNCTIONS[op] if not hasattr(module, f)]
-    if missing:
-        return f"backend {backend!r} does not implement {op} yet"
     if dtype not in _KERNEL_DTYPES:
         return (
             f"backend {backend!r} supports {', '.join(str(d) for d in _KERNEL_DTYPES)} "
             f"for {op}, got {dtype} (use backend='reference' for float64)"
         )
+    module, _ = _load(backend)
+    if any(not hasattr(module, f) for f in BACKEND_FUNCTIONS[op]):
+        return f"backend {backend!r} does not implement {op} yet"
     return None
 
 
