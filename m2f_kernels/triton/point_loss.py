@@ -1,0 +1,519 @@
+"""Triton point-sampled mask loss ops: point_sample, importance sampling, mask loss, matcher cost.
+
+Every op samples maps bilinearly with zero padding in the ``grid_sample(align_corners=False)``
+convention (pixel = coord * size - 0.5), computes in fp32 and returns contiguous tensors.
+Shapes follow the backend contract (see ``m2f_kernels.reference.point_loss``):
+
+- ``point_sample_fwd(input [N, C, H, W], coords [N, P, 2]) -> [N, C, P]``
+- ``uncertain_point_coords(logits [N, H, W], candidates [N, S, 2], random [N, R, 2], k)``
+- ``point_mask_loss_fwd/bwd``: pred [N, Hp, Wp], or [B, Q, Hp, Wp] + (batch, query) index
+  [N]; target [N, Ht, Wt] bool/uint8/float; coords [N, P, 2]
+- ``pairwise_mask_cost(pred [Q, Hp, Wp], target [T, Ht, Wt], coords [P, 2])``
+
+Bool targets are read as bytes; no full-resolution map is ever converted or gathered.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK_P = 256  # points per program of the per-point kernels
+_BLOCK_K = 16  # partial sums reduced per step by the loss finish/grad kernels
+_BLOCK_N = 32  # masks reduced per step by the loss finish kernel
+
+# pairwise cost: a [BLOCK_Q, BLOCK_T] tile of both cost matrices per program, P split
+# across programs so the grid has about _PAIRWISE_PROGRAMS programs.
+_PW_BLOCK_Q, _PW_BLOCK_T, _PW_BLOCK_P = 64, 32, 64
+_PAIRWISE_PROGRAMS = 256
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@triton.jit
+def _load_coords(ptr, offs, stride_p, stride_xy, mask):
+    """(x, y) fp32 [BLOCK] of the points ``offs`` of one coords row."""
+    cx = tl.load(ptr + offs * stride_p, mask=mask, other=0.0).to(tl.float32)
+    cy = tl.load(ptr + offs * stride_p + stride_xy, mask=mask, other=0.0).to(tl.float32)
+    return cx, cy
+
+
+@triton.jit
+def _taps(cx, cy, H, W):
+    """Bilinear taps of points (cx, cy) in [0, 1] on an H x W map.
+
+    Returns in-range int64 indices x0, x1, y0, y1 and fp32 weights wx0, wx1, wy0, wy1; a
+    tap outside the map has weight 0 and a clamped index, so callers may load every tap
+    unmasked (per point) and still get zero padding.
+    """
+    # Clamp first so far-away points cannot overflow the int cast; both taps stay outside.
+    ix = tl.minimum(tl.maximum(cx * W - 0.5, -2.0), W + 1.0)
+    iy = tl.minimum(tl.maximum(cy * H - 0.5, -2.0), H + 1.0)
+    fx = tl.floor(ix)
+    fy = tl.floor(iy)
+    lx = ix - fx
+    ly = iy - fy
+    x0 = fx.to(tl.int64)
+    y0 = fy.to(tl.int64)
+    x1 = x0 + 1
+    y1 = y0 + 1
+    wx0 = tl.where((x0 >= 0) & (x0 < W), 1.0 - lx, 0.0)
+    wx1 = tl.where((x1 >= 0) & (x1 < W), lx, 0.0)
+    wy0 = tl.where((y0 >= 0) & (y0 < H), 1.0 - ly, 0.0)
+    wy1 = tl.where((y1 >= 0) & (y1 < H), ly, 0.0)
+    x0 = tl.minimum(tl.maximum(x0, 0), W - 1)
+    x1 = tl.minimum(tl.maximum(x1, 0), W - 1)
+    y0 = tl.minimum(tl.maximum(y0, 0), H - 1)
+    y1 = tl.minimum(tl.maximum(y1, 0), H - 1)
+    return x0, x1, y0, y1, wx0, wx1, wy0, wy1
+
+
+@triton.jit
+def _gather(ptr, stride_h, stride_w, x0, x1, y0, y1, wx0, wx1, wy0, wy1, mask):
+    """fp32 bilinear value at the taps of :func:`_taps` (``ptr`` may be a broadcast row base)."""
+    r0 = y0 * stride_h
+    r1 = y1 * stride_h
+    c0 = x0 * stride_w
+    c1 = x1 * stride_w
+    v00 = tl.load(ptr + r0 + c0, mask=mask, other=0).to(tl.float32)
+    v01 = tl.load(ptr + r0 + c1, mask=mask, other=0).to(tl.float32)
+    v10 = tl.load(ptr + r1 + c0, mask=mask, other=0).to(tl.float32)
+    v11 = tl.load(ptr + r1 + c1, mask=mask, other=0).to(tl.float32)
+    return wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+
+
+@triton.jit
+def _scatter(ptr, stride_h, stride_w, g, x0, x1, y0, y1, wx0, wx1, wy0, wy1, mask):
+    """Atomically add ``g`` times each tap's weight into the fp32 map at ``ptr`` (taps outside skip)."""
+    r0 = y0 * stride_h
+    r1 = y1 * stride_h
+    c0 = x0 * stride_w
+    c1 = x1 * stride_w
+    w00 = wy0 * wx0
+    w01 = wy0 * wx1
+    w10 = wy1 * wx0
+    w11 = wy1 * wx1
+    tl.atomic_add(ptr + r0 + c0, g * w00, mask=mask & (w00 != 0), sem="relaxed")
+    tl.atomic_add(ptr + r0 + c1, g * w01, mask=mask & (w01 != 0), sem="relaxed")
+    tl.atomic_add(ptr + r1 + c0, g * w10, mask=mask & (w10 != 0), sem="relaxed")
+    tl.atomic_add(ptr + r1 + c1, g * w11, mask=mask & (w11 != 0), sem="relaxed")
+
+
+# ----------------------------------------------------------------------------- point_sample
+
+
+@triton.jit
+def _point_sample_fwd_kernel(
+    inp, coords, out, C, P, H, W,
+    s_in, s_ic, s_ih, s_iw, s_cn, s_cp, s_cxy,
+    NEG_ABS: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Grid (N, cdiv(P, BLOCK_P)); out [N, C, P] contiguous (-|value| when NEG_ABS)."""
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < P
+    cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
+    x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, H, W)
+    src = inp + n * s_in
+    dst = out + n * C * P + offs
+    for _ in range(C):
+        v = _gather(src, s_ih, s_iw, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
+        if NEG_ABS:
+            v = -tl.abs(v)
+        tl.store(dst, v.to(out.dtype.element_ty), mask=pm)
+        src += s_ic
+        dst += P
+
+
+@triton.jit
+def _point_sample_bwd_kernel(
+    grad_out, coords, grad_in, C, P, H, W,
+    s_gn, s_gc, s_gp, s_cn, s_cp, s_cxy,
+    BLOCK_P: tl.constexpr,
+):
+    """Grid (N, cdiv(P, BLOCK_P)); scatters into grad_in, fp32 [N, C, H, W] contiguous zeros."""
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < P
+    cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
+    x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, H, W)
+    src = grad_out + n * s_gn + offs * s_gp
+    dst = grad_in + n * C * H * W
+    for _ in range(C):
+        g = tl.load(src, mask=pm, other=0.0).to(tl.float32)
+        _scatter(dst, W, 1, g, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
+        src += s_gc
+        dst += H * W
+
+
+def _launch_point_sample(input, coords, out, neg_abs: bool) -> None:
+    """Sample input [N, C, H, W] at coords [N, P, 2] into out [N, C, P] (contiguous)."""
+    n, c, h, w = input.shape
+    p = coords.shape[1]
+    _point_sample_fwd_kernel[(n, triton.cdiv(p, _BLOCK_P))](
+        input, coords, out, c, p, h, w,
+        *input.stride(), *coords.stride(),
+        NEG_ABS=neg_abs, BLOCK_P=_BLOCK_P,
+    )
+
+
+def point_sample_fwd(input, coords):
+    """input [N, C, H, W], coords [N, P, 2] -> [N, C, P] in input.dtype."""
+    n, c = input.shape[:2]
+    out = torch.empty((n, c, coords.shape[1]), dtype=input.dtype, device=input.device)
+    _launch_point_sample(input, coords, out, neg_abs=False)
+    return out
+
+
+def point_sample_bwd(grad_out, input, coords):
+    """grad_out [N, C, P] -> grad_input [N, C, H, W] in input.dtype."""
+    n, c, h, w = input.shape
+    p = coords.shape[1]
+    grad = torch.zeros((n, c, h, w), dtype=torch.float32, device=input.device)
+    _point_sample_bwd_kernel[(n, triton.cdiv(p, _BLOCK_P))](
+        grad_out, coords, grad, c, p, h, w,
+        *grad_out.stride(), *coords.stride(),
+        BLOCK_P=_BLOCK_P,
+    )
+    return grad.to(input.dtype)
+
+
+# ----------------------------------------------------------------------------- importance sampling
+
+
+def uncertain_point_coords(logits, candidates, random, num_uncertain: int):
+    """The official importance sampling given its draws: [N, num_uncertain + R, 2].
+
+    logits [N, H, W]; candidates [N, S, 2]; random [N, R, 2]. The only float
+    intermediate is the uncertainty -|logit| [N, S] (fp32) that top-k reads; the
+    chosen candidates come in top-k order, then the random points.
+    """
+    n, s = candidates.shape[:2]
+    uncertainty = torch.empty((n, 1, s), dtype=torch.float32, device=logits.device)
+    _launch_point_sample(logits.unsqueeze(1), candidates, uncertainty, neg_abs=True)
+    idx = torch.topk(uncertainty[:, 0], k=num_uncertain, dim=1).indices
+    chosen = candidates.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
+    return torch.cat([chosen, random.to(candidates.dtype)], dim=1)
+
+
+# ----------------------------------------------------------------------------- point_mask_loss
+
+
+@triton.jit
+def _pred_base(bidx, qidx, n, s_b, s_q, INDEXED: tl.constexpr):
+    """Element offset of matched mask n in a [B, Q, ...] map ([N, ...] is B=1, Q=N)."""
+    if INDEXED:
+        base = tl.load(bidx + n).to(tl.int64) * s_b + tl.load(qidx + n).to(tl.int64) * s_q
+    else:
+        base = n * s_q
+    return base
+
+
+@triton.jit
+def _mask_points(
+    pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
+    s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED: tl.constexpr,
+):
+    """Logits x and labels t (fp32, 0 where not pm) of mask n at points offs, plus pred taps."""
+    cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
+    x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, Hp, Wp)
+    x = _gather(pred + _pred_base(bidx, qidx, n, s_pb, s_pq, INDEXED), s_ph, s_pw,
+                x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
+    a0, a1, b0, b1, wa0, wa1, wb0, wb1 = _taps(cx, cy, Ht, Wt)
+    t = _gather(target + n * s_tn, s_th, s_tw, a0, a1, b0, b1, wa0, wa1, wb0, wb1, pm)
+    return x, t, x0, x1, y0, y1, wx0, wx1, wy0, wy1
+
+
+@triton.jit
+def _mask_loss_stats_kernel(
+    pred, bidx, qidx, target, coords, partial, N, P, NBLK, Hp, Wp, Ht, Wt,
+    s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy,
+    INDEXED: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Grid (N, NBLK): partial [4, N, NBLK] fp32 = per block sums of BCE, s*t, s, t."""
+    n = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    offs = blk * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < P
+    x, t, _, _, _, _, _, _, _, _ = _mask_points(
+        pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
+        s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED)
+    s = tl.where(pm, tl.sigmoid(x), 0.0)
+    # BCE with logits: softplus(x) - x t, with a stable softplus.
+    bce = tl.where(pm, tl.maximum(x, 0.0) - x * t + tl.log(1.0 + tl.exp(-tl.abs(x))), 0.0)
+    dst = partial + n * NBLK + blk
+    stride = N * NBLK
+    tl.store(dst, tl.sum(bce, 0))
+    tl.store(dst + stride, tl.sum(s * t, 0))
+    tl.store(dst + 2 * stride, tl.sum(s, 0))
+    tl.store(dst + 3 * stride, tl.sum(t, 0))
+
+
+@triton.jit
+def _mask_loss_finish_kernel(
+    partial, out_bce, out_dice, N, NBLK, inv_p, inv_num_masks,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program: the two loss scalars (pred dtype) from the stats partials."""
+    bce_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    dice_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    stride = N * NBLK
+    for n0 in range(0, N, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        rm = rows < N
+        bce = tl.zeros([BLOCK_N], dtype=tl.float32)
+        st = tl.zeros([BLOCK_N], dtype=tl.float32)
+        ss = tl.zeros([BLOCK_N], dtype=tl.float32)
+        tt = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, NBLK, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            m = rm[:, None] & (cols < NBLK)[None, :]
+            src = partial + rows[:, None] * NBLK + cols[None, :]
+            bce += tl.sum(tl.load(src, mask=m, other=0.0), 1)
+            st += tl.sum(tl.load(src + stride, mask=m, other=0.0), 1)
+            ss += tl.sum(tl.load(src + 2 * stride, mask=m, other=0.0), 1)
+            tt += tl.sum(tl.load(src + 3 * stride, mask=m, other=0.0), 1)
+        bce_acc += tl.where(rm, bce * inv_p, 0.0)
+        dice_acc += tl.where(rm, 1.0 - (2.0 * st + 1.0) / (ss + tt + 1.0), 0.0)
+    tl.store(out_bce, (tl.sum(bce_acc, 0) * inv_num_masks).to(out_bce.dtype.element_ty))
+    tl.store(out_dice, (tl.sum(dice_acc, 0) * inv_num_masks).to(out_dice.dtype.element_ty))
+
+
+@triton.jit
+def _mask_loss_grad_kernel(
+    pred, bidx, qidx, target, coords, partial, grad_bce, grad_dice, grad_pred,
+    N, P, NBLK, Hp, Wp, Ht, Wt,
+    s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy,
+    s_gb, s_gq, inv_p, inv_num_masks,
+    INDEXED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid (N, NBLK): recompute each point's dloss/dlogit and scatter it into grad_pred.
+
+    grad_pred is fp32, contiguous, shaped like pred (s_gb, s_gq its batch/query strides).
+    """
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < P
+    # This mask's dice sums from the stats partials (a few dozen loads per program).
+    stride = N * NBLK
+    st = tl.zeros([BLOCK_K], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+    tt = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, NBLK, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        src = partial + n * NBLK + cols
+        km = cols < NBLK
+        st += tl.load(src + stride, mask=km, other=0.0)
+        ss += tl.load(src + 2 * stride, mask=km, other=0.0)
+        tt += tl.load(src + 3 * stride, mask=km, other=0.0)
+    num = 2.0 * tl.sum(st, 0) + 1.0
+    den = tl.sum(ss, 0) + tl.sum(tt, 0) + 1.0
+
+    x, t, x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _mask_points(
+        pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
+        s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED)
+    s = tl.sigmoid(x)
+    gb = tl.load(grad_bce).to(tl.float32)
+    gd = tl.load(grad_dice).to(tl.float32)
+    d_dice = -(2.0 * t * den - num) / (den * den) * s * (1.0 - s)
+    gx = (gb * (s - t) * inv_p + gd * d_dice) * inv_num_masks
+    dst = grad_pred + _pred_base(bidx, qidx, n, s_gb, s_gq, INDEXED)
+    _scatter(dst, Wp, 1, gx, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
+
+
+def _mask_loss_launch(pred, target, coords, batch_index, query_index):
+    """Run the stats kernel; returns (partial [4, N, NBLK] fp32, launch args for the grad kernel).
+
+    The launch args are the stats kernel's own (tensors, sizes N, P, NBLK, Hp, Wp, Ht, Wt,
+    strides) and ``indexed``. A plain pred [N, Hp, Wp] is addressed as B=1, Q=N.
+    """
+    indexed = batch_index is not None
+    if indexed:
+        bidx, qidx = batch_index.contiguous(), query_index.contiguous()
+        pred_strides = pred.stride()
+    else:
+        bidx = qidx = pred  # placeholders, never read
+        pred_strides = (0, *pred.stride())
+    if target.dtype == torch.bool:
+        target = target.view(torch.uint8)
+    n, p = coords.shape[:2]
+    nblk = triton.cdiv(p, _BLOCK_P)
+    tensors = (pred, bidx, qidx, target, coords)
+    sizes = (n, p, nblk, *pred.shape[-2:], *target.shape[-2:])
+    strides = (*pred_strides, *target.stride(), *coords.stride())
+    partial = torch.empty((4, n, nblk), dtype=torch.float32, device=pred.device)
+    _mask_loss_stats_kernel[(n, nblk)](
+        *tensors, partial, *sizes, *strides, INDEXED=indexed, BLOCK_P=_BLOCK_P,
+    )
+    return partial, (tensors, sizes, strides, indexed)
+
+
+def point_mask_loss_fwd(pred, target, coords, num_masks: float,
+                        batch_index: Optional[torch.Tensor] = None,
+                        query_index: Optional[torch.Tensor] = None):
+    """(loss_bce, loss_dice): 0-dim tensors in pred.dtype (see the reference for the formulas)."""
+    partial, _ = _mask_loss_launch(pred, target, coords, batch_index, query_index)
+    _, n, nblk = partial.shape
+    loss_bce = torch.empty((), dtype=pred.dtype, device=pred.device)
+    loss_dice = torch.empty((), dtype=pred.dtype, device=pred.device)
+    _mask_loss_finish_kernel[(1,)](
+        partial, loss_bce, loss_dice, n, nblk, 1.0 / coords.shape[1], 1.0 / float(num_masks),
+        BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+    )
+    return loss_bce, loss_dice
+
+
+def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: float,
+                        batch_index: Optional[torch.Tensor] = None,
+                        query_index: Optional[torch.Tensor] = None):
+    """grad_pred shaped like pred, in pred.dtype (zero where no point of a matched mask landed).
+
+    Recomputes the per-mask dice sums (stats pass), then scatters each point's gradient
+    into an fp32 buffer shaped like pred.
+    """
+    partial, (tensors, sizes, strides, indexed) = _mask_loss_launch(
+        pred, target, coords, batch_index, query_index)
+    _, n, nblk = partial.shape
+    grad = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
+    grad_strides = (grad.stride(0), grad.stride(1)) if indexed else (0, grad.stride(0))
+    _mask_loss_grad_kernel[(n, nblk)](
+        *tensors, partial, grad_bce, grad_dice, grad, *sizes, *strides, *grad_strides,
+        1.0 / coords.shape[1], 1.0 / float(num_masks),
+        INDEXED=indexed, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K,
+    )
+    return grad if pred.dtype == torch.float32 else grad.to(pred.dtype)
+
+
+# ----------------------------------------------------------------------------- pairwise_mask_cost
+
+
+@triton.jit
+def _pairwise_partial_kernel(
+    pred, target, coords, part_qt, part_q, part_t,
+    Q, T, P, P_PER_SPLIT, Hp, Wp, Ht, Wt,
+    s_pq, s_ph, s_pw, s_tt, s_th, s_tw, s_cp, s_cxy,
+    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Grid (cdiv(Q, BQ), cdiv(T, BT), SPLIT): sums over this split's points.
+
+    part_qt [SPLIT, 2, Q, T] = (x @ t.T, s @ t.T); part_q [SPLIT, 2, Q] = (sum softplus(x),
+    sum s) written by the pid_t == 0 column; part_t [SPLIT, T] = sum t written by pid_q == 0.
+    """
+    pid_q = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    split = tl.program_id(2)
+    rq = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    qm = rq < Q
+    tm = rt < T
+    pred_rows = pred + rq.to(tl.int64)[:, None] * s_pq
+    target_rows = target + rt.to(tl.int64)[:, None] * s_tt
+
+    acc_xt = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
+    acc_st = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
+    sp_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    s_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    t_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
+    p_lo = split * P_PER_SPLIT
+    p_hi = tl.minimum(p_lo + P_PER_SPLIT, P)
+    for p0 in range(p_lo, p_hi, BLOCK_P):
+        offs = p0 + tl.arange(0, BLOCK_P)
+        pm = offs < p_hi
+        cx, cy = _load_coords(coords, offs, s_cp, s_cxy, pm)
+        x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, Hp, Wp)
+        xm = qm[:, None] & pm[None, :]
+        x = _gather(pred_rows, s_ph, s_pw, x0[None, :], x1[None, :], y0[None, :], y1[None, :],
+                    wx0[None, :], wx1[None, :], wy0[None, :], wy1[None, :], xm)
+        a0, a1, b0, b1, wa0, wa1, wb0, wb1 = _taps(cx, cy, Ht, Wt)
+        t = _gather(target_rows, s_th, s_tw, a0[None, :], a1[None, :], b0[None, :], b1[None, :],
+                    wa0[None, :], wa1[None, :], wb0[None, :], wb1[None, :],
+                    tm[:, None] & pm[None, :])
+        s = tl.where(xm, tl.sigmoid(x), 0.0)
+        softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+        # x and t are 0 outside (q, p) / (t, p) range, so the dots need no masking.
+        t_trans = tl.trans(t)
+        acc_xt += tl.dot(x, t_trans, input_precision="ieee")
+        acc_st += tl.dot(s, t_trans, input_precision="ieee")
+        sp_sum += tl.sum(tl.where(xm, softplus, 0.0), 1)
+        s_sum += tl.sum(s, 1)
+        t_sum += tl.sum(t, 1)
+
+    qt = part_qt + split * 2 * Q * T + rq[:, None] * T + rt[None, :]
+    qtm = qm[:, None] & tm[None, :]
+    tl.store(qt, acc_xt, mask=qtm)
+    tl.store(qt + Q * T, acc_st, mask=qtm)
+    q_dst = part_q + split * 2 * Q + rq
+    tl.store(q_dst, sp_sum, mask=qm & (pid_t == 0))
+    tl.store(q_dst + Q, s_sum, mask=qm & (pid_t == 0))
+    tl.store(part_t + split * T + rt, t_sum, mask=tm & (pid_q == 0))
+
+
+@triton.jit
+def _pairwise_finish_kernel(
+    part_qt, part_q, part_t, cost_bce, cost_dice, Q, T, SPLIT, inv_p,
+    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grid (cdiv(Q, BQ), cdiv(T, BT)): reduce the splits and form both [Q, T] costs."""
+    rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    qm = rq < Q
+    tm = rt < T
+    m = qm[:, None] & tm[None, :]
+    xt = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
+    st = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
+    sp = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    tt = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for k in range(SPLIT):
+        qt = part_qt + k * 2 * Q * T + rq[:, None] * T + rt[None, :]
+        xt += tl.load(qt, mask=m, other=0.0)
+        st += tl.load(qt + Q * T, mask=m, other=0.0)
+        sp += tl.load(part_q + k * 2 * Q + rq, mask=qm, other=0.0)
+        ss += tl.load(part_q + k * 2 * Q + Q + rq, mask=qm, other=0.0)
+        tt += tl.load(part_t + k * T + rt, mask=tm, other=0.0)
+    # softplus(-x) t + softplus(x) (1 - t) = softplus(x) - x t, summed over the points.
+    bce = (sp[:, None] - xt) * inv_p
+    dice = 1.0 - (2.0 * st + 1.0) / (ss[:, None] + tt[None, :] + 1.0)
+    out = rq[:, None] * T + rt[None, :]
+    tl.store(cost_bce + out, bce, mask=m)
+    tl.store(cost_dice + out, dice, mask=m)
+
+
+def pairwise_mask_cost(pred, target, coords):
+    """(cost_bce [Q, T], cost_dice [Q, T]) float32: the matcher's costs on shared points.
+
+    Intermediates: split-P partial sums part_qt [SPLIT, 2, Q, T], part_q [SPLIT, 2, Q] and
+    part_t [SPLIT, T] (fp32); the sampled [Q, P] / [T, P] values live only in registers.
+    """
+    q, hp, wp = pred.shape
+    t_count, ht, wt = target.shape
+    p = coords.shape[0]
+    if target.dtype == torch.bool:
+        target = target.view(torch.uint8)
+    grid_q = triton.cdiv(q, _PW_BLOCK_Q)
+    grid_t = triton.cdiv(t_count, _PW_BLOCK_T)
+    chunks = triton.cdiv(p, _PW_BLOCK_P)
+    splits = max(1, min(chunks, _PAIRWISE_PROGRAMS // (grid_q * grid_t)))
+    p_per_split = triton.cdiv(chunks, splits) * _PW_BLOCK_P
+    splits = triton.cdiv(p, p_per_split)
+
+    dev = pred.device
+    part_qt = torch.empty((splits, 2, q, t_count), dtype=torch.float32, device=dev)
+    part_q = torch.empty((splits, 2, q), dtype=torch.float32, device=dev)
+    part_t = torch.empty((splits, t_count), dtype=torch.float32, device=dev)
+    _pairwise_partial_kernel[(grid_q, grid_t, splits)](
+        pred, target, coords, part_qt, part_q, part_t,
+        q, t_count, p, p_per_split, hp, wp, ht, wt,
+        *pred.stride(), *target.stride(), *coords.stride(),
+        BLOCK_Q=_PW_BLOCK_Q, BLOCK_T=_PW_BLOCK_T, BLOCK_P=_PW_BLOCK_P, num_warps=8,
+    )
+    cost_bce = torch.empty((q, t_count), dtype=torch.float32, device=dev)
+    cost_dice = torch.empty((q, t_count), dtype=torch.float32, device=dev)
+    _pairwise_finish_kernel[(triton.cdiv(q, 32), triton.cdiv(t_count, 32))](
+        part_qt, part_q, part_t, cost_bce, cost_dice, q, t_count, splits, 1.0 / p,
+        BLOCK_Q=32, BLOCK_T=32,
+    )
+    return cost_bce, cost_dice

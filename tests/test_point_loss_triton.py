@@ -1,0 +1,361 @@
+"""The triton point-loss kernels (point_sample, uncertain_point_coords, point_mask_loss,
+pairwise_mask_cost) against the reference backend on the same points.
+
+CPU: TRITON_INTERPRET=1 and small shapes. GPU: the same tests, plus the standard
+Mask2Former shapes of DESIGN.md.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import m2f_kernels as mk
+from .conftest import DEVICE, TOLERANCE, assert_close, requires_gpu, requires_triton
+from m2f_kernels import reference as ref
+
+pytestmark = [
+    requires_triton,
+    # the Triton interpreter's own range(<runtime int>) (numpy >= 1.25), not this code
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
+tri = pytest.importorskip("m2f_kernels.triton.point_loss", reason="triton is not installed")
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TARGET_KINDS = ("bool", "uint8", "float32", "float16")
+
+
+def _seed() -> int:
+    """A fresh seed per test (torch's own start-up seed is fixed), printed for replay."""
+    seed = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(seed)
+    print(f"seed={seed}")
+    return seed
+
+
+def make_coords(n: int, p: int, sizes, device=DEVICE) -> torch.Tensor:
+    """[n, p, 2] points: up to half are special (corners, borders, pixel centres and pixel
+    edges of each (h, w) in ``sizes``, points outside the map), the rest uniform in
+    [-0.05, 1.05]; shuffled per row."""
+    special = [(0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.0, 0.37), (1.0, 0.61),
+               (0.29, 0.0), (0.83, 1.0), (-0.2, 0.5), (0.5, 1.3), (-3.0, -7.0), (1e4, 0.5)]
+    for h, w in sizes:
+        ix, iy = torch.randint(0, w, (4,)), torch.randint(0, h, (4,))
+        special += [((x + 0.5) / w, (y + 0.5) / h) for x, y in zip(ix.tolist(), iy.tolist())]
+        special += [(x / w, y / h) for x, y in zip(ix.tolist(), iy.tolist())]
+    special = torch.tensor(special, dtype=torch.float32)
+    coords = torch.rand(n, p, 2) * 1.1 - 0.05
+    m = min(len(special), p // 2)
+    for row in coords:
+        row[:m] = special[torch.randperm(len(special))[:m]]
+        row.copy_(row[torch.randperm(p)])
+    return coords.to(device)
+
+
+def make_target(kind: str, n: int, h: int, w: int, padded: bool) -> torch.Tensor:
+    """[n, h, w] target masks; ``padded`` takes them out of a larger (padded) batch tensor,
+    so they are non-contiguous."""
+    big = (n, h + 3, w + 5) if padded else (n, h, w)
+    if kind in ("bool", "uint8"):
+        t = torch.rand(big, device=DEVICE) > 0.5
+        t = t if kind == "bool" else t.to(torch.uint8)
+    else:
+        t = torch.rand(big, device=DEVICE, dtype=getattr(torch, kind))
+    return t[:, :h, :w] if padded else t
+
+
+def rel_scalar(out: torch.Tensor, expected: torch.Tensor) -> float:
+    out, expected = out.double(), expected.double()
+    assert torch.isfinite(out), f"non-finite {out}"
+    return abs(out - expected).item() / max(abs(expected).item(), 1e-30)
+
+
+# ----------------------------------------------------------------------------- point_sample
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels,strided", [(1, False), (3, True)])
+def test_point_sample(dtype, channels, strided):
+    _seed()
+    n, h, w, p = 3, 7, 9, 41
+    if strided:  # channels-last input and [N, 2, P]-transposed coords
+        x = torch.randn(n, h, w, channels, device=DEVICE).to(dtype).permute(0, 3, 1, 2)
+        coords = make_coords(n, p, [(h, w)]).transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        x = torch.randn(n, channels, h, w, device=DEVICE).to(dtype)
+        coords = make_coords(n, p, [(h, w)])
+    out = tri.point_sample_fwd(x, coords)
+    assert out.dtype == dtype and out.is_contiguous()
+    assert_close(out, ref.point_sample_fwd(x, coords), TOLERANCE[dtype], "point_sample")
+
+    grad_out = torch.randn(n, channels, p, device=DEVICE).to(dtype)
+    grad = tri.point_sample_bwd(grad_out, x, coords)
+    assert grad.dtype == dtype and grad.is_contiguous() and grad.shape == x.shape
+    assert_close(grad, ref.point_sample_bwd(grad_out, x, coords), TOLERANCE[dtype], "grad input")
+
+
+def test_point_sample_public_autograd():
+    _seed()
+    x = torch.randn(2, 2, 6, 5, device=DEVICE, requires_grad=True)
+    coords = make_coords(2, 1, [(6, 5)])  # a single point
+    outs, grads = [], []
+    for backend in ("triton", "reference"):
+        x.grad = None
+        out = mk.point_sample(x, coords, backend=backend)
+        (out * torch.arange(1.0, 3.0, device=DEVICE)[None, :, None]).sum().backward()
+        outs.append(out.detach())
+        grads.append(x.grad.clone())
+    assert_close(outs[0], outs[1], 1e-4, "point_sample")
+    assert_close(grads[0], grads[1], 1e-4, "grad input")
+
+
+# ----------------------------------------------------------------------------- importance sampling
+
+
+def _point_keys(points: torch.Tensor) -> torch.Tensor:
+    """An int64 key per fp32 (x, y) point (its two bit patterns)."""
+    bits = points.float().contiguous().view(torch.int32).long()
+    return (bits[..., 0] << 32) | (bits[..., 1] & 0xFFFFFFFF)
+
+
+def check_importance_points(out, logits, candidates, random, k):
+    """out is the reference's importance sampling up to fp32 near-ties of -|logit|.
+
+    The chosen points are distinct candidates whose reference uncertainty equals the
+    reference top-k values (in top-k order); rows without near-ties match exactly.
+    """
+    expected = ref.uncertain_point_coords(logits, candidates, random, k)
+    assert out.shape == expected.shape and out.dtype == expected.dtype and out.is_contiguous()
+    assert ((out >= 0) & (out <= 1)).all()
+    assert torch.equal(out[:, k:], expected[:, k:]), "the random points must follow unchanged"
+
+    chosen_keys = _point_keys(out[:, :k])
+    cand_keys, _ = _point_keys(candidates).sort(dim=1)
+    pos = torch.searchsorted(cand_keys, chosen_keys).clamp_max(cand_keys.shape[1] - 1)
+    assert torch.equal(cand_keys.gather(1, pos), chosen_keys), "a chosen point is not a candidate"
+    sorted_keys, _ = chosen_keys.sort(dim=1)
+    assert (sorted_keys[:, 1:] != sorted_keys[:, :-1]).all(), "a candidate was chosen twice"
+
+    def uncertainty(points):
+        return -ref.point_sample_fwd(logits.float().unsqueeze(1), points)[:, 0].abs()
+
+    all_u = uncertainty(candidates)
+    top = torch.topk(all_u, k=min(k + 1, all_u.shape[1]), dim=1).values
+    scale = 1e-5 * (1.0 + all_u.abs().max().item())
+    assert (uncertainty(out[:, :k]) - top[:, :k]).abs().max().item() <= scale, \
+        "the chosen points are not the most uncertain ones"
+    clear = (top[:, :-1] - top[:, 1:]).min(dim=1).values > scale  # rows without near-ties
+    assert torch.equal(out[clear], expected[clear])
+    return clear
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_uncertain_point_coords(dtype):
+    _seed()
+    n, h, w, points = 3, 11, 13, 16
+    s, k = 3 * points, int(0.75 * points)
+    logits = (torch.randn(n, h, w, device=DEVICE) * 3).to(dtype)
+    candidates = torch.rand(n, s, 2, device=DEVICE)
+    random = torch.rand(n, points - k, 2, device=DEVICE)
+    out = tri.uncertain_point_coords(logits, candidates, random, k)
+    clear = check_importance_points(out, logits, candidates, random, k)
+    assert clear.any(), "no row could be compared exactly (near-ties everywhere is implausible)"
+
+
+def test_uncertain_point_coords_public():
+    """Reproducible with a seeded generator; the same points as the reference backend."""
+    _seed()
+    logits = torch.randn(2, 9, 10, device=DEVICE) * 3
+    seed = random.SystemRandom().randrange(2**31)
+
+    def run(backend):
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        return mk.uncertain_point_coords(logits, 20, generator=gen, backend=backend)
+
+    out = run("triton")
+    assert out.shape == (2, 20, 2) and out.dtype == torch.float32
+    assert torch.equal(out, run("triton")), "same generator seed, different points"
+    expected = run("reference")
+    k = 15
+    assert torch.equal(out[:, k:], expected[:, k:])
+    u = [ref.point_sample_fwd(logits.unsqueeze(1), pts[:, :k])[:, 0].abs() for pts in (out, expected)]
+    assert (u[0] - u[1]).abs().max().item() <= 1e-4
+
+
+# ----------------------------------------------------------------------------- point_mask_loss
+
+
+def make_loss_inputs(dtype, form, n, p, pred_hw=(10, 12), target_hw=None, target_kind="bool"):
+    """(pred, target, coords, batch_index, query_index) for one loss call.
+
+    form: 'plain' [N, Hp, Wp]; 'strided' the same, non-contiguous; 'indexed' [B, Q, Hp, Wp]
+    with distinct (batch, query) pairs.
+    """
+    hp, wp = pred_hw
+    ht, wt = target_hw or pred_hw
+    if form == "indexed":
+        b, q = 2, max(3, (n + 1) // 2 + 1)
+        pred = (torch.randn(b, q, hp, wp, device=DEVICE) * 3).to(dtype)
+        pairs = torch.randperm(b * q, device=DEVICE)[:n]
+        bidx, qidx = pairs // q, pairs % q
+    else:
+        pred = (torch.randn(hp, wp, n, device=DEVICE) * 3).to(dtype)
+        pred = pred.permute(2, 0, 1) if form == "strided" else pred.permute(2, 0, 1).contiguous()
+        bidx = qidx = None
+    target = make_target(target_kind, n, ht, wt, padded=target_hw is not None)
+    coords = make_coords(n, p, {pred_hw, (ht, wt)})
+    return pred, target, coords, bidx, qidx
+
+
+def check_mask_loss(dtype, pred, target, coords, bidx, qidx, num_masks):
+    tol = TOLERANCE[dtype]
+    bce, dice = tri.point_mask_loss_fwd(pred, target, coords, num_masks, bidx, qidx)
+    ebce, edice = ref.point_mask_loss_fwd(pred, target, coords, num_masks, bidx, qidx)
+    assert bce.shape == () and dice.shape == () and bce.dtype == dtype and dice.dtype == dtype
+    assert rel_scalar(bce, ebce) <= tol, f"loss_bce {bce.item()} vs {ebce.item()}"
+    assert rel_scalar(dice, edice) <= tol, f"loss_dice {dice.item()} vs {edice.item()}"
+
+    gb, gd = (torch.randn((), device=DEVICE).to(dtype) for _ in range(2))
+    grad = tri.point_mask_loss_bwd(gb, gd, pred, target, coords, num_masks, bidx, qidx)
+    expected = ref.point_mask_loss_bwd(gb, gd, pred, target, coords, num_masks, bidx, qidx)
+    assert grad.shape == pred.shape and grad.dtype == dtype and grad.is_contiguous()
+    assert_close(grad, expected, tol, "grad pred")
+    if bidx is not None:  # masks that were not matched get exactly zero
+        untouched = torch.ones(pred.shape[:2], dtype=torch.bool, device=DEVICE)
+        untouched[bidx, qidx] = False
+        assert (grad[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ("plain", "strided", "indexed"))
+@pytest.mark.parametrize("target_kind", TARGET_KINDS)
+@pytest.mark.parametrize("target_hw", (None, (17, 9)), ids=("same_res", "other_res"))
+def test_point_mask_loss(dtype, form, target_kind, target_hw):
+    _seed()
+    inputs = make_loss_inputs(dtype, form, n=3, p=53, target_hw=target_hw, target_kind=target_kind)
+    check_mask_loss(dtype, *inputs, num_masks=4.5)
+
+
+_SMALL_SIZES = [pytest.param(dtype, n, p, id=f"{name}-{str(dtype)[6:]}") for dtype in DTYPES
+                for name, n, p in (("one_point_one_mask", 1, 1), ("one_mask", 1, 40), ("one_point", 4, 1))]
+
+
+@pytest.mark.parametrize("dtype,n,p", _SMALL_SIZES + [
+    pytest.param(torch.float32, 33, 9, id="many_masks"),
+    pytest.param(torch.float32, 1, 4200, id="many_blocks"),
+])
+@pytest.mark.parametrize("form", ("plain", "indexed"))
+def test_point_mask_loss_sizes(dtype, n, p, form):
+    """One point / one mask; more masks than one finish step reduces (32), more point
+    blocks (of 256) than one partial-sum step reduces (16)."""
+    _seed()
+    inputs = make_loss_inputs(dtype, form, n=n, p=p, pred_hw=(5, 7), target_hw=(9, 6))
+    check_mask_loss(dtype, *inputs, num_masks=float(n))
+
+
+@pytest.mark.parametrize("form", ("plain", "indexed"))
+def test_point_mask_loss_public_autograd(form):
+    _seed()
+    pred, target, coords, bidx, qidx = make_loss_inputs(torch.float32, form, n=3, p=29,
+                                                        target_hw=(15, 11), target_kind="uint8")
+    pred.requires_grad_()
+    index = None if bidx is None else (bidx, qidx)
+    gb, gd = torch.randn(2).tolist()
+    results = []
+    for backend in ("triton", "reference"):
+        pred.grad = None
+        bce, dice = mk.point_mask_loss(pred, target, coords, 2.0, pred_index=index, backend=backend)
+        (gb * bce + gd * dice).backward()
+        results.append((bce.detach(), dice.detach(), pred.grad.clone()))
+    (bce, dice, grad), (ebce, edice, egrad) = results
+    assert rel_scalar(bce, ebce) <= 1e-4 and rel_scalar(dice, edice) <= 1e-4
+    assert_close(grad, egrad, 1e-4, "grad pred")
+
+
+def test_point_mask_loss_zero_masks():
+    pred = torch.randn(2, 4, 6, 5, device=DEVICE, requires_grad=True)
+    target = torch.zeros(0, 8, 8, dtype=torch.bool, device=DEVICE)
+    coords = torch.rand(0, 7, 2, device=DEVICE)
+    empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    bce, dice = mk.point_mask_loss(pred, target, coords, 1.0, pred_index=(empty, empty), backend="triton")
+    assert bce.item() == 0 and dice.item() == 0
+    (bce + dice).backward()
+    assert pred.grad is not None and (pred.grad == 0).all()
+
+
+# ----------------------------------------------------------------------------- pairwise_mask_cost
+
+
+def check_pairwise(pred, target, coords):
+    bce, dice = tri.pairwise_mask_cost(pred, target, coords)
+    ebce, edice = ref.pairwise_mask_cost(pred, target, coords)
+    for out, expected, what in ((bce, ebce, "cost_bce"), (dice, edice, "cost_dice")):
+        assert out.dtype == torch.float32 and out.is_contiguous()
+        # fp32 sums of the same fp32 samples, whatever the pred dtype
+        assert_close(out, expected, 1e-4, what)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("target_kind", TARGET_KINDS)
+def test_pairwise_mask_cost(dtype, target_kind):
+    _seed()
+    q, t, hp, wp, ht, wt, p = 7, 5, 10, 12, 23, 19, 300
+    pred = (torch.randn(q, hp, wp, device=DEVICE) * 3).to(dtype)
+    target = make_target(target_kind, t, ht, wt, padded=True)
+    coords = make_coords(1, p, [(hp, wp), (ht, wt)])[0]
+    check_pairwise(pred, target, coords)
+
+
+@pytest.mark.parametrize("q,t,p", [(1, 1, 1), (70, 35, 130), (3, 2, 1)])
+def test_pairwise_mask_cost_sizes(q, t, p):
+    """A single point / mask, and Q, T across tile edges."""
+    _seed()
+    pred = (torch.randn(6, 5, q, device=DEVICE) * 3).permute(2, 0, 1)  # non-contiguous
+    target = make_target("bool", t, 8, 9, padded=False)
+    coords = make_coords(1, p, [(6, 5), (8, 9)])[0]
+    check_pairwise(pred, target, coords)
+
+
+def test_pairwise_mask_cost_public():
+    _seed()
+    pred = torch.randn(4, 6, 6, device=DEVICE, dtype=torch.bfloat16) * 3
+    target = torch.rand(3, 12, 12, device=DEVICE) > 0.5
+    coords = torch.rand(33, 2, device=DEVICE)
+    out = mk.pairwise_mask_cost(pred, target, coords, backend="triton")
+    expected = mk.pairwise_mask_cost(pred, target, coords, backend="reference")
+    for o, e in zip(out, expected):
+        assert o.dtype == torch.float32
+        assert_close(o, e, 1e-4, "cost")
+
+
+# ----------------------------------------------------------------------------- standard shapes (GPU)
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_standard_shapes_gpu(dtype):
+    """DESIGN.md point-loss shapes: B=2, Q=100, pred 256^2, 30 targets per image at 1024^2,
+    P=12544: the matcher cost per image, importance sampling and the loss on 60 matches."""
+    _seed()
+    b, q, t, p, hp, ht = 2, 100, 30, 12544, 256, 1024
+    pred = (torch.randn(b, q, hp, hp, device=DEVICE) * 3).to(dtype)
+    # blobby masks: upsampled low-resolution noise, as bool
+    target = torch.nn.functional.interpolate(torch.randn(b * t, 1, 16, 16, device=DEVICE),
+                                             size=(ht, ht), mode="bilinear")[:, 0] > 0.3
+    for i in range(b):
+        coords = torch.rand(p, 2, device=DEVICE)
+        check_pairwise(pred[i], target[i * t:(i + 1) * t], coords)
+
+    bidx = torch.arange(b, device=DEVICE).repeat_interleave(t)
+    qidx = torch.cat([torch.randperm(q, device=DEVICE)[:t] for _ in range(b)])
+    k = int(0.75 * p)
+    candidates = torch.rand(b * t, 3 * p, 2, device=DEVICE)
+    random = torch.rand(b * t, p - k, 2, device=DEVICE)
+    logits = pred[bidx, qidx]
+    coords = tri.uncertain_point_coords(logits, candidates, random, k)
+    check_importance_points(coords, logits, candidates, random, k)
+
+    check_mask_loss(dtype, pred, target, coords, bidx, qidx, num_masks=float(b * t))
+    check_mask_loss(dtype, logits, target, coords, None, None, num_masks=float(b * t))
