@@ -1,0 +1,184 @@
+"""Weights from local files: backbone state dicts and the official Mask2Former checkpoints.
+
+Official checkpoints are detectron2 ``.pkl`` files: a pickled dict whose "model" maps
+official key names (``backbone.res2.0.conv1.weight``, ``sem_seg_head.pixel_decoder...``,
+``sem_seg_head.predictor...``) to numpy arrays. m2f models use the official names
+everywhere except the ResNet backbone, which uses torchvision's names; the mapping between
+the two is here. Pickle files can run code when loaded: only load files you trust.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+from typing import Dict, Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .backbone import ResNet, SwinTransformer
+
+# keys of official checkpoints that are not model weights here
+_OFFICIAL_EXTRA = {"criterion.empty_weight"}
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict does not match the model: the message lists every offending key."""
+
+    def __init__(self, what: str, missing: Iterable[str] = (), unexpected: Iterable[str] = (),
+                 shapes: Iterable[str] = ()):
+        self.missing, self.unexpected, self.shapes = sorted(missing), sorted(unexpected), sorted(shapes)
+        parts = [f"{what} does not match the model"]
+        if self.missing:
+            parts.append(f"missing keys ({len(self.missing)}): " + ", ".join(self.missing))
+        if self.unexpected:
+            parts.append(f"unexpected keys ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+        if self.shapes:
+            parts.append(f"shape mismatches ({len(self.shapes)}): " + ", ".join(self.shapes))
+        super().__init__("\n".join(parts))
+
+
+def read_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A flat {name: tensor} from a local file: a detectron2 ``.pkl`` (numpy arrays) or a
+    ``torch.save`` file; a "model" or "state_dict" wrapper is removed."""
+    if str(path).endswith(".pkl"):
+        with open(path, "rb") as f:
+            data = pickle.load(f, encoding="latin1")
+    else:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(data, Mapping) and wrapper in data and isinstance(data[wrapper], Mapping):
+            data = data[wrapper]
+    return {k: torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v for k, v in data.items()}
+
+
+# --- ResNet names: detectron2 <-> torchvision --------------------------------------------------
+
+_D2_TO_TV = [
+    (re.compile(r"^stem\.conv1\.weight$"), r"conv1.weight"),
+    (re.compile(r"^stem\.conv1\.norm\.(\w+)$"), r"bn1.\1"),
+    (re.compile(r"^res(\d)\.(\d+)\.conv(\d)\.weight$"), lambda m: f"layer{int(m[1]) - 1}.{m[2]}.conv{m[3]}.weight"),
+    (re.compile(r"^res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)$"), lambda m: f"layer{int(m[1]) - 1}.{m[2]}.bn{m[3]}.{m[4]}"),
+    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.weight$"), lambda m: f"layer{int(m[1]) - 1}.{m[2]}.downsample.0.weight"),
+    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.norm\.(\w+)$"), lambda m: f"layer{int(m[1]) - 1}.{m[2]}.downsample.1.{m[3]}"),
+]
+_TV_TO_D2 = [
+    (re.compile(r"^conv1\.weight$"), r"stem.conv1.weight"),
+    (re.compile(r"^bn1\.(\w+)$"), r"stem.conv1.norm.\1"),
+    (re.compile(r"^layer(\d)\.(\d+)\.conv(\d)\.weight$"), lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.weight"),
+    (re.compile(r"^layer(\d)\.(\d+)\.bn(\d)\.(\w+)$"), lambda m: f"res{int(m[1]) + 1}.{m[2]}.conv{m[3]}.norm.{m[4]}"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.0\.weight$"), lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.weight"),
+    (re.compile(r"^layer(\d)\.(\d+)\.downsample\.1\.(\w+)$"), lambda m: f"res{int(m[1]) + 1}.{m[2]}.shortcut.norm.{m[3]}"),
+]
+
+
+def _rename(key: str, rules) -> str:
+    for pattern, repl in rules:
+        if pattern.match(key):
+            return pattern.sub(repl, key)
+    return key  # not a ResNet key: reported as unexpected by the caller
+
+
+def resnet_key_from_detectron2(key: str) -> str:
+    """``res2.0.conv1.norm.weight`` -> ``layer1.0.bn1.weight`` (unknown keys unchanged)."""
+    return _rename(key, _D2_TO_TV)
+
+
+def resnet_key_to_detectron2(key: str) -> str:
+    """``layer1.0.bn1.weight`` -> ``res2.0.conv1.norm.weight`` (unknown keys unchanged)."""
+    return _rename(key, _TV_TO_D2)
+
+
+# --- official Mask2Former checkpoints ----------------------------------------------------------
+
+
+def _backbone_key_map(model: nn.Module):
+    """(official -> m2f, m2f -> official) renaming of the part after ``backbone.``."""
+    if isinstance(model.backbone, ResNet):
+        return resnet_key_from_detectron2, resnet_key_to_detectron2
+    return (lambda k: k), (lambda k: k)
+
+
+def convert_official_state_dict(official: Mapping[str, object], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Official key names -> ``model``'s state dict; raises CheckpointMismatchError listing
+    every missing, unexpected or mis-shaped key."""
+    from_official, _ = _backbone_key_map(model)
+    converted = {}
+    for key, value in official.items():
+        if key in _OFFICIAL_EXTRA:
+            continue
+        if key.startswith("backbone."):
+            key = "backbone." + from_official(key[len("backbone."):])
+        converted[key] = value if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+    _check_keys("official checkpoint", converted, model.state_dict())
+    return converted
+
+
+def load_official_checkpoint(model: nn.Module, path_or_state: object) -> nn.Module:
+    """Load an official Mask2Former checkpoint (a ``.pkl`` path, or its "model" dict) into ``model``."""
+    state = read_weights(path_or_state) if isinstance(path_or_state, str) else path_or_state
+    model.load_state_dict(convert_official_state_dict(state, model), strict=True)
+    return model
+
+
+def to_official_state_dict(model: nn.Module) -> Dict[str, np.ndarray]:
+    """``model``'s weights under the official key names, as numpy arrays (detectron2 style)."""
+    _, to_official = _backbone_key_map(model)
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("backbone."):
+            key = "backbone." + to_official(key[len("backbone."):])
+        out[key] = value.detach().cpu().numpy()
+    return out
+
+
+def save_official_checkpoint(model: nn.Module, path: str) -> None:
+    """Write ``model`` as a detectron2-style ``.pkl`` with official key names."""
+    with open(path, "wb") as f:
+        pickle.dump({"model": to_official_state_dict(model), "__author__": "m2f"}, f)
+
+
+# --- backbone weights --------------------------------------------------------------------------
+
+# classification-only entries of pretrained backbone files
+_RESNET_IGNORED = re.compile(r"^fc\.|num_batches_tracked$")
+_SWIN_IGNORED = re.compile(r"^head\.|^norm\.(weight|bias)$|attn_mask$")
+# present in the segmentation backbone, absent from classification checkpoints
+_SWIN_NEW = re.compile(r"^norm[0-3]\.(weight|bias)$|relative_position_index$")
+
+
+def load_backbone_weights(backbone: nn.Module, path_or_state: object) -> Dict[str, list]:
+    """Load pretrained backbone weights from a local file (or a state dict).
+
+    ResNet: a torchvision state dict (``fc.*`` and ``num_batches_tracked`` ignored) or the
+    detectron2 names. Swin: the official Swin classification / Mask2Former key names
+    (``head.*``, the final ``norm.*`` and ``attn_mask`` buffers ignored; the per-output
+    ``norm0..3`` may be absent and keep their init). A ``backbone.`` prefix is stripped.
+    Any other missing or unexpected key raises CheckpointMismatchError.
+    Returns {"ignored": [...], "not_loaded": [...]}.
+    """
+    state = read_weights(path_or_state) if isinstance(path_or_state, str) else dict(path_or_state)
+    state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in state.items()}
+    if isinstance(backbone, ResNet):
+        ignored_re, optional_re = _RESNET_IGNORED, None
+        state = {resnet_key_from_detectron2(k): v for k, v in state.items()}
+    elif isinstance(backbone, SwinTransformer):
+        ignored_re, optional_re = _SWIN_IGNORED, _SWIN_NEW
+    else:
+        raise TypeError(f"unsupported backbone {type(backbone).__name__}")
+    ignored = sorted(k for k in state if ignored_re.search(k))
+    state = {k: v for k, v in state.items() if k not in set(ignored)}
+    expected = backbone.state_dict()
+    not_loaded = sorted(k for k in expected if k not in state and optional_re is not None and optional_re.search(k))
+    _check_keys("backbone weights", state, {k: v for k, v in expected.items() if k not in set(not_loaded)})
+    backbone.load_state_dict(state, strict=False)
+    return {"ignored": ignored, "not_loaded": not_loaded}
+
+
+def _check_keys(what: str, given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    missing = set(expected) - set(given)
+    unexpected = set(given) - set(expected)
+    shapes = [f"{k}: file {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in set(given) & set(expected) if tuple(given[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointMismatchError(what, missing, unexpected, shapes)

@@ -1,0 +1,104 @@
+"""The Mask2Former meta-architecture (the official ``MaskFormer`` meta-arch, tensor in/out)."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .criterion import SetCriterion
+from .kernels import get_kernels, set_kernels
+from .pixel_decoder import MSDeformAttnPixelDecoder
+from .transformer_decoder import MultiScaleMaskedTransformerDecoder
+
+
+class MaskFormerHead(nn.Module):
+    """Pixel decoder + transformer decoder (keys ``sem_seg_head.pixel_decoder.*`` / ``.predictor.*``)."""
+
+    def __init__(self, pixel_decoder: MSDeformAttnPixelDecoder, predictor: MultiScaleMaskedTransformerDecoder,
+                 num_classes: int):
+        super().__init__()
+        self.pixel_decoder = pixel_decoder
+        self.predictor = predictor
+        self.num_classes = num_classes
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> Dict:
+        mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
+        return self.predictor(multi_scale_features, mask_features)
+
+
+class Mask2Former(nn.Module):
+    """Normalise, pad to ``size_divisibility``, backbone, head; losses in training.
+
+    forward(images [B, 3, H, W] float RGB in 0..255, targets=None, *, generator=None):
+      - training: targets is a list of dict(labels int64 [T], masks bool [T, H, W]);
+        returns the weighted losses (their sum is the total loss). ``generator`` drives
+        the matcher's and the loss's random points (same draws in both kernel modes).
+      - eval: {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H'/4, W'/4]} with H', W'
+        the padded size (H, W when they are multiples of ``size_divisibility``).
+    """
+
+    def __init__(self, backbone: nn.Module, sem_seg_head: MaskFormerHead, criterion: SetCriterion, *,
+                 num_queries: int, size_divisibility: int = 32,
+                 pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
+                 pixel_std: Sequence[float] = (58.395, 57.120, 57.375), deep_supervision: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+        self.num_queries = num_queries
+        self.size_divisibility = size_divisibility
+        self.deep_supervision = deep_supervision
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.sem_seg_head.num_classes
+
+    @property
+    def kernels(self) -> str:
+        return get_kernels(self)
+
+    def set_kernels(self, mode: str) -> "Mask2Former":
+        """Switch every hotspot between 'reference' and 'fused' (weights untouched)."""
+        return set_kernels(self, mode)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(images - mean) / std, zero-padded on the right/bottom to ``size_divisibility``."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        d = self.size_divisibility
+        if d > 1:
+            x = F.pad(x, (0, (-x.shape[-1]) % d, 0, (-x.shape[-2]) % d))
+        return x
+
+    def forward(self, images: torch.Tensor, targets: Optional[List[Dict]] = None, *,
+                generator: Optional[torch.Generator] = None):
+        x = self.preprocess(images)
+        outputs = self.sem_seg_head(self.backbone(x))
+        if not self.training:
+            return {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
+        if targets is None:
+            raise ValueError("training mode needs targets (list of dict(labels=[T], masks=[T, H, W]))")
+        if len(targets) != images.shape[0]:
+            raise ValueError(f"got {len(targets)} targets for a batch of {images.shape[0]} images")
+        if not self.deep_supervision:
+            outputs.pop("aux_outputs")
+        losses = self.criterion(outputs, self.prepare_targets(targets, x.shape[-2:]), generator)
+        weights = self.criterion.weight_dict
+        return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+    @staticmethod
+    def prepare_targets(targets: List[Dict], padded_size) -> List[Dict]:
+        """Zero-pad each target's masks to the padded image size (the official prepare_targets)."""
+        h_pad, w_pad = padded_size
+        out = []
+        for t in targets:
+            masks = t["masks"]
+            if masks.shape[-2] > h_pad or masks.shape[-1] > w_pad:
+                raise ValueError(f"target masks {tuple(masks.shape)} are larger than the padded image {h_pad}x{w_pad}")
+            padded = masks.new_zeros((masks.shape[0], h_pad, w_pad))
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            out.append({"labels": t["labels"], "masks": padded})
+        return out

@@ -1,0 +1,121 @@
+"""Matcher and criterion (issue 6): known assignments, point vs full mask losses, num_masks."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from m2f.criterion import SetCriterion, average_num_masks
+from m2f.matcher import HungarianMatcher
+from m2f.testing import random_targets, rel_error
+
+KERNELS = ["reference", "fused"]
+
+
+def make_criterion(mask_loss="point", num_points=256, importance=0.75, num_classes=4, kernels="reference"):
+    weights = {"loss_ce": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, num_points, mask_loss)
+    crit = SetCriterion(num_classes, matcher, weights, 0.1, num_points, 3.0, importance, mask_loss)
+    crit.kernels = matcher.kernels = kernels
+    return crit
+
+
+def outputs_matching(targets, num_queries, num_classes, perms, size, noise=0.0):
+    """Predictions where query perms[b][j] is target j of image b (class and mask), others no-object."""
+    logits, masks = [], []
+    for t, perm in zip(targets, perms):
+        lg = torch.full((num_queries, num_classes + 1), -4.0)
+        lg[:, num_classes] = 4.0
+        mk = torch.full((num_queries, size, size), -6.0)
+        for j, q in enumerate(perm):
+            lg[q, t["labels"][j]], lg[q, num_classes] = 4.0, -4.0
+            small = torch.nn.functional.interpolate(t["masks"][j][None, None].float(), size=(size, size),
+                                                    mode="bilinear", align_corners=False)[0, 0]
+            mk[q] = 12.0 * (small - 0.5)
+        logits.append(lg)
+        masks.append(mk + noise * torch.randn_like(mk))
+    return {"pred_logits": torch.stack(logits), "pred_masks": torch.stack(masks)}
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("mask_loss", ["point", "full"])
+def test_matcher_recovers_a_known_assignment(kernels, mask_loss):
+    num_queries, num_classes = 7, 4
+    targets = random_targets(2, num_classes, 32, 32, min_targets=2, max_targets=4)
+    perms = [torch.randperm(num_queries)[: len(t["labels"])].tolist() for t in targets]
+    outputs = outputs_matching(targets, num_queries, num_classes, perms, 8)
+    crit = make_criterion(mask_loss, kernels=kernels)
+    indices = crit.matcher(outputs, targets, torch.Generator().manual_seed(0))
+    for (q, j), perm in zip(indices, perms):
+        assert dict(zip(j.tolist(), q.tolist())) == dict(enumerate(perm))
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_uniform_point_loss_estimates_the_full_mask_loss(kernels):
+    """With importance ratio 0 the point losses are Monte-Carlo estimates of the whole-mask
+    losses. Smooth soft targets and predictions at the target resolution: with binary
+    targets the bilinearly sampled labels are soft along every edge (an entropy floor the
+    full loss does not have), so the two modes legitimately differ there."""
+    num_queries, num_classes, size = 6, 4, 64
+    targets, outputs = [], {"pred_logits": [], "pred_masks": []}
+    for _ in range(2):
+        t = int(torch.randint(2, 4, (1,)))
+        masks = F.interpolate(torch.rand(t, 1, 4, 4), size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        targets.append({"labels": torch.randperm(num_classes)[:t], "masks": masks})
+        queries = torch.randperm(num_queries)[:t]
+        logits = torch.full((num_queries, num_classes + 1), -4.0)
+        logits[:, num_classes] = 4.0
+        logits[queries, targets[-1]["labels"]], logits[queries, num_classes] = 4.0, -4.0
+        pred = torch.full((num_queries, size, size), -3.0)
+        pred[queries] = torch.logit(masks.clamp(0.05, 0.95)) + 0.3 * torch.randn(t, size, size)
+        outputs["pred_logits"].append(logits)
+        outputs["pred_masks"].append(pred)
+    outputs = {k: torch.stack(v) for k, v in outputs.items()}
+    full = make_criterion("full", kernels=kernels)(outputs, targets)
+    point = make_criterion("point", num_points=100_000, importance=0.0, kernels=kernels)(
+        outputs, targets, torch.Generator().manual_seed(1))
+    assert full.keys() == point.keys() == {"loss_ce", "loss_mask", "loss_dice"}
+    assert torch.equal(full["loss_ce"], point["loss_ce"])
+    for k in ("loss_mask", "loss_dice"):
+        assert rel_error(point[k], full[k]) < 2e-2, (k, point[k].item(), full[k].item())
+
+
+def test_reference_and_fused_criterion_agree_with_an_empty_image():
+    num_queries, num_classes = 5, 4
+    targets = random_targets(3, num_classes, 32, 32, min_targets=1, max_targets=3)
+    targets[1] = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}
+    outputs = {"pred_logits": torch.randn(3, num_queries, num_classes + 1),
+               "pred_masks": torch.randn(3, num_queries, 8, 8), "aux_outputs": []}
+    outputs["aux_outputs"].append({k: v.clone() for k, v in outputs.items() if k != "aux_outputs"})
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    results = {}
+    for kernels in KERNELS:
+        crit = make_criterion(kernels=kernels)
+        pred = outputs["pred_masks"].clone().requires_grad_()
+        losses = crit({**outputs, "pred_masks": pred}, targets, torch.Generator().manual_seed(seed))
+        sum(losses.values()).backward()
+        results[kernels] = losses, pred.grad
+    (ref, ref_grad), (fused, fused_grad) = results["reference"], results["fused"]
+    assert ref.keys() == fused.keys() and len(ref) == 6
+    for k in ref:
+        assert rel_error(fused[k], ref[k]) < 1e-5, (k, seed)
+    assert rel_error(fused_grad, ref_grad) < 1e-5, seed
+    assert not ref_grad[1].any(), "an image without targets must get no mask gradient"
+
+
+def test_no_targets_at_all_gives_zero_mask_losses():
+    targets = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 16, 16, dtype=torch.bool)}] * 2
+    outputs = {"pred_logits": torch.randn(2, 4, 5), "pred_masks": torch.randn(2, 4, 4, 4)}
+    for kernels in KERNELS:
+        losses = make_criterion(kernels=kernels)(outputs, targets)
+        assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0 and torch.isfinite(losses["loss_ce"])
+
+
+def test_num_masks_is_averaged_over_processes_and_clamped(tmp_path):
+    assert average_num_masks(0, "cpu") == 1.0 and average_num_masks(7, "cpu") == 7.0
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        assert average_num_masks(5, "cpu") == 5.0 and average_num_masks(0, "cpu") == 1.0
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,105 @@
+"""The reference Mask2Former (issue 6): configurations, parameter counts, shapes, losses."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from m2f import build_model
+from m2f.testing import TINY, random_images, random_targets
+
+# Mask2Former paper (Tables 1-3): parameters of the standard models.
+PAPER_PARAMS = [
+    ("resnet50", 100, 44e6),
+    ("resnet101", 100, 63e6),
+    ("swin_tiny", 100, 47e6),
+    ("swin_small", 100, 69e6),
+    ("swin_base", 100, 107e6),
+    ("swin_large", 200, 216e6),
+]
+
+
+@pytest.mark.parametrize("backbone, queries, expected", PAPER_PARAMS)
+def test_parameter_count_matches_paper(backbone, queries, expected):
+    with torch.device("meta"):  # no memory, no init cost
+        model = build_model(backbone, num_classes=133)
+    assert model.num_queries == queries
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - expected) <= 0.02 * expected, f"{backbone}: {count / 1e6:.2f}M vs paper {expected / 1e6:.0f}M"
+
+
+def test_standard_structure():
+    with torch.device("meta"):
+        model = build_model("resnet50", num_classes=133)
+    pd, dec = model.sem_seg_head.pixel_decoder, model.sem_seg_head.predictor
+    layers = pd.transformer.encoder.layers
+    assert len(layers) == 6 and layers[0].linear1.out_features == 1024
+    attn = layers[0].self_attn
+    assert (attn.d_model, attn.n_levels, attn.n_heads, attn.n_points) == (256, 3, 8, 4)
+    assert pd.transformer_in_features == ["res3", "res4", "res5"] and pd.num_fpn_levels == 1
+    assert [p[1].num_groups for p in pd.input_proj] == [32, 32, 32]
+    assert dec.num_layers == 9 and dec.transformer_ffn_layers[0].linear1.out_features == 2048
+    assert dec.query_feat.num_embeddings == 100 and dec.class_embed.out_features == 134
+    crit = model.criterion
+    assert (crit.num_points, crit.oversample_ratio, crit.importance_sample_ratio, crit.eos_coef) == (12544, 3.0, 0.75, 0.1)
+    m = crit.matcher
+    assert (m.cost_class, m.cost_mask, m.cost_dice, m.num_points) == (2.0, 5.0, 5.0, 12544)
+    assert len(crit.weight_dict) == 3 * 10 and crit.weight_dict["loss_dice_8"] == 5.0
+
+
+@pytest.mark.parametrize("backbone, cfg", [
+    ("resnet18", {}),
+    ("resnet50", {"backbone_width": 8, "backbone_depths": (1, 1, 1, 1)}),
+    ("swin_tiny", {"backbone_width": 32, "backbone_depths": (2, 2, 2, 2)}),  # window 7: padded maps
+])
+def test_train_step_and_eval_shapes(backbone, cfg):
+    """A training step gives finite weighted losses and gradients; eval returns padded-size /4 masks."""
+    model = build_model(backbone, kernels="fused", **{**TINY, **cfg})
+    h, w = 60, 70  # not multiples of 32: padded to 64 x 96
+    images = random_images(2, h, w)
+    targets = random_targets(2, model.num_classes, h, w)
+    model.train()
+    losses = model(images, targets)
+    names = ["loss_ce", "loss_mask", "loss_dice"]
+    assert sorted(losses) == sorted(names + [f"{n}_{i}" for i in range(TINY["dec_layers"]) for n in names])
+    total = sum(losses.values())
+    total.backward()
+    assert torch.isfinite(total)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert out["pred_logits"].shape == (2, TINY["num_queries"], TINY["num_classes"] + 1)
+    assert out["pred_masks"].shape == (2, TINY["num_queries"], 16, 24)
+
+
+def test_losses_are_the_criterion_losses_times_the_official_weights():
+    model = build_model("resnet18", **TINY)
+    images = random_images(1, 64, 64)
+    targets = random_targets(1, model.num_classes, 64, 64)
+    model.train()
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    with torch.no_grad():
+        weighted = model(images, targets, generator=torch.Generator().manual_seed(seed))
+        outputs = model.sem_seg_head(model.backbone(model.preprocess(images)))
+        raw = model.criterion(outputs, targets, torch.Generator().manual_seed(seed))
+    for k, v in raw.items():
+        weight = {"ce": 2.0, "mask": 5.0, "dice": 5.0}[k.split("_")[1]]
+        torch.testing.assert_close(weighted[k], v * weight, msg=f"{k} (seed {seed})")
+
+
+def test_targets_are_padded_with_the_image():
+    model = build_model("resnet18", **TINY)
+    masks = torch.ones(1, 60, 70, dtype=torch.bool)
+    (t,) = model.prepare_targets([{"labels": torch.tensor([1]), "masks": masks}], (64, 96))
+    assert t["masks"].shape == (1, 64, 96) and t["masks"].sum() == 60 * 70 and t["masks"][:, :60, :70].all()
+
+
+def test_build_model_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="unknown overrides \\['hiden_dim'\\]"):
+        build_model("resnet18", hiden_dim=32)
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_model("resnet34")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        build_model("resnet18", kernels="cuda")
+    with pytest.raises(ValueError, match="mask_loss must be one of"):
+        build_model("resnet18", mask_loss="dense")
