@@ -2,7 +2,7 @@
 # One GPU session in one call: install, info, the GPU test suite, the benchmark suite.
 # Usage (on the GPU machine, repo root):  bash scripts/device_check.sh [tests] [bench] [bench-quick]
 # Everything is logged under $OUT (default ./device-out); results JSON/markdown land in
-# bench/results/ and are copied to $OUT. Each stage has its own time limit so one slow
+# bench/results/ and are copied to $OUT. TEST_PATHS / TEST_FILTER / BENCH_FILTER narrow a run. Each stage has its own time limit so one slow
 # stage cannot eat the others.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
@@ -21,8 +21,9 @@ for stage in $stages; do
     tests)
       echo "== GPU tests (limit ${TEST_LIMIT}s, xdist workers: $workers)"
       xdist=(); [ "$workers" -gt 0 ] && xdist=(-n "$workers")
-      timeout "$TEST_LIMIT" python3 -m pytest tests -q -p no:cacheprovider "${xdist[@]}" \
-        --junitxml="$OUT/tests.xml" -k "${TEST_FILTER:-}" 2>&1 | tee "$OUT/tests.log" | tail -40
+      # shellcheck disable=SC2086
+      timeout "$TEST_LIMIT" python3 -m pytest ${TEST_PATHS:-tests} -q -p no:cacheprovider "${xdist[@]}" \
+        --durations=15 -k "${TEST_FILTER:-}" 2>&1 | tee "$OUT/tests.log" | tail -40
       ;;
     bench|bench-quick)
       extra=(); [ "$stage" = bench-quick ] && extra=(--benchmark-quick)
@@ -30,8 +31,7 @@ for stage in $stages; do
       timeout "$BENCH_LIMIT" python3 -m pytest bench -q -p no:cacheprovider --benchmark "${extra[@]}" \
         -k "${BENCH_FILTER:-}" 2>&1 | tee "$OUT/bench.log" | tail -60
       ls -t bench/results/*.json 2>/dev/null | head -1 | while read -r f; do
-        cp "$f" "${f%.json}.md" "$OUT/" 2>/dev/null
-        python3 -m bench.report "$f" > "$OUT/report.txt" 2>&1 || tail -5 "$OUT/report.txt"
+        cp "$f" "${f%.json}.md" "$OUT/" 2>/dev/null  # report and charts are made off the device
       done
       ;;
   esac
