@@ -63,8 +63,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "tqdm", "nvidia-ml-py"],
-        "train": ["scipy", "matplotlib", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "pillow", "tqdm", "nvidia-ml-py"],
+        "train": ["scipy", "matplotlib", "pillow", "tqdm"],
         "bench": ["pytest", "pytest-benchmark", "matplotlib", "nvidia-ml-py"],
     },
     ext_modules=ext_modules,

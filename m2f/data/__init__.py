@@ -1,0 +1,45 @@
+"""Datasets for training and evaluation: the built-in ``shapes`` and two real formats.
+
+    from m2f.data import build_dataset, collate
+    ds = build_dataset("shapes", root=None, split="train", image_size=64, seed=0)
+    ds.info.num_classes, ds.info.thing_ids      # class metadata (DatasetInfo)
+    sample = ds[0]                               # see m2f.data.sample for the fields
+
+Every dataset accepts ``dataset[(index, epoch)]`` keys from :class:`StreamSampler`, which
+seed its augmentation, so the data of a run is a pure function of its seed and step.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch.utils.data import Dataset
+
+from .sample import IGNORE_LABEL, VOID, DatasetInfo, collate
+from .sampler import ShardSampler, StreamSampler
+
+DATASETS = ("shapes", "coco_panoptic", "ade20k")
+
+
+def build_dataset(name: str, root: Optional[str] = None, split: str = "train", image_size: int = 64,
+                  seed: int = 0, length: Optional[int] = None) -> Dataset:
+    """A dataset by name; ``root`` is its folder (unused by ``shapes``), ``length`` caps
+    the number of images (the shapes dataset's size; the first ``length`` files otherwise)."""
+    if name == "shapes":
+        from .shapes import ShapesDataset
+
+        return ShapesDataset(split, image_size, seed, length)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
+    if name == "coco_panoptic":
+        from .coco_panoptic import COCOPanoptic
+
+        return COCOPanoptic(root, split, image_size, seed, max_images=length)
+    from .ade20k import ADE20K
+
+    return ADE20K(root, split, image_size, seed, max_images=length)
+
+
+__all__ = ["build_dataset", "collate", "DatasetInfo", "StreamSampler", "ShardSampler", "DATASETS",
+           "IGNORE_LABEL", "VOID"]

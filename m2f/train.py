@@ -1,0 +1,512 @@
+"""Train Mask2Former: ``python -m m2f.train --kernels=fused`` (built-in ``shapes`` data by default).
+
+    python -m m2f.train                                         # 'small' on a GPU, 'tiny' on a CPU
+    python -m m2f.train --preset tiny                           # CPU-sized: about a minute
+    torchrun --nproc_per_node=8 -m m2f.train --dataset coco_panoptic --data-root datasets/coco \\
+        --preset official                                       # the official R50 COCO recipe
+    python -m m2f.train --out runs/x --resume                   # continue runs/x exactly
+
+A run folder (``--out``) gets ``config.json``, ``metrics.jsonl`` (one JSON record per log
+step and per evaluation), ``checkpoint.pt`` (written atomically every ``--ckpt-every``
+steps and at the end) and ``plots/`` (loss curve, predictions over images). ``--resume``
+restores the step, model, optimiser, schedule, AMP scaler, every RNG (python, numpy,
+torch, CUDA, the loss's point sampler, per rank) and the data position, so the resumed
+run is the uninterrupted one. ``--batch-size`` is global: under torchrun each of the N
+ranks takes batch/N images of the same global batch a single process would take.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import build_model
+from .backbone import calibrate_frozen_bn
+from .data import DATASETS, StreamSampler, build_dataset, collate
+from .data.sample import DatasetInfo
+from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics
+from .plots import read_log, save_loss_curve, save_predictions
+from .solver import build_optimizer, build_scheduler, clip_gradients
+
+# Presets: model size and schedule. Explicit flags override them. The from-scratch presets
+# use a higher lr than the official 1e-4 (which assumes a pretrained backbone and 50 epochs).
+PRESETS = {
+    # smoke tests: seconds on a CPU
+    "micro": dict(backbone="resnet18", image_size=64, batch_size=2, steps=2, lr=1e-3, num_queries=8,
+                  model=dict(backbone_width=8, hidden_dim=32, nheads=2, dim_feedforward=32, dec_layers=1,
+                             enc_layers=1, enc_dim_feedforward=32, num_points=64)),
+    # about a minute on a CPU: PQ ~65 on shapes
+    "tiny": dict(backbone="resnet18", image_size=64, batch_size=8, steps=300, lr=1e-3, num_queries=16,
+                 model=dict(backbone_width=16, hidden_dim=64, nheads=4, dim_feedforward=128, dec_layers=3,
+                            enc_layers=1, enc_dim_feedforward=128, num_points=784)),
+    # minutes on one GPU
+    "small": dict(backbone="resnet18", image_size=128, batch_size=16, steps=1500, lr=5e-4, num_queries=50,
+                  model=dict(hidden_dim=128, nheads=8, dim_feedforward=512, dec_layers=6, enc_layers=3,
+                             enc_dim_feedforward=512, num_points=3136)),
+    # the official Mask2Former R50 COCO panoptic recipe (50 epochs at batch 16; give --weights,
+    # the ImageNet backbone, as the official runs start from it)
+    "official": dict(backbone="resnet50", image_size=1024, batch_size=16, steps=368750, lr=1e-4,
+                     num_queries=100, model={}),
+}
+PRESET_KEYS = ("backbone", "image_size", "batch_size", "steps", "lr", "num_queries")
+# what a resumed run may change: where and how it runs and reports, never what it computes
+RUNTIME_KEYS = ("out", "num_workers", "device", "eval_every", "eval_images", "ckpt_every", "log_every")
+CHECKPOINT = "checkpoint.pt"
+LOG = "metrics.jsonl"
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+@dataclass
+class Env:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str] = None) -> Env:
+    """Join the torchrun process group when launched by torchrun (nccl on CUDA, gloo on CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if world_size > 1 else (dev.index or 0))
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Env(rank, world_size, local_rank, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def kernels_notice(kernels: str, device: torch.device) -> Optional[str]:
+    if kernels == "fused" and device.type != "cuda":
+        return "m2f: no CUDA GPU: kernels=fused runs the m2f_kernels ops on their reference backend"
+    return None
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Every option defaults to None so that explicit flags can be told from preset values."""
+    p = argparse.ArgumentParser(prog="python -m m2f.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS),
+                   help="model size and schedule (default: small on a GPU, tiny without one)")
+    p.add_argument("--kernels", choices=("reference", "fused"), help="hotspot implementation (default: fused)")
+    p.add_argument("--mask-loss", choices=("point", "full"), help="mask losses on sampled points (default) or "
+                   "whole masks")
+    p.add_argument("--backbone", help="resnet18/50/101, swin_tiny/small/base/large")
+    p.add_argument("--weights", help="backbone weights file (torchvision ResNet or official Swin state dict); "
+                   "without it the backbone starts from scratch")
+    p.add_argument("--dataset", choices=DATASETS, help="default: shapes (generated, no files)")
+    p.add_argument("--data-root", help="dataset folder (coco_panoptic, ade20k)")
+    p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--batch-size", type=int, help="global batch size (all ranks together)")
+    p.add_argument("--image-size", type=int, help="training crop / evaluation size in pixels")
+    p.add_argument("--train-images", type=int, help="train on the first N images only (e.g. to overfit)")
+    p.add_argument("--lr", type=float, help="base learning rate (official: 1e-4)")
+    p.add_argument("--num-queries", type=int)
+    p.add_argument("--model", action="append", metavar="KEY=VALUE",
+                   help="extra build_model override, e.g. --model dec_layers=6 (repeatable)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: off)")
+    p.add_argument("--out", help="run folder (default: runs/<dataset>_<preset>)")
+    p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
+                   help="continue the run in --out (or from CHECKPOINT)")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: at the end only)")
+    p.add_argument("--eval-images", type=int, help="evaluate on the first N val images (default: all; "
+                   "shapes has 100)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: 500)")
+    p.add_argument("--log-every", type=int, help="log every N steps (default: 10)")
+    p.add_argument("--seed", type=int, help="seed of the model, the data and the sampling (default: 0)")
+    p.add_argument("--num-workers", type=int, help="data loader workers per rank (default: 4 on GPU, 0 on CPU)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    return p.parse_args(argv)
+
+
+def _parse_overrides(items) -> Dict:
+    out = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--model expects KEY=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
+def default_preset() -> str:
+    """'small' on a GPU, 'tiny' without one (the small model needs hours on a CPU)."""
+    return "small" if torch.cuda.is_available() else "tiny"
+
+
+def resolve_config(args: argparse.Namespace) -> Dict:
+    """A complete, JSON-serialisable run configuration from the flags and the preset."""
+    preset = args.preset or default_preset()
+    base = PRESETS[preset]
+    cfg = {
+        "preset": preset,
+        "kernels": args.kernels or "fused",
+        "mask_loss": args.mask_loss or "point",
+        "weights": args.weights,
+        "dataset": args.dataset or "shapes",
+        "data_root": args.data_root,
+        "amp": args.amp or "off",
+        "train_images": args.train_images,
+        "seed": 0 if args.seed is None else args.seed,
+        "model": {**base["model"], **_parse_overrides(args.model)},
+    }
+    for key in PRESET_KEYS:
+        value = getattr(args, key)
+        cfg[key] = base[key] if value is None else value
+    cfg.update({
+        "out": args.out or os.path.join("runs", f"{cfg['dataset']}_{preset}"),
+        "eval_every": args.eval_every or 0,
+        "eval_images": args.eval_images,
+        "ckpt_every": args.ckpt_every or 500,
+        "log_every": args.log_every or 10,
+        "num_workers": args.num_workers,
+        "device": args.device,
+    })
+    return cfg
+
+
+def resume_config(args: argparse.Namespace, saved: Dict) -> Dict:
+    """The saved configuration, with only the runtime options taken from the command line."""
+    cfg = dict(saved)
+    for key in RUNTIME_KEYS:
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    changed = [k for k, v in vars(args).items()
+               if v is not None and k not in RUNTIME_KEYS + ("resume", "preset", "model") and cfg.get(k) != v]
+    if args.preset is not None and args.preset != saved["preset"]:
+        changed.append("preset")
+    if args.model:
+        changed.append("model")
+    if changed:
+        raise SystemExit(f"--resume continues the saved run; it cannot change {sorted(changed)} "
+                         f"(only {', '.join(RUNTIME_KEYS)})")
+    return cfg
+
+
+def build_model_from_config(cfg: Dict, info: DatasetInfo) -> torch.nn.Module:
+    overrides = dict(cfg["model"])
+    if cfg.get("weights"):
+        overrides["backbone_weights"] = cfg["weights"]
+    return build_model(cfg["backbone"], num_classes=info.num_classes, num_queries=cfg["num_queries"],
+                       kernels=cfg["kernels"], mask_loss=cfg["mask_loss"], **overrides)
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def rng_state(generator: torch.Generator) -> Dict:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "sampler": generator.get_state(),
+    }
+
+
+def set_rng_state(state: Dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["sampler"])
+
+
+def gather_objects(obj, env: Env) -> list:
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: never a torn file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def truncate_log(path: str, step: int) -> None:
+    """Drop records of steps after ``step`` (written before an interruption) from the JSONL log."""
+    if not os.path.exists(path):
+        return
+    lines = [json.dumps(r) + "\n" for r in read_log(path) if r["step"] <= step]
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+class Logger:
+    """Appends JSON records to ``metrics.jsonl`` (main rank only)."""
+
+    def __init__(self, path: Optional[str]):
+        self.path = path
+
+    def write(self, record: Dict) -> None:
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def train_step(model, batch: Dict, optimizer, scheduler, scaler, device: torch.device, amp: str,
+               generator: torch.Generator, clip: float = 0.01) -> Dict[str, torch.Tensor]:
+    """One optimiser step on this rank's share of the batch -> detached losses (+ grad_norm)."""
+    images = batch["images"].to(device, non_blocking=True).float()
+    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
+    with autocast(device, amp):
+        losses = model(images, targets, generator=generator)
+    loss = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = clip_gradients(unwrap(model).parameters(), clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    out = {"loss": loss.detach().float(), "grad_norm": grad_norm.detach().float()}
+    for name in ("loss_ce", "loss_mask", "loss_dice"):  # the final prediction's (weighted) terms
+        if name in losses:
+            out[name] = losses[name].detach().float()
+    return out
+
+
+def reduce_mean(values: Dict[str, torch.Tensor], env: Env) -> Dict[str, float]:
+    keys = sorted(values)
+    t = torch.stack([values[k] for k in keys])
+    if env.world_size > 1:
+        dist.all_reduce(t)
+        t /= env.world_size
+    return dict(zip(keys, t.tolist()))
+
+
+def _memory_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
+
+
+def calibrate(model: torch.nn.Module, dataset, device: torch.device, n: int = 8) -> None:
+    """Frozen-BN statistics of a from-scratch backbone set from the first ``n`` training
+    images: the same images on every rank, so every rank computes the same buffers."""
+    images = torch.stack([dataset[(i, 0)]["image"] for i in range(min(n, len(dataset)))]).to(device).float()
+    calibrate_frozen_bn(model.backbone, model.preprocess(images))
+
+
+def run_eval(model, cfg: Dict, dataset_val, env: Env, step: int, logger: Logger) -> Dict[str, float]:
+    """Evaluate on the val split, log the metrics, redraw the plots."""
+    loader = eval_loader(dataset_val, max(1, cfg["batch_size"] // env.world_size), env.rank, env.world_size,
+                         cfg["num_workers"], cfg["eval_images"])
+    metrics, examples = evaluate(unwrap(model), loader, dataset_val.info, env.device, amp=cfg["amp"])
+    if env.main:
+        logger.write({"step": step, "eval": metrics})
+        save_predictions(examples, dataset_val.info, os.path.join(cfg["out"], "plots", f"predictions_{step:07d}.png"),
+                         title=f"{cfg['dataset']} val, step {step}")
+        save_loss_curve(os.path.join(cfg["out"], LOG), os.path.join(cfg["out"], "plots", "loss.png"))
+    return metrics
+
+
+def main(argv=None) -> Dict[str, float]:
+    args = parse_args(argv)
+    env = setup_distributed(args.device)
+    try:
+        return train(args, env)
+    finally:
+        cleanup_distributed()
+
+
+def load_run_config(args: argparse.Namespace, env: Env):
+    """-> (cfg, checkpoint or None): a new run's configuration, or the resumed run's."""
+    ckpt = None
+    if args.resume is not None:
+        if not args.resume and not args.out:
+            raise SystemExit("--resume needs --out RUN_FOLDER or a checkpoint path")
+        path = args.resume or os.path.join(args.out, CHECKPOINT)
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = resume_config(args, ckpt["config"])
+    else:
+        cfg = resolve_config(args)
+    if cfg["num_workers"] is None:
+        cfg["num_workers"] = min(4, os.cpu_count() or 1) if env.device.type == "cuda" else 0
+    if cfg["batch_size"] % env.world_size:
+        raise SystemExit(f"--batch-size {cfg['batch_size']} is not divisible by the {env.world_size} ranks")
+    return cfg, ckpt
+
+
+def prepare_run_folder(cfg: Dict, resumed: bool, env: Env) -> None:
+    out = cfg["out"]
+    if not env.main:
+        return
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    notice = kernels_notice(cfg["kernels"], env.device)
+    if notice:
+        print(notice, flush=True)
+    if not resumed:
+        if os.path.exists(os.path.join(out, CHECKPOINT)):
+            print(f"m2f.train: starting a new run in {out}, replacing its checkpoint and log "
+                  "(--resume continues it instead)", flush=True)
+        truncate_log(os.path.join(out, LOG), 0)
+
+
+def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
+    cfg, ckpt = load_run_config(args, env)
+    prepare_run_folder(cfg, ckpt is not None, env)
+    out, seed, steps = cfg["out"], cfg["seed"], cfg["steps"]
+    local_batch = cfg["batch_size"] // env.world_size
+    random.seed(seed + env.rank)
+    np.random.seed(seed + env.rank)
+    torch.manual_seed(seed)  # the same initial model on every rank
+    generator = torch.Generator(env.device).manual_seed(seed * 1009 + env.rank)  # the loss's random points
+
+    dataset = build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], seed,
+                            cfg.get("train_images"))
+    dataset_val = build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["image_size"], seed)
+    model = build_model_from_config(cfg, dataset.info).to(env.device)
+    optimizer = build_optimizer(model, lr=cfg["lr"])
+    scheduler = build_scheduler(optimizer, steps)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg["amp"] == "fp16")
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        start = ckpt["step"]
+        if env.main:
+            truncate_log(os.path.join(out, LOG), start)
+            print(f"m2f.train: resuming {out} at step {start} of {steps}", flush=True)
+        if start >= steps:
+            log = os.path.join(out, LOG)
+            evals = [r["eval"] for r in read_log(log) if "eval" in r] if os.path.exists(log) else []
+            if env.main:
+                print(f"m2f.train: the run is already complete; last evaluation: "
+                      f"{format_metrics(evals[-1]) if evals else 'none'}")
+            return evals[-1] if evals else {}
+    elif not cfg.get("weights"):
+        calibrate(model, dataset, env.device)
+
+    if env.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                        broadcast_buffers=False)
+    sampler = StreamSampler(len(dataset), seed=seed, rank=env.rank, world_size=env.world_size,
+                            start=start * local_batch)
+    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg["num_workers"],
+                        collate_fn=collate, pin_memory=env.device.type == "cuda", drop_last=True,
+                        persistent_workers=cfg["num_workers"] > 0,
+                        generator=torch.Generator())  # keeps the global RNG out of the loader
+    batches = iter(loader)
+    if ckpt is not None:  # after everything that draws from the RNGs at start-up
+        states = ckpt["rng"]
+        if len(states) != env.world_size and env.main:
+            print(f"m2f.train: the checkpoint has {len(states)} ranks' RNG states, this run "
+                  f"{env.world_size}: the random streams will differ from the original run")
+        set_rng_state(states[env.rank % len(states)], generator)
+
+    logger = Logger(os.path.join(out, LOG) if env.main else None)
+    bar = tqdm(total=steps, initial=start, disable=not env.main, dynamic_ncols=True, desc="train", mininterval=0.5)
+    meter = Meter()
+    model.train()
+    for step in range(start + 1, steps + 1):
+        meter.add(train_step(model, next(batches), optimizer, scheduler, scaler, env.device, cfg["amp"], generator))
+        last = step == steps
+        if step % cfg["log_every"] == 0 or last:
+            record = meter.flush(env)
+            record.update(step=step, lr=max(scheduler.get_last_lr()), max_mem_gb=_memory_gb(env.device))
+            logger.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                            mem=f"{record['max_mem_gb']:.2f}GB", refresh=False)
+        bar.update(1)
+        if cfg["eval_every"] and step % cfg["eval_every"] == 0 and not last:
+            metrics = run_eval(model, cfg, dataset_val, env, step, logger)
+            if env.main:
+                bar.write(f"step {step}: {format_metrics(metrics)}")
+        if step % cfg["ckpt_every"] == 0 or last:
+            save_checkpoint(model, optimizer, scheduler, scaler, generator, cfg, step, env)
+    bar.close()
+    metrics = run_eval(model, cfg, dataset_val, env, steps, logger)
+    if env.main:
+        print(f"step {steps}: {format_metrics(metrics)}", flush=True)
+        print(f"m2f.train: run folder {out} (checkpoint.pt, metrics.jsonl, plots/)", flush=True)
+    return metrics
+
+
+class Meter:
+    """Averages a log interval's losses (the last grad norm), reduced over ranks, with it/s."""
+
+    def __init__(self):
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.count, self.t0 = 0, time.perf_counter()
+
+    def add(self, stats: Dict[str, torch.Tensor]) -> None:
+        for k, v in stats.items():
+            self.sums[k] = v if k == "grad_norm" else self.sums.get(k, 0.0) + v
+        self.count += 1
+
+    def flush(self, env: Env) -> Dict:
+        means = reduce_mean({k: v if k == "grad_norm" else v / self.count for k, v in self.sums.items()}, env)
+        if not math.isfinite(means["loss"]):
+            raise FloatingPointError(f"the training loss is {means['loss']}")
+        if not math.isfinite(means["grad_norm"]):  # an fp16 step the scaler skipped
+            means["grad_norm"] = None
+        means["it_s"] = self.count / (time.perf_counter() - self.t0)
+        self.__init__()
+        return means
+
+
+def save_checkpoint(model, optimizer, scheduler, scaler, generator, cfg: Dict, step: int, env: Env) -> None:
+    states = gather_objects(rng_state(generator), env)  # every rank's streams
+    if env.main:
+        atomic_save({
+            "config": cfg, "step": step, "world_size": env.world_size, "model": unwrap(model).state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": states,
+        }, os.path.join(cfg["out"], CHECKPOINT))
+
+
+if __name__ == "__main__":
+    main()

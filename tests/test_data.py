@@ -1,0 +1,248 @@
+"""Datasets, augmentations and samplers: the built-in shapes, COCO panoptic and ADE20K fixtures
+built on the fly, and one training step on each real format."""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from m2f.data import StreamSampler, build_dataset, collate
+from m2f.data.io import id2rgb
+from m2f.data.sample import semantic_from_panoptic
+from m2f.data.shapes import INFO as SHAPES_INFO
+from m2f.data.transforms import LargeScaleJitter, ResizePad, SemanticCrop
+
+from .test_train import keep_global_rng  # noqa: F401  (autouse: the CLI seeds the global RNGs)
+
+def check_panoptic_sample(s, info, size):
+    assert s["image"].shape == (3, size, size) and s["image"].dtype == torch.uint8
+    pan, sem, t = s["pan_seg"], s["sem_seg"], s["targets"]
+    assert pan.shape == sem.shape == (size, size)
+    present = set(torch.unique(pan).tolist()) - {0}
+    assert {seg["id"] for seg in s["segments"]} == present  # exactly the segments in the map
+    assert torch.equal(sem, semantic_from_panoptic(pan, s["segments"]))
+    regular = [seg for seg in s["segments"] if not seg["iscrowd"]]
+    assert t["labels"].tolist() == [seg["category_id"] for seg in regular]
+    assert t["masks"].dtype == torch.bool and t["masks"].shape == (len(regular), size, size)
+    assert t["masks"].flatten(1).any(1).all()  # no empty target
+    assert t["masks"].sum(0).max() <= 1  # segments never overlap
+    for seg in s["segments"]:
+        assert seg["isthing"] == (seg["category_id"] in info.thing_ids)
+
+
+def test_shapes_is_panoptic_and_deterministic():
+    size = 48
+    ds = build_dataset("shapes", None, "train", size, seed=3)
+    touching = 0
+    for i in range(40):
+        s = ds[i]
+        check_panoptic_sample(s, SHAPES_INFO, size)
+        assert (s["pan_seg"] > 0).all()  # shapes has no void
+        assert (s["targets"]["masks"].sum(0) == 1).all()  # the targets tile the image
+        things = [seg for seg in s["segments"] if seg["isthing"]]
+        assert 1 <= len(things) <= 4
+        for seg in things:
+            m = s["pan_seg"] == seg["id"]
+            touching += bool(m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+    assert touching > 0
+    a, b = ds[(7, 0)], build_dataset("shapes", None, "train", size, seed=3)[(7, 5)]
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["pan_seg"], b["pan_seg"])
+    other = build_dataset("shapes", None, "train", size, seed=4)[7]
+    val = build_dataset("shapes", None, "val", size, seed=3)[7]
+    assert not torch.equal(a["image"], other["image"]) and not torch.equal(a["image"], val["image"])
+
+
+def region_sample(h, w, rng):
+    """A panoptic sample whose image colour is a function of the segment id (big rectangles)."""
+    pan = torch.zeros(h, w, dtype=torch.int64)
+    pan[: h // 2, : w // 3] = 1
+    pan[: h // 2, w // 3:] = 2
+    pan[h // 2:, : w // 2] = 3
+    pan[h // 2:, w // 2:] = 4
+    colors = torch.from_numpy(rng.integers(0, 256, (5, 3))).to(torch.uint8)
+    segments = [{"id": i, "category_id": i - 1, "isthing": i <= 2, "iscrowd": 0} for i in range(1, 5)]
+    return {"image": colors[pan].permute(2, 0, 1).contiguous(), "pan_seg": pan,
+            "sem_seg": semantic_from_panoptic(pan, segments), "segments": segments}, colors
+
+
+def interior(ids: torch.Tensor, r: int = 1) -> torch.Tensor:
+    """Pixels whose (2r+1)^2 neighbourhood has one id (away from resampling blur), never within
+    r of the border (a crop may cut right next to a boundary)."""
+    p = torch.nn.functional.pad(ids[None, None].float(), (r, r, r, r), value=-1.0)
+    nb = torch.nn.functional.unfold(p, 2 * r + 1)[0].view(-1, *ids.shape)
+    return (nb == ids.float()).all(0)
+
+
+@pytest.mark.parametrize("transform", ["lsj", "semantic", "resize_pad"])
+def test_transforms_move_image_and_labels_together(transform):
+    rng = np.random.default_rng()
+    size, checked = 32, 0
+    for trial in range(6):
+        sample, colors = region_sample(int(rng.integers(20, 70)), int(rng.integers(20, 70)), rng)
+        aug = {"lsj": LargeScaleJitter(size), "semantic": SemanticCrop(size, color_aug=False),
+               "resize_pad": ResizePad(size)}[transform]
+        out = aug(sample, rng)
+        assert out["image"].shape == (3, size, size)
+        pan, sem = out["pan_seg"], out["sem_seg"]
+        assert pan.shape == sem.shape == (size, size)
+        void = pan == 0
+        assert (sem[void] == 255).all() and (sem[~void] == pan[~void] - 1).all()
+        assert (out["image"][:, void] == 128).all()  # the padding
+        keep = interior(pan, r=3) & ~void  # upscaling by up to ~3x blurs edges over ~3 pixels
+        expected = colors[pan][keep].int()
+        got = out["image"].permute(1, 2, 0)[keep].int()
+        assert ((got - expected).abs() <= 2).all(), f"trial {trial}: image and labels disagree"
+        checked += int(keep.sum())
+    assert checked > 0
+
+
+def test_lsj_scales_and_flips():
+    rng = np.random.default_rng()
+    sample, _ = region_sample(64, 64, rng)
+    aug = LargeScaleJitter(64)
+    fills, flips = [], 0
+    for _ in range(40):
+        out = aug(sample, rng)
+        fills.append((out["pan_seg"] > 0).float().mean().item())
+        flips += bool(out["pan_seg"][0, 0] == 2)  # top-left shows segment 2 only when flipped
+    assert min(fills) < 0.5 and max(fills) == 1.0  # shrunk-and-padded and zoomed-in crops both occur
+    assert 0 < flips < 40
+
+
+def test_color_aug_is_pointwise_and_leaves_labels():
+    rng = np.random.default_rng()
+    sample, _ = region_sample(40, 40, rng)
+    changed = 0
+    for _ in range(10):
+        seed = int(rng.integers(2**31))
+        out = SemanticCrop(32, color_aug=True, flip=False)(sample, np.random.default_rng(seed))
+        plain = SemanticCrop(32, color_aug=False, flip=False)(sample, np.random.default_rng(seed))
+        assert torch.equal(out["pan_seg"], plain["pan_seg"])  # geometry is drawn before colour
+        changed += int(not torch.equal(out["image"], plain["image"]))
+        keep = interior(out["pan_seg"]) & (out["pan_seg"] > 0)
+        for i in torch.unique(out["pan_seg"][keep]).tolist():  # one colour in, one colour out
+            region = out["image"].permute(1, 2, 0)[keep & (out["pan_seg"] == i)]
+            assert (region == region[0]).all()
+    assert changed > 0
+
+
+def test_stream_sampler_shards_the_single_process_batches():
+    size, batch, world = 11, 6, 3
+    single = list(itertools.islice(StreamSampler(size, seed=5), 5 * batch))
+    ranks = [list(itertools.islice(StreamSampler(size, seed=5, rank=r, world_size=world), 5 * batch // world))
+             for r in range(world)]
+    local = batch // world
+    for step in range(5):
+        global_batch = sorted(single[step * batch:(step + 1) * batch])
+        sharded = sorted(k for r in ranks for k in r[step * local:(step + 1) * local])
+        assert sharded == global_batch
+    resumed = list(itertools.islice(StreamSampler(size, seed=5, start=2 * batch), 3 * batch))
+    assert resumed == single[2 * batch:]
+    epoch0 = [i for i, e in single if e == 0]
+    assert sorted(epoch0) == list(range(size))  # each epoch is a permutation
+
+
+# ----------------------------------------------------------------------------- real formats
+
+
+def write_coco_fixture(root: Path, rng, n_images=(3, 2)):
+    """COCO panoptic folders: 2 thing categories (ids 1, 7), 1 stuff (id 100), one crowd."""
+    categories = [{"id": 1, "name": "person", "isthing": 1}, {"id": 7, "name": "car", "isthing": 1},
+                  {"id": 100, "name": "sky", "isthing": 0}]
+    for split, n in zip(("train", "val"), n_images):
+        (root / f"{split}2017").mkdir(parents=True)
+        (root / "annotations" / f"panoptic_{split}2017").mkdir(parents=True)
+        images, annotations = [], []
+        for i in range(n):
+            h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+            ids = np.zeros((h, w), np.int64)
+            sky, person, car, crowd = 5_000_001 + i, 300 + i, 70_000 + i, 12
+            ids[: h // 2] = sky
+            ids[h // 2:, : w // 3] = person
+            ids[h // 2:, w // 3: 2 * w // 3] = car
+            ids[h // 2:, 2 * w // 3:] = crowd  # the rest of the bottom: a crowd of persons
+            ids[-3:] = 0  # a void strip
+            name = f"{i:012d}"
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{split}2017" / f"{name}.jpg")
+            Image.fromarray(id2rgb(ids)).save(root / "annotations" / f"panoptic_{split}2017" / f"{name}.png")
+            images.append({"id": i, "file_name": f"{name}.jpg", "height": h, "width": w})
+            annotations.append({"image_id": i, "file_name": f"{name}.png", "segments_info": [
+                {"id": sky, "category_id": 100, "iscrowd": 0}, {"id": person, "category_id": 1, "iscrowd": 0},
+                {"id": car, "category_id": 7, "iscrowd": 0}, {"id": crowd, "category_id": 1, "iscrowd": 1}]})
+        with open(root / "annotations" / f"panoptic_{split}2017.json", "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+
+def write_ade_fixture(root: Path, rng, n_images=(3, 2)):
+    """ADE20K folders: labels 0 (ignored) .. 4."""
+    for split, n in zip(("training", "validation"), n_images):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        for i in range(n):
+            h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+            label = np.zeros((h, w), np.uint8)
+            label[: h // 2] = 1
+            label[h // 2:, : w // 2] = 3
+            label[h // 2:, w // 2:] = 4
+            label[:2] = 0
+            name = f"ADE_{split}_{i:08d}"
+            image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(image).save(root / "images" / split / f"{name}.jpg")
+            Image.fromarray(label).save(root / "annotations" / split / f"{name}.png")
+
+
+def test_coco_panoptic_fixture_loads(tmp_path):
+    rng = np.random.default_rng()
+    write_coco_fixture(tmp_path, rng)
+    val = build_dataset("coco_panoptic", str(tmp_path), "val", 64, seed=0)
+    assert val.info.class_names == ("person", "car", "sky") and val.info.thing_ids == {0, 1}
+    s = val[0]
+    check_panoptic_sample(s, val.info, 64)
+    h, w = 64, 64  # ResizePad: the category layout survives (the fixture's halves / thirds)
+    assert len(s["segments"]) == 4 and sum(seg["iscrowd"] for seg in s["segments"]) == 1
+    assert sorted(s["targets"]["labels"].tolist()) == [0, 1, 2]  # the crowd is no target
+    assert s["sem_seg"][1, 1] == 2  # sky on top
+    crowd_id = next(seg["id"] for seg in s["segments"] if seg["iscrowd"])
+    assert (s["sem_seg"][s["pan_seg"] == crowd_id] == 0).all()  # the crowd is "person" in sem_seg
+    train = build_dataset("coco_panoptic", str(tmp_path), "train", 64, seed=0)
+    for epoch in range(3):
+        s = train[(1, epoch)]
+        check_panoptic_sample(s, train.info, 64)
+    assert torch.equal(train[(1, 2)]["image"], train[(1, 2)]["image"])  # augmentation is seeded
+    assert h == w
+
+
+def test_ade20k_fixture_loads(tmp_path):
+    rng = np.random.default_rng()
+    write_ade_fixture(tmp_path, rng)
+    val = build_dataset("ade20k", str(tmp_path), "val", 64, seed=0)
+    assert val.info.num_classes == 150 and not val.info.panoptic
+    s = val[1]
+    assert s["image"].shape == (3, 64, 64) and "pan_seg" not in s
+    assert set(torch.unique(s["sem_seg"]).tolist()) <= {0, 2, 3, 255}
+    assert s["sem_seg"][0, 5] == 255  # label 0 is ignored
+    assert s["targets"]["labels"].tolist() == [0, 2, 3]
+    assert torch.equal(s["targets"]["masks"], s["sem_seg"][None] == torch.tensor([0, 2, 3])[:, None, None])
+    train = build_dataset("ade20k", str(tmp_path), "train", 32, seed=0)
+    batch = collate([train[(i, 0)] for i in range(3)])
+    assert batch["images"].shape == (3, 3, 32, 32) and batch["pan_seg"] is None
+
+
+@pytest.mark.parametrize("name,writer", [("coco_panoptic", write_coco_fixture), ("ade20k", write_ade_fixture)])
+def test_real_format_trains_one_step(tmp_path, name, writer):
+    from m2f.train import main
+
+    root = tmp_path / "data"
+    writer(root, np.random.default_rng())
+    metrics = main(["--dataset", name, "--data-root", str(root), "--steps", "1", "--batch-size", "2",
+                    "--image-size", "64", "--kernels", "fused", "--out", str(tmp_path / "run"), "--device", "cpu",
+                    "--num-workers", "0", "--preset", "micro"])
+    log = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert np.isfinite(log[0]["loss"]) and log[0]["step"] == 1
+    assert "mIoU" in metrics and (("PQ" in metrics) == (name == "coco_panoptic"))
+    assert (tmp_path / "run" / "checkpoint.pt").exists()

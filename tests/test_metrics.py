@@ -1,0 +1,196 @@
+"""PQ / mIoU / mask AP against small cases computed by hand (panopticapi, detectron2, COCOeval rules).
+
+Images are 1 x N rows so every pixel count is visible in the test. Random permutations of
+the segment ids and of the order of the inputs check that nothing depends on them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from m2f.metrics import MaskAP, PanopticQuality, SemanticIoU
+
+
+def row(*runs):
+    """row((value, count), ...) -> int64 [1, N]: a 1-pixel-high map of runs."""
+    return torch.tensor([[v for v, n in runs for _ in range(n)]], dtype=torch.int64)
+
+
+def relabel(pan: torch.Tensor, segments, rng):
+    """Give segments fresh random ids (void stays 0), to show results do not depend on ids."""
+    ids = {s["id"]: int(i) for s, i in zip(segments, rng.choice(np.arange(1, 10_000), len(segments), replace=False))}
+    out = pan.clone()
+    for old, new in ids.items():
+        out[pan == old] = new
+    return out, [dict(s, id=ids[s["id"]]) for s in segments]
+
+
+def seg(id, category, iscrowd=0):
+    return {"id": id, "category_id": category, "iscrowd": iscrowd}
+
+
+def pq_of(cases, num_classes, thing_ids, seed):
+    rng = np.random.default_rng(seed)
+    metric = PanopticQuality(num_classes, thing_ids)
+    for pred, pred_segs, gt, gt_segs in cases:
+        pred, pred_segs = relabel(pred, pred_segs, rng)
+        gt, gt_segs = relabel(gt, gt_segs, rng)
+        metric.update(pred, pred_segs, gt, gt_segs)
+    return metric.compute()
+
+
+@pytest.fixture(autouse=True)
+def fresh_torch_rng():
+    """Fresh torch draws (randperm, rand) every run, whatever seeded the global RNG before."""
+    s = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"torch seed {s}")
+    torch.manual_seed(s)
+
+
+@pytest.fixture
+def seed():
+    s = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"seed {s}")
+    return s
+
+
+def test_pq_matching_excludes_void_from_union(seed):
+    # gt: thing A (cat 0) 10 px, stuff B (cat 1) 5 px, void 5 px
+    gt = row((1, 10), (2, 5), (0, 5))
+    # pred: cat 0 on 8 px of A; cat 1 on 2 px of A + 4 of B + 2 void; cat 2 on 1 px of B + 3 void
+    pred = row((5, 8), (6, 6), (7, 1), (6, 2), (7, 3))
+    res = pq_of([(pred, [seg(5, 0), seg(6, 1), seg(7, 2)], gt, [seg(1, 0), seg(2, 1)])], 3, {0}, seed)
+    # A: IoU 8/10; B: 4 / (8 + 5 - 4 - 2 void) = 4/7 > 0.5 (4/9 if void counted);
+    # the cat-2 segment is 3/4 void: ignored, not an FP
+    assert res["PQ_th"] == pytest.approx(80.0)
+    assert res["PQ_st"] == pytest.approx(400 / 7)
+    assert res["PQ"] == pytest.approx((80.0 + 400 / 7) / 2)
+    assert res["SQ"] == pytest.approx((80.0 + 400 / 7) / 2)
+    assert res["RQ"] == pytest.approx(100.0)
+
+
+def test_pq_counts_fp_fn_and_averages_categories(seed):
+    gt = row((1, 10), (2, 5), (3, 5))  # cat 0, cat 0, cat 1
+    pred = row((1, 9), (2, 6), (3, 5))  # cat 0 (IoU .9 with gt 1), cat 1, cat 0
+    res = pq_of([(pred, [seg(1, 0), seg(2, 1), seg(3, 0)], gt, [seg(1, 0), seg(2, 0), seg(3, 1)])], 2, {0}, seed)
+    # cat 0: tp 1 (IoU .9), fn 1, fp 1 -> PQ .45, SQ .9, RQ .5; cat 1: fp 1, fn 1 -> 0
+    assert res["PQ_th"] == pytest.approx(45.0) and res["SQ_th"] == pytest.approx(90.0)
+    assert res["RQ_th"] == pytest.approx(50.0)
+    assert res["PQ_st"] == 0.0 and res["SQ_st"] == 0.0 and res["RQ_st"] == 0.0
+    assert (res["PQ"], res["SQ"], res["RQ"]) == pytest.approx((22.5, 45.0, 25.0))
+
+
+def test_pq_iou_must_exceed_half(seed):
+    gt_segs = [seg(1, 0), seg(2, 1)]
+    gt = row((1, 10), (2, 10))
+    half = row((1, 5), (2, 15))  # cat 0 IoU 5/10 = .5: not a match
+    above = row((1, 6), (2, 14))  # 6/10: a match
+    res = pq_of([(half, [seg(1, 0), seg(2, 1)], gt, gt_segs)], 2, {0}, seed)
+    assert res["PQ_th"] == 0.0 and res["RQ_th"] == 0.0
+    res = pq_of([(above, [seg(1, 0), seg(2, 1)], gt, gt_segs)], 2, {0}, seed)
+    assert res["PQ_th"] == pytest.approx(60.0)
+    assert res["PQ_st"] == pytest.approx(100 * 10 / 14)
+
+
+def test_pq_crowd_is_never_matched_and_excuses_false_positives(seed):
+    gt = row((1, 10), (2, 10))  # crowd of cat 0, then a regular cat-0 instance
+    pred = row((3, 6), (4, 6), (5, 8))  # inside the crowd; 4 px crowd + 2 px instance; cat 1
+    res = pq_of([(pred, [seg(3, 0), seg(4, 0), seg(5, 1)], gt, [seg(1, 0, iscrowd=1), seg(2, 0)])], 2, {0}, seed)
+    # cat 0: the instance is missed (fn 1, IoU 2/14); both cat-0 predictions lie > 50% on the crowd:
+    # no fp. cat 1: one fp. Both categories count, with PQ 0.
+    assert res["PQ"] == 0.0 and res["RQ"] == 0.0
+    m = PanopticQuality(2, {0})
+    m.update(pred, [seg(3, 0), seg(4, 0), seg(5, 1)], gt, [seg(1, 0, iscrowd=1), seg(2, 0)])
+    np.testing.assert_array_equal(m.stats[:, :3], [[0, 0, 1], [0, 1, 0]])
+
+
+def test_pq_accumulates_over_images(seed):
+    a = (row((5, 8), (6, 6), (7, 1), (6, 2), (7, 3)), [seg(5, 0), seg(6, 1), seg(7, 2)], row((1, 10), (2, 5), (0, 5)),
+         [seg(1, 0), seg(2, 1)])
+    b = (row((1, 9), (2, 6), (3, 5)), [seg(1, 0), seg(2, 1), seg(3, 0)], row((1, 10), (2, 5), (3, 5)),
+         [seg(1, 0), seg(2, 0), seg(3, 1)])
+    res = pq_of([b, a] if seed % 2 else [a, b], 3, {0}, seed)
+    # cat 0: tp 2 (IoU .8 + .9), fp 1, fn 1 -> 1.7 / 3; cat 1: tp 1 (4/7), fp 1, fn 1 -> (4/7) / 2
+    assert res["PQ_th"] == pytest.approx(100 * 1.7 / 3)
+    assert res["PQ_st"] == pytest.approx(100 * (4 / 7) / 2)
+    assert res["SQ_th"] == pytest.approx(85.0)
+
+
+def test_miou_follows_detectron2():
+    gt = torch.tensor([0, 0, 1, 1, 2, 255, 1])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2, 3])
+    m = SemanticIoU(4)
+    order = torch.randperm(len(gt))  # pixel order is irrelevant
+    m.update(pred[order][:4], gt[order][:4])
+    m.update(pred[order][4:], gt[order][4:])
+    res = m.compute()
+    # IoU: c0 1/3, c1 2/4, c2 0/1; c3 never in the ground truth -> left out; the ignore pixel
+    # (predicted 2) counts nowhere
+    assert res["mIoU"] == pytest.approx(100 * (1 / 3 + 1 / 2 + 0) / 3)
+    assert res["pACC"] == pytest.approx(50.0)
+    assert res["mACC"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 0) / 3)
+    assert res["fwIoU"] == pytest.approx(100 * (1 / 3 * 2 + 1 / 2 * 3) / 6)
+    assert res["IoU"][:3] == pytest.approx([100 / 3, 50.0, 0.0]) and np.isnan(res["IoU"][3])
+
+
+def masks(length, *spans):
+    out = torch.zeros(len(spans), 1, length, dtype=torch.bool)
+    for i, (a, b) in enumerate(spans):
+        out[i, 0, a:b] = True
+    return out
+
+
+def ap_case_one():
+    """cat 0: d1 (IoU 1 with g1), d2 (IoU 5/8 with g2), d3 (no overlap) -> AP at t <= .6 is 1,
+    at t >= .65 precision is 1 up to recall .5, then 0: 51 of 101 recall points."""
+    gt = masks(20, (0, 4), (10, 18))
+    dt = masks(20, (0, 4), (10, 15), (19, 20))
+    return dt, torch.tensor([0.9, 0.8, 0.7]), torch.zeros(3, dtype=torch.int64), gt, torch.zeros(2, dtype=torch.int64)
+
+
+def test_mask_ap_single_category():
+    dt, scores, labels, gt, gt_labels = ap_case_one()
+    perm = torch.randperm(3)  # detection order is irrelevant (they are sorted by score)
+    m = MaskAP(1)
+    m.update(dt[perm], scores[perm], labels[perm], gt, gt_labels)
+    res = m.compute()
+    per_t = np.array([1.0] * 3 + [51 / 101] * 7)
+    assert res["AP"] == pytest.approx(100 * per_t.mean())
+    assert res["AP50"] == pytest.approx(100.0)
+    assert res["AP75"] == pytest.approx(100 * 51 / 101)
+
+
+def test_mask_ap_crowd_categories_and_images():
+    m = MaskAP(3)
+    dt, scores, labels, gt, gt_labels = ap_case_one()
+    m.update(dt, scores, labels, gt, gt_labels)
+    # image 2, cat 1: a crowd (0..10) and an instance (12..16); the top detection lies inside the
+    # crowd (IoU vs crowd = inter / det area = 1): ignored, not a false positive -> AP 1
+    m.update(masks(20, (2, 6), (12, 16)), torch.tensor([0.95, 0.6]), torch.tensor([1, 1]),
+             masks(20, (0, 10), (12, 16)), torch.tensor([1, 1]), torch.tensor([True, False]))
+    # image 3: a cat-2 detection, but cat 2 has no ground truth anywhere: left out of the mean
+    m.update(masks(20, (0, 5)), torch.tensor([0.99]), torch.tensor([2]), masks(20), torch.zeros(0, dtype=torch.int64))
+    res = m.compute()
+    cat0 = np.array([1.0] * 3 + [51 / 101] * 7)
+    assert res["AP"] == pytest.approx(100 * (cat0.mean() + 1.0) / 2)
+    assert res["AP50"] == pytest.approx(100.0)
+
+
+def test_mask_ap_without_crowd_flag_counts_the_false_positive():
+    # the same image as above with the crowd region as a regular instance: the 0.95 detection
+    # (IoU 4/10) is now a false positive ranked first -> precision 1/2 at every recall
+    m = MaskAP(2)
+    m.update(masks(20, (2, 6), (12, 16)), torch.tensor([0.95, 0.6]), torch.tensor([1, 1]),
+             masks(20, (12, 16)), torch.tensor([1]))
+    assert m.compute()["AP"] == pytest.approx(50.0)
+
+
+def test_mask_ap_perfect_and_empty():
+    rng = np.random.default_rng()
+    gt = torch.from_numpy(rng.random((5, 8, 8)) > 0.5)
+    labels = torch.from_numpy(rng.integers(0, 3, 5))
+    m = MaskAP(3)
+    m.update(gt, torch.rand(5), labels, gt, labels)
+    assert m.compute()["AP"] == pytest.approx(100.0)
+    assert np.isnan(MaskAP(3).compute()["AP"])
