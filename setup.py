@@ -63,7 +63,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "pillow", "tqdm", "nvidia-ml-py"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "pillow", "tqdm", "nvidia-ml-py",
+                 "transformers==5.17.0"],
         "train": ["scipy", "matplotlib", "pillow", "tqdm"],
         "bench": ["pytest", "pytest-benchmark", "matplotlib", "nvidia-ml-py"],
     },

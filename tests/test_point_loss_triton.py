@@ -6,7 +6,11 @@ Mask2Former shapes of DESIGN.md.
 """
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ pytestmark = [
     # the Triton interpreter's own range(<runtime int>) (numpy >= 1.25), not this code
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
 ]
+triton = pytest.importorskip("triton", reason="triton is not installed")
 tri = pytest.importorskip("m2f_kernels.triton.point_loss", reason="triton is not installed")
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -237,19 +242,24 @@ def test_point_mask_loss(dtype, form, target_kind, target_hw):
     check_mask_loss(dtype, *inputs, num_masks=4.5)
 
 
-_SMALL_SIZES = [pytest.param(dtype, n, p, id=f"{name}-{str(dtype)[6:]}") for dtype in DTYPES
+_SMALL_SIZES = [pytest.param(dtype, n, p, None, id=f"{name}-{str(dtype)[6:]}") for dtype in DTYPES
                 for name, n, p in (("one_point_one_mask", 1, 1), ("one_mask", 1, 40), ("one_point", 4, 1))]
 
 
-@pytest.mark.parametrize("dtype,n,p", _SMALL_SIZES + [
-    pytest.param(torch.float32, 33, 9, id="many_masks"),
-    pytest.param(torch.float32, 1, 4200, id="many_blocks"),
+@pytest.mark.parametrize("dtype,n,p,block_k", _SMALL_SIZES + [
+    pytest.param(torch.float32, 33, 9, None, id="many_masks"),
+    pytest.param(torch.float32, 1, 4200, None, id="several_blocks"),
+    pytest.param(torch.float32, 2, 2900, 4, id="many_blocks"),
 ])
 @pytest.mark.parametrize("form", ("plain", "indexed"))
-def test_point_mask_loss_sizes(dtype, n, p, form):
-    """One point / one mask; more masks than one finish step reduces (32), more point
-    blocks (of 256) than one partial-sum step reduces (16)."""
+def test_point_mask_loss_sizes(dtype, n, p, block_k, form, monkeypatch):
+    """One point / one mask; more masks than one finish step reduces (32); several point
+    blocks; more point blocks than one partial-sum step reduces (the step, 64 blocks,
+    lowered to 4 here to keep the interpreter fast)."""
     _seed()
+    if block_k is not None:
+        monkeypatch.setattr(tri, "_BLOCK_K", block_k)
+        assert triton.cdiv(p, tri.LOSS_CONFIG.block_p) > 2 * block_k
     inputs = make_loss_inputs(dtype, form, n=n, p=p, pred_hw=(5, 7), target_hw=(9, 6))
     check_mask_loss(dtype, *inputs, num_masks=float(n))
 
@@ -287,8 +297,11 @@ def test_point_mask_loss_zero_masks():
 # ----------------------------------------------------------------------------- pairwise_mask_cost
 
 
-def check_pairwise(pred, target, coords):
-    bce, dice = tri.pairwise_mask_cost(pred, target, coords)
+def check_pairwise(pred, target, coords, config=None):
+    if config is None:
+        bce, dice = tri.pairwise_mask_cost(pred, target, coords)
+    else:
+        bce, dice = tri.pairwise_mask_cost_with(pred, target, coords, config)
     ebce, edice = ref.pairwise_mask_cost(pred, target, coords)
     for out, expected, what in ((bce, ebce, "cost_bce"), (dice, edice, "cost_dice")):
         assert out.dtype == torch.float32 and out.is_contiguous()
@@ -300,7 +313,7 @@ def check_pairwise(pred, target, coords):
 @pytest.mark.parametrize("target_kind", TARGET_KINDS)
 def test_pairwise_mask_cost(dtype, target_kind):
     _seed()
-    q, t, hp, wp, ht, wt, p = 7, 5, 10, 12, 23, 19, 300
+    q, t, hp, wp, ht, wt, p = 7, 5, 10, 12, 23, 19, 150
     pred = (torch.randn(q, hp, wp, device=DEVICE) * 3).to(dtype)
     target = make_target(target_kind, t, ht, wt, padded=True)
     coords = make_coords(1, p, [(hp, wp), (ht, wt)])[0]
@@ -317,6 +330,29 @@ def test_pairwise_mask_cost_sizes(q, t, p):
     check_pairwise(pred, target, coords)
 
 
+_PW = tri.PairwiseConfig
+
+
+@pytest.mark.parametrize("config,p,covers", [
+    pytest.param(_PW(16, 16, 16, programs=1), 100, lambda splits, steps: splits == 1 and steps > 1,
+                 id="one_split_many_steps"),
+    pytest.param(_PW(32, 32, 16, programs=4096), 530, lambda splits, steps: splits > tri._FINISH_BLOCK_S,
+                 id="more_splits_than_a_finish_step"),
+    pytest.param(_PW(64, 32, 16, programs=8, precision="tf32x3"), 90, lambda splits, steps: True, id="tf32x3"),
+])
+def test_pairwise_mask_cost_configs(config, p, covers):
+    """Launch configs the sweep may pick: a program over many point steps, more splits
+    than one finish step reduces, tensor-core dots."""
+    _seed()
+    q, t = 19, 21
+    grid, chunk = tri.pairwise_split(config, q, t, p)
+    assert grid[2] * chunk >= p > (grid[2] - 1) * chunk and chunk % config.block_p == 0
+    assert covers(grid[2], chunk // config.block_p)
+    pred = torch.randn(q, 6, 7, device=DEVICE) * 3
+    target = make_target("uint8", t, 9, 8, padded=True)
+    check_pairwise(pred, target, make_coords(1, p, [(6, 7), (9, 8)])[0], config)
+
+
 def test_pairwise_mask_cost_public():
     _seed()
     pred = torch.randn(4, 6, 6, device=DEVICE, dtype=torch.bfloat16) * 3
@@ -327,6 +363,87 @@ def test_pairwise_mask_cost_public():
     for o, e in zip(out, expected):
         assert o.dtype == torch.float32
         assert_close(o, e, 1e-4, "cost")
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+# Shared memory a program may opt into, bytes (CUDA programming guide, compute capabilities).
+SMEM_LIMITS = {80: 166912, 86: 101376, 90: 232448}
+
+
+def _element_bytes(dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def test_pairwise_configs_fit_shared_memory():
+    """Every default matcher config fits sm_80, sm_86 and sm_90 for every pred and target
+    dtype, by the estimate; the estimate catches the first GPU run's failing config."""
+    old = _PW(64, 32, 64, 256, 8, num_stages=3)
+    assert tri.pairwise_smem_bytes(old, 4, 4) >= 239616 > SMEM_LIMITS[90]  # the GPU's number
+    assert set(tri.PAIRWISE_CONFIGS) == set(DTYPES)
+    for dtype, config in tri.PAIRWISE_CONFIGS.items():
+        for target_bytes in (1, 2, 4):
+            need = tri.pairwise_smem_bytes(config, _element_bytes(dtype), target_bytes)
+            for arch, limit in SMEM_LIMITS.items():
+                assert need <= limit, f"{config} for {dtype}, {target_bytes}-byte targets: {need} B > sm_{arch}'s {limit}"
+        for block in (config.block_q, config.block_t, config.block_p):
+            assert block >= 16 and block & (block - 1) == 0, f"{config}: tl.dot needs powers of 2 >= 16"
+    for config in (tri.POINT_CONFIG, tri.LOSS_CONFIG):
+        assert config.block_p & (config.block_p - 1) == 0
+
+
+_COMPILE = r"""
+import json, os, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from m2f_kernels.triton import point_loss as pl
+
+kernel = pl._pairwise_partial_kernel
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+results = []
+for config in dict.fromkeys(pl.PAIRWISE_CONFIGS.values()):
+    constexprs = {"BLOCK_Q": config.block_q, "BLOCK_T": config.block_t, "BLOCK_P": config.block_p,
+                  "PRECISION": config.precision}
+    signature = {p.name: "constexpr" if p.is_constexpr else ("*fp32" if p.name in ("pred", "target", "coords", "part") else "i32")
+                 for p in kernel.params}
+    for arch in json.loads(sys.argv[1]):
+        src = ASTSource(fn=kernel, signature=signature,
+                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+        usage = ""
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(compiled.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        results.append({"config": repr(config), "arch": arch, "shared": compiled.metadata.shared,
+                        "estimate": pl.pairwise_smem_bytes(config, 4, 4), "usage": usage})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.slow
+def test_pairwise_default_compiles_within_shared_memory():
+    """Compile the default matcher kernel for sm_80 and sm_90 (no GPU needed; fp32 pred and
+    targets, the largest tiles): shared memory within the estimate and the limit, and no
+    register spills (the first GPU run's config spilled 2.6 KB per thread)."""
+    pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    archs = (80, 90)
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(archs)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(results) == len(set(tri.PAIRWISE_CONFIGS.values())) * len(archs)
+    for r in results:
+        what = f"{r['config']} on sm_{r['arch']}"
+        limit = SMEM_LIMITS[r["arch"]]
+        assert 0 < r["shared"] <= r["estimate"] <= limit, \
+            f"{what}: {r['shared']} B shared, estimate {r['estimate']}, limit {limit}"
+        if r["usage"]:
+            assert "STACK:0 " in r["usage"] and "LOCAL:0 " in r["usage"], f"{what} spills registers: {r['usage']}"
 
 
 # ----------------------------------------------------------------------------- standard shapes (GPU)

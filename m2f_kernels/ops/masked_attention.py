@@ -35,13 +35,13 @@ def masked_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like q, k, v."""
     if q.numel() == 0 or v.numel() == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     return implementation(backend, "masked_attention_bwd")(grad_out, q, k, v, mask, out, lse, scale)
 
 
 @masked_attention_backward_op.register_fake
 def _(grad_out, q, k, v, mask, out, lse, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:

@@ -44,7 +44,8 @@ def ms_deform_attn_backward_op(grad_out: Tensor, value: Tensor, spatial_shapes: 
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_value, grad_sampling_locations, grad_attention_weights)."""
     if value.numel() == 0 or sampling_locations.numel() == 0:
-        return torch.zeros_like(value), torch.zeros_like(sampling_locations), torch.zeros_like(attention_weights)
+        return (value.new_zeros(value.shape), sampling_locations.new_zeros(sampling_locations.shape),
+                attention_weights.new_zeros(attention_weights.shape))
     return implementation(backend, "ms_deform_attn_bwd")(
         grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
         softmax, deterministic,
@@ -54,7 +55,9 @@ def ms_deform_attn_backward_op(grad_out: Tensor, value: Tensor, spatial_shapes: 
 @ms_deform_attn_backward_op.register_fake
 def _(grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
       softmax, deterministic, backend):
-    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+    # contiguous, as every backend returns them (empty_like would copy the inputs' strides)
+    return (value.new_empty(value.shape), sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape))
 
 
 def _setup_context(ctx, inputs, output):

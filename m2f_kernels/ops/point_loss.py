@@ -30,13 +30,13 @@ def _(input, coords, backend):
 @torch.library.custom_op("m2f_kernels::point_sample_backward", mutates_args=())
 def point_sample_backward_op(grad_out: Tensor, input: Tensor, coords: Tensor, backend: str) -> Tensor:
     if input.numel() == 0 or coords.numel() == 0:
-        return torch.zeros_like(input)
+        return input.new_zeros(input.shape)
     return implementation(backend, "point_sample_bwd")(grad_out, input, coords)
 
 
 @point_sample_backward_op.register_fake
 def _(grad_out, input, coords, backend):
-    return torch.empty_like(input)
+    return input.new_empty(input.shape)
 
 
 def _point_sample_setup(ctx, inputs, output):
@@ -149,7 +149,7 @@ def point_mask_loss_backward_op(grad_bce: Tensor, grad_dice: Tensor, pred: Tenso
                                 query_index: Optional[Tensor], backend: str) -> Tensor:
     """grad_pred, shaped like pred."""
     if target.shape[0] == 0:
-        return torch.zeros_like(pred)
+        return pred.new_zeros(pred.shape)
     return implementation(backend, "point_mask_loss_bwd")(
         grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index
     )
@@ -157,7 +157,7 @@ def point_mask_loss_backward_op(grad_bce: Tensor, grad_dice: Tensor, pred: Tenso
 
 @point_mask_loss_backward_op.register_fake
 def _(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index, backend):
-    return torch.empty_like(pred)
+    return pred.new_empty(pred.shape)
 
 
 def _point_mask_loss_setup(ctx, inputs, output):

@@ -11,23 +11,79 @@ Shapes follow the backend contract (see ``m2f_kernels.reference.point_loss``):
 - ``pairwise_mask_cost(pred [Q, Hp, Wp], target [T, Ht, Wt], coords [P, 2])``
 
 Bool targets are read as bytes; no full-resolution map is ever converted or gathered.
+Launch configs come from the tables below (POINT_CONFIG, LOSS_CONFIG, PAIRWISE_CONFIGS);
+the ``*_with(..., config)`` variants take one explicitly (bench/sweep_point_loss.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-_BLOCK_P = 256  # points per program of the per-point kernels
-_BLOCK_K = 16  # partial sums reduced per step by the loss finish/grad kernels
-_BLOCK_N = 32  # masks reduced per step by the loss finish kernel
 
-# pairwise cost: a [BLOCK_Q, BLOCK_T] tile of both cost matrices per program, P split
-# across programs so the grid has about _PAIRWISE_PROGRAMS programs.
-_PW_BLOCK_Q, _PW_BLOCK_T, _PW_BLOCK_P = 64, 32, 64
-_PAIRWISE_PROGRAMS = 256
+@dataclasses.dataclass(frozen=True)
+class PointConfig:
+    """Launch config of the per-point kernels: points per program and warps."""
+
+    block_p: int = 256
+    num_warps: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class PairwiseConfig:
+    """Launch config of the matcher cost kernel.
+
+    Each program forms a [block_q, block_t] tile of the cost sums over one chunk of the
+    points, block_p points per step; P is split into chunks so that the grid has about
+    ``programs`` programs. num_stages=1: the tap gathers get their addresses from the same
+    step's coordinates, so software pipelining buys nothing and its shared-memory buffers
+    (num_stages - 1 copies of every gathered tile) cost occupancy; see :func:`pairwise_smem_bytes`.
+    """
+
+    block_q: int = 64
+    block_t: int = 32
+    block_p: int = 16
+    programs: int = 256
+    num_warps: int = 8
+    num_stages: int = 1
+    precision: str = "ieee"  # tl.dot input_precision: "ieee" (CUDA-core FMA) or "tf32x3" (tensor cores)
+
+
+# Defaults; bench/sweep_point_loss.py times the alternatives. Every pairwise entry must fit
+# the shared memory of sm_80, sm_86 and sm_90 for every pred/target dtype
+# (tests/test_point_loss_triton.py checks the estimate, and a compile for sm_80 and sm_90).
+# The pairwise default compiles (sm_90, fp32) to 127 registers, no spills, 10 KiB shared:
+# two 8-warp programs per SM, and the ~224 programs of the standard shape in one wave.
+POINT_CONFIG = PointConfig()  # point_sample and the importance-sampling uncertainty
+LOSS_CONFIG = PointConfig()  # point_mask_loss stats and gradient kernels
+PAIRWISE_CONFIGS = {
+    torch.float32: PairwiseConfig(),
+    torch.float16: PairwiseConfig(),
+    torch.bfloat16: PairwiseConfig(),
+}
+
+_BLOCK_K = 64  # partial-sum blocks of one mask read per step by the loss finish/grad kernels
+_BLOCK_N = 32  # masks reduced per step by the loss finish kernel
+_FINISH_BLOCK_E, _FINISH_BLOCK_S = 32, 32  # pairwise finish: cost entries per program, splits per step
+
+
+def pairwise_smem_bytes(config: PairwiseConfig, pred_bytes: int, target_bytes: int) -> int:
+    """Upper estimate of the pairwise kernel's shared memory (bytes) as Triton 3.6 lays it out.
+
+    (num_stages - 1) pipelined copies of the 4 gathered taps of the pred and target tiles,
+    the fp32 operands of the two dots (two [BQ, BP] A tiles, and the [BP, BT] B tile, which
+    tf32x3 stores twice; counted twice always), and 2 KiB of reduction scratch. Checked
+    against sm_80 and sm_90 compiles (tests/test_point_loss_triton.py); the old
+    (64, 32, 64, num_stages=3) config with fp32 pred and target compiles to 239616 bytes,
+    the GPU run's OutOfResources number, and is estimated at 247808.
+    """
+    c = config
+    taps = 4 * (c.block_q * c.block_p * pred_bytes + c.block_t * c.block_p * target_bytes)
+    dots = 4 * (2 * c.block_q * c.block_p + 2 * c.block_p * c.block_t)
+    return max(c.num_stages - 1, 0) * taps + dots + 2048
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -149,14 +205,14 @@ def _point_sample_bwd_kernel(
         dst += H * W
 
 
-def _launch_point_sample(input, coords, out, neg_abs: bool) -> None:
+def _launch_point_sample(input, coords, out, neg_abs: bool, config: PointConfig) -> None:
     """Sample input [N, C, H, W] at coords [N, P, 2] into out [N, C, P] (contiguous)."""
     n, c, h, w = input.shape
     p = coords.shape[1]
-    _point_sample_fwd_kernel[(n, triton.cdiv(p, _BLOCK_P))](
+    _point_sample_fwd_kernel[(n, triton.cdiv(p, config.block_p))](
         input, coords, out, c, p, h, w,
         *input.stride(), *coords.stride(),
-        NEG_ABS=neg_abs, BLOCK_P=_BLOCK_P,
+        NEG_ABS=neg_abs, BLOCK_P=config.block_p, num_warps=config.num_warps,
     )
 
 
@@ -164,7 +220,7 @@ def point_sample_fwd(input, coords):
     """input [N, C, H, W], coords [N, P, 2] -> [N, C, P] in input.dtype."""
     n, c = input.shape[:2]
     out = torch.empty((n, c, coords.shape[1]), dtype=input.dtype, device=input.device)
-    _launch_point_sample(input, coords, out, neg_abs=False)
+    _launch_point_sample(input, coords, out, False, POINT_CONFIG)
     return out
 
 
@@ -172,11 +228,12 @@ def point_sample_bwd(grad_out, input, coords):
     """grad_out [N, C, P] -> grad_input [N, C, H, W] in input.dtype."""
     n, c, h, w = input.shape
     p = coords.shape[1]
+    cfg = POINT_CONFIG
     grad = torch.zeros((n, c, h, w), dtype=torch.float32, device=input.device)
-    _point_sample_bwd_kernel[(n, triton.cdiv(p, _BLOCK_P))](
+    _point_sample_bwd_kernel[(n, triton.cdiv(p, cfg.block_p))](
         grad_out, coords, grad, c, p, h, w,
         *grad_out.stride(), *coords.stride(),
-        BLOCK_P=_BLOCK_P,
+        BLOCK_P=cfg.block_p, num_warps=cfg.num_warps,
     )
     return grad.to(input.dtype)
 
@@ -191,12 +248,22 @@ def uncertain_point_coords(logits, candidates, random, num_uncertain: int):
     intermediate is the uncertainty -|logit| [N, S] (fp32) that top-k reads; the
     chosen candidates come in top-k order, then the random points.
     """
+    return uncertain_point_coords_with(logits, candidates, random, num_uncertain, POINT_CONFIG)
+
+
+def uncertain_point_coords_with(logits, candidates, random, num_uncertain: int, config: PointConfig):
+    """:func:`uncertain_point_coords` with an explicit launch config (for the sweep)."""
     n, s = candidates.shape[:2]
     uncertainty = torch.empty((n, 1, s), dtype=torch.float32, device=logits.device)
-    _launch_point_sample(logits.unsqueeze(1), candidates, uncertainty, neg_abs=True)
+    _launch_point_sample(logits.unsqueeze(1), candidates, uncertainty, True, config)
+    # sorted=True: the reference's (official) point order. The loss does not depend on the
+    # order; sorted=False would skip a segmented sort of [N, k] (see bench/notes/point_loss.md).
     idx = torch.topk(uncertainty[:, 0], k=num_uncertain, dim=1).indices
-    chosen = candidates.gather(1, idx.unsqueeze(-1).expand(-1, -1, 2))
-    return torch.cat([chosen, random.to(candidates.dtype)], dim=1)
+    del uncertainty
+    out = torch.empty((n, num_uncertain + random.shape[1], 2), dtype=candidates.dtype, device=candidates.device)
+    torch.gather(candidates, 1, idx.unsqueeze(-1).expand(-1, -1, 2), out=out[:, :num_uncertain])
+    out[:, num_uncertain:] = random
+    return out
 
 
 # ----------------------------------------------------------------------------- point_mask_loss
@@ -297,7 +364,11 @@ def _mask_loss_grad_kernel(
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = offs < P
-    # This mask's dice sums from the stats partials (a few dozen loads per program).
+    # The gathers first, so their latency overlaps the reads of the mask's sums below.
+    x, t, x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _mask_points(
+        pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
+        s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED)
+    # This mask's dice sums from the stats partials (every block of the mask).
     stride = N * NBLK
     st = tl.zeros([BLOCK_K], dtype=tl.float32)
     ss = tl.zeros([BLOCK_K], dtype=tl.float32)
@@ -312,9 +383,6 @@ def _mask_loss_grad_kernel(
     num = 2.0 * tl.sum(st, 0) + 1.0
     den = tl.sum(ss, 0) + tl.sum(tt, 0) + 1.0
 
-    x, t, x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _mask_points(
-        pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
-        s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED)
     s = tl.sigmoid(x)
     gb = tl.load(grad_bce).to(tl.float32)
     gd = tl.load(grad_dice).to(tl.float32)
@@ -324,7 +392,12 @@ def _mask_loss_grad_kernel(
     _scatter(dst, Wp, 1, gx, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
 
 
-def _mask_loss_launch(pred, target, coords, batch_index, query_index):
+def _block_k(nblk: int) -> int:
+    """Partial-sum blocks read per step: all of them up to _BLOCK_K (a power of 2 >= 2)."""
+    return min(_BLOCK_K, max(2, triton.next_power_of_2(nblk)))
+
+
+def _mask_loss_launch(pred, target, coords, batch_index, query_index, config: PointConfig):
     """Run the stats kernel; returns (partial [4, N, NBLK] fp32, launch args for the grad kernel).
 
     The launch args are the stats kernel's own (tensors, sizes N, P, NBLK, Hp, Wp, Ht, Wt,
@@ -340,13 +413,14 @@ def _mask_loss_launch(pred, target, coords, batch_index, query_index):
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
     n, p = coords.shape[:2]
-    nblk = triton.cdiv(p, _BLOCK_P)
+    nblk = triton.cdiv(p, config.block_p)
     tensors = (pred, bidx, qidx, target, coords)
     sizes = (n, p, nblk, *pred.shape[-2:], *target.shape[-2:])
     strides = (*pred_strides, *target.stride(), *coords.stride())
     partial = torch.empty((4, n, nblk), dtype=torch.float32, device=pred.device)
     _mask_loss_stats_kernel[(n, nblk)](
-        *tensors, partial, *sizes, *strides, INDEXED=indexed, BLOCK_P=_BLOCK_P,
+        *tensors, partial, *sizes, *strides,
+        INDEXED=indexed, BLOCK_P=config.block_p, num_warps=config.num_warps,
     )
     return partial, (tensors, sizes, strides, indexed)
 
@@ -355,13 +429,19 @@ def point_mask_loss_fwd(pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
                         query_index: Optional[torch.Tensor] = None):
     """(loss_bce, loss_dice): 0-dim tensors in pred.dtype (see the reference for the formulas)."""
-    partial, _ = _mask_loss_launch(pred, target, coords, batch_index, query_index)
+    return point_mask_loss_fwd_with(pred, target, coords, num_masks, batch_index, query_index, LOSS_CONFIG)
+
+
+def point_mask_loss_fwd_with(pred, target, coords, num_masks: float, batch_index, query_index,
+                             config: PointConfig):
+    """:func:`point_mask_loss_fwd` with an explicit launch config (for the sweep and tests)."""
+    partial, _ = _mask_loss_launch(pred, target, coords, batch_index, query_index, config)
     _, n, nblk = partial.shape
     loss_bce = torch.empty((), dtype=pred.dtype, device=pred.device)
     loss_dice = torch.empty((), dtype=pred.dtype, device=pred.device)
     _mask_loss_finish_kernel[(1,)](
         partial, loss_bce, loss_dice, n, nblk, 1.0 / coords.shape[1], 1.0 / float(num_masks),
-        BLOCK_N=_BLOCK_N, BLOCK_K=_BLOCK_K,
+        BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(nblk),
     )
     return loss_bce, loss_dice
 
@@ -374,15 +454,22 @@ def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: fl
     Recomputes the per-mask dice sums (stats pass), then scatters each point's gradient
     into an fp32 buffer shaped like pred.
     """
+    return point_mask_loss_bwd_with(grad_bce, grad_dice, pred, target, coords, num_masks,
+                                    batch_index, query_index, LOSS_CONFIG)
+
+
+def point_mask_loss_bwd_with(grad_bce, grad_dice, pred, target, coords, num_masks: float,
+                             batch_index, query_index, config: PointConfig):
+    """:func:`point_mask_loss_bwd` with an explicit launch config (for the sweep and tests)."""
     partial, (tensors, sizes, strides, indexed) = _mask_loss_launch(
-        pred, target, coords, batch_index, query_index)
+        pred, target, coords, batch_index, query_index, config)
     _, n, nblk = partial.shape
     grad = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
     grad_strides = (grad.stride(0), grad.stride(1)) if indexed else (0, grad.stride(0))
     _mask_loss_grad_kernel[(n, nblk)](
         *tensors, partial, grad_bce, grad_dice, grad, *sizes, *strides, *grad_strides,
         1.0 / coords.shape[1], 1.0 / float(num_masks),
-        INDEXED=indexed, BLOCK_P=_BLOCK_P, BLOCK_K=_BLOCK_K,
+        INDEXED=indexed, BLOCK_P=config.block_p, BLOCK_K=_block_k(nblk), num_warps=config.num_warps,
     )
     return grad if pred.dtype == torch.float32 else grad.to(pred.dtype)
 
@@ -392,15 +479,16 @@ def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: fl
 
 @triton.jit
 def _pairwise_partial_kernel(
-    pred, target, coords, part_qt, part_q, part_t,
-    Q, T, P, P_PER_SPLIT, Hp, Wp, Ht, Wt,
+    pred, target, coords, part,
+    Q, T, P, CHUNK, E, Hp, Wp, Ht, Wt,
     s_pq, s_ph, s_pw, s_tt, s_th, s_tw, s_cp, s_cxy,
-    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(Q, BQ), cdiv(T, BT), SPLIT): sums over this split's points.
+    """Grid (cdiv(Q, BQ), cdiv(T, BT), SPLIT): sums over the points [split*CHUNK, +CHUNK).
 
-    part_qt [SPLIT, 2, Q, T] = (x @ t.T, s @ t.T); part_q [SPLIT, 2, Q] = (sum softplus(x),
-    sum s) written by the pid_t == 0 column; part_t [SPLIT, T] = sum t written by pid_q == 0.
+    part [SPLIT, E] fp32 with E = 2QT + 2Q + T; row ``split`` holds, over its points,
+    x @ t.T [Q, T], s @ t.T [Q, T] (s = sigmoid(x)), then sum softplus(x) [Q] and sum s [Q]
+    (written by the pid_t == 0 programs), then sum t [T] (written by pid_q == 0).
     """
     pid_q = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -417,8 +505,8 @@ def _pairwise_partial_kernel(
     sp_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
     s_sum = tl.zeros([BLOCK_Q], dtype=tl.float32)
     t_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
-    p_lo = split * P_PER_SPLIT
-    p_hi = tl.minimum(p_lo + P_PER_SPLIT, P)
+    p_lo = split * CHUNK
+    p_hi = tl.minimum(p_lo + CHUNK, P)
     for p0 in range(p_lo, p_hi, BLOCK_P):
         offs = p0 + tl.arange(0, BLOCK_P)
         pm = offs < p_hi
@@ -435,85 +523,95 @@ def _pairwise_partial_kernel(
         softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
         # x and t are 0 outside (q, p) / (t, p) range, so the dots need no masking.
         t_trans = tl.trans(t)
-        acc_xt += tl.dot(x, t_trans, input_precision="ieee")
-        acc_st += tl.dot(s, t_trans, input_precision="ieee")
+        acc_xt += tl.dot(x, t_trans, input_precision=PRECISION)
+        acc_st += tl.dot(s, t_trans, input_precision=PRECISION)
         sp_sum += tl.sum(tl.where(xm, softplus, 0.0), 1)
         s_sum += tl.sum(s, 1)
         t_sum += tl.sum(t, 1)
 
-    qt = part_qt + split * 2 * Q * T + rq[:, None] * T + rt[None, :]
+    row = part + split.to(tl.int64) * E
+    qt = row + rq[:, None] * T + rt[None, :]
     qtm = qm[:, None] & tm[None, :]
     tl.store(qt, acc_xt, mask=qtm)
     tl.store(qt + Q * T, acc_st, mask=qtm)
-    q_dst = part_q + split * 2 * Q + rq
+    q_dst = row + 2 * Q * T + rq
     tl.store(q_dst, sp_sum, mask=qm & (pid_t == 0))
     tl.store(q_dst + Q, s_sum, mask=qm & (pid_t == 0))
-    tl.store(part_t + split * T + rt, t_sum, mask=tm & (pid_q == 0))
+    tl.store(row + 2 * Q * T + 2 * Q + rt, t_sum, mask=tm & (pid_q == 0))
 
 
 @triton.jit
 def _pairwise_finish_kernel(
-    part_qt, part_q, part_t, cost_bce, cost_dice, Q, T, SPLIT, inv_p,
-    BLOCK_Q: tl.constexpr, BLOCK_T: tl.constexpr,
+    part, cost_bce, cost_dice, Q, T, SPLIT, E, inv_p,
+    BLOCK_E: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """Grid (cdiv(Q, BQ), cdiv(T, BT)): reduce the splits and form both [Q, T] costs."""
-    rq = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    qm = rq < Q
-    tm = rt < T
-    m = qm[:, None] & tm[None, :]
-    xt = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
-    st = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
-    sp = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    ss = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    tt = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for k in range(SPLIT):
-        qt = part_qt + k * 2 * Q * T + rq[:, None] * T + rt[None, :]
-        xt += tl.load(qt, mask=m, other=0.0)
-        st += tl.load(qt + Q * T, mask=m, other=0.0)
-        sp += tl.load(part_q + k * 2 * Q + rq, mask=qm, other=0.0)
-        ss += tl.load(part_q + k * 2 * Q + Q + rq, mask=qm, other=0.0)
-        tt += tl.load(part_t + k * T + rt, mask=tm, other=0.0)
+    """Grid (cdiv(Q*T, BLOCK_E),): sum the split partials of BLOCK_E cost entries (q, t)
+    (flat index q*T + t), BLOCK_S splits per step, and form both costs."""
+    e = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    qt_count = Q * T
+    em = e < qt_count
+    q = e // T
+    t = e - q * T
+    xt = tl.zeros([BLOCK_E], dtype=tl.float32)
+    st = tl.zeros([BLOCK_E], dtype=tl.float32)
+    sp = tl.zeros([BLOCK_E], dtype=tl.float32)
+    ss = tl.zeros([BLOCK_E], dtype=tl.float32)
+    tt = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        m = (rows < SPLIT)[:, None] & em[None, :]
+        base = part + rows.to(tl.int64)[:, None] * E
+        xt += tl.sum(tl.load(base + e[None, :], mask=m, other=0.0), 0)
+        st += tl.sum(tl.load(base + qt_count + e[None, :], mask=m, other=0.0), 0)
+        sp += tl.sum(tl.load(base + 2 * qt_count + q[None, :], mask=m, other=0.0), 0)
+        ss += tl.sum(tl.load(base + 2 * qt_count + Q + q[None, :], mask=m, other=0.0), 0)
+        tt += tl.sum(tl.load(base + 2 * qt_count + 2 * Q + t[None, :], mask=m, other=0.0), 0)
     # softplus(-x) t + softplus(x) (1 - t) = softplus(x) - x t, summed over the points.
-    bce = (sp[:, None] - xt) * inv_p
-    dice = 1.0 - (2.0 * st + 1.0) / (ss[:, None] + tt[None, :] + 1.0)
-    out = rq[:, None] * T + rt[None, :]
-    tl.store(cost_bce + out, bce, mask=m)
-    tl.store(cost_dice + out, dice, mask=m)
+    tl.store(cost_bce + e, (sp - xt) * inv_p, mask=em)
+    tl.store(cost_dice + e, 1.0 - (2.0 * st + 1.0) / (ss + tt + 1.0), mask=em)
 
 
 def pairwise_mask_cost(pred, target, coords):
     """(cost_bce [Q, T], cost_dice [Q, T]) float32: the matcher's costs on shared points.
 
-    Intermediates: split-P partial sums part_qt [SPLIT, 2, Q, T], part_q [SPLIT, 2, Q] and
-    part_t [SPLIT, T] (fp32); the sampled [Q, P] / [T, P] values live only in registers.
+    Intermediates: the split-P partial sums [SPLIT, 2QT + 2Q + T] fp32 (2.8 MB at the
+    standard shape); the sampled [Q, P] / [T, P] values live only in registers.
     """
+    return pairwise_mask_cost_with(pred, target, coords, PAIRWISE_CONFIGS[pred.dtype])
+
+
+def pairwise_split(config: PairwiseConfig, q: int, t: int, p: int) -> tuple:
+    """(grid, points per split): P split so the grid has about config.programs programs."""
+    grid_q = triton.cdiv(q, config.block_q)
+    grid_t = triton.cdiv(t, config.block_t)
+    steps = triton.cdiv(p, config.block_p)
+    splits = max(1, min(steps, config.programs // (grid_q * grid_t)))
+    chunk = triton.cdiv(steps, splits) * config.block_p
+    return (grid_q, grid_t, triton.cdiv(p, chunk)), chunk
+
+
+def pairwise_mask_cost_with(pred, target, coords, config: PairwiseConfig):
+    """:func:`pairwise_mask_cost` with an explicit launch config (for the sweep and tests)."""
     q, hp, wp = pred.shape
     t_count, ht, wt = target.shape
     p = coords.shape[0]
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
-    grid_q = triton.cdiv(q, _PW_BLOCK_Q)
-    grid_t = triton.cdiv(t_count, _PW_BLOCK_T)
-    chunks = triton.cdiv(p, _PW_BLOCK_P)
-    splits = max(1, min(chunks, _PAIRWISE_PROGRAMS // (grid_q * grid_t)))
-    p_per_split = triton.cdiv(chunks, splits) * _PW_BLOCK_P
-    splits = triton.cdiv(p, p_per_split)
-
+    grid, chunk = pairwise_split(config, q, t_count, p)
+    e = 2 * q * t_count + 2 * q + t_count
     dev = pred.device
-    part_qt = torch.empty((splits, 2, q, t_count), dtype=torch.float32, device=dev)
-    part_q = torch.empty((splits, 2, q), dtype=torch.float32, device=dev)
-    part_t = torch.empty((splits, t_count), dtype=torch.float32, device=dev)
-    _pairwise_partial_kernel[(grid_q, grid_t, splits)](
-        pred, target, coords, part_qt, part_q, part_t,
-        q, t_count, p, p_per_split, hp, wp, ht, wt,
+    part = torch.empty((grid[2], e), dtype=torch.float32, device=dev)
+    _pairwise_partial_kernel[grid](
+        pred, target, coords, part,
+        q, t_count, p, chunk, e, hp, wp, ht, wt,
         *pred.stride(), *target.stride(), *coords.stride(),
-        BLOCK_Q=_PW_BLOCK_Q, BLOCK_T=_PW_BLOCK_T, BLOCK_P=_PW_BLOCK_P, num_warps=8,
+        BLOCK_Q=config.block_q, BLOCK_T=config.block_t, BLOCK_P=config.block_p,
+        PRECISION=config.precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     cost_bce = torch.empty((q, t_count), dtype=torch.float32, device=dev)
     cost_dice = torch.empty((q, t_count), dtype=torch.float32, device=dev)
-    _pairwise_finish_kernel[(triton.cdiv(q, 32), triton.cdiv(t_count, 32))](
-        part_qt, part_q, part_t, cost_bce, cost_dice, q, t_count, splits, 1.0 / p,
-        BLOCK_Q=32, BLOCK_T=32,
+    _pairwise_finish_kernel[(triton.cdiv(q * t_count, _FINISH_BLOCK_E),)](
+        part, cost_bce, cost_dice, q, t_count, grid[2], e, 1.0 / p,
+        BLOCK_E=_FINISH_BLOCK_E, BLOCK_S=_FINISH_BLOCK_S,
     )
     return cost_bce, cost_dice

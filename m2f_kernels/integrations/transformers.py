@@ -1,0 +1,373 @@
+"""Hugging Face transformers' Mask2Former on m2f_kernels (the Liger-Kernel convention).
+
+    from m2f_kernels.integrations.transformers import apply_m2f_kernels_to_mask2former
+
+    apply_m2f_kernels_to_mask2former()          # before building: patches the HF classes
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(...)
+    # or, for a model that exists already:
+    apply_m2f_kernels_to_mask2former(model=model)
+
+Three switches, each independent:
+
+- ``ms_deform_attn``: the pixel decoder's
+  ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` runs
+  :func:`m2f_kernels.ms_deform_attn` with the attention softmax fused into the op (the
+  official module's forward, :class:`m2f_kernels.nn.MSDeformAttn`); the module function
+  ``multi_scale_deformable_attention`` is swapped too (class-level patch only).
+- ``masked_attention``: the decoder's cross-attention (an ``nn.MultiheadAttention``) runs
+  :func:`m2f_kernels.masked_attention` on the same parameters, and
+  ``Mask2FormerMaskPredictor`` returns the blocked-key mask once per image, [B, Q, N],
+  instead of repeated per head, [B*heads, Q, N]. The fully-masked-row rule holds: HF's
+  decoder applies it to the mask and the op applies it again.
+- ``point_loss``: ``Mask2FormerHungarianMatcher`` takes its mask costs from
+  :func:`m2f_kernels.pairwise_mask_cost` and ``Mask2FormerLoss.loss_masks`` from
+  :func:`m2f_kernels.uncertain_point_coords` + :func:`m2f_kernels.point_mask_loss`, which
+  reads the matched masks of the [B, Q, H, W] logits in place. ``sample_point``,
+  ``pair_wise_*`` and ``sample_points_using_uncertainty`` are then no longer called.
+
+Patched modules are instances of fused subclasses of the HF classes: parameters,
+buffers, state_dict keys and ``isinstance`` checks are unchanged. Random points are
+drawn as HF draws them (same calls, same order), so a seeded step samples the same
+points with and without the patch. Differences: with ``output_attentions=True`` the
+deformable attention runs HF's own path (it returns the attention weights, which the
+fused op never forms) and the cross-attention weights are None.
+
+Only modules whose class is exactly the HF class are patched (a user subclass is left
+alone). Tested with transformers 5.17.0 and 5.24.0; another version whose Mask2Former
+differs where the patch relies on it gets :class:`UnsupportedTransformersError`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compat import ms_deform_attn_core_pytorch
+from ..nn.masked_attention import MaskedMultiheadAttention
+from ..nn.ms_deform_attn import MSDeformAttn
+from ..ops.point_loss import pairwise_mask_cost, point_mask_loss, uncertain_point_coords
+
+__all__ = [
+    "apply_m2f_kernels_to_mask2former", "revert_m2f_kernels_to_mask2former", "UnsupportedTransformersError",
+    "TESTED_VERSIONS",
+]
+
+TESTED_VERSIONS = ("5.17.0", "5.24.0")
+SWITCHES = ("ms_deform_attn", "masked_attention", "point_loss")
+
+
+class UnsupportedTransformersError(RuntimeError):
+    """The installed transformers' Mask2Former is not the one this patch was written for."""
+
+
+# ----------------------------------------------------------------------------- fused classes
+class _Fused:
+    """Mixin of every fused subclass; ``_m2f_base`` is the HF class it stands in for."""
+
+    _m2f_base: type
+
+    def _m2f_swap_children(self, fused: bool) -> None:
+        """Patch (``fused``) or restore the child modules this module's patch owns."""
+
+
+class _FusedDeformableAttention(_Fused):
+    """``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` with the fused op."""
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                position_embeddings=None, reference_points=None, spatial_shapes_list=None, level_start_index=None,
+                output_attentions=False):
+        if output_attentions:  # HF returns the softmaxed weights, which the fused op never forms
+            return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
+                                   position_embeddings, reference_points, spatial_shapes_list, level_start_index,
+                                   output_attentions)
+        query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
+        shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.int64, device=query.device)
+        # HF's module has the official parameter and attribute names, so the official forward applies
+        out = MSDeformAttn.forward(self, query, reference_points, encoder_hidden_states, shapes, level_start_index,
+                                   attention_mask)
+        return out, None
+
+
+class FusedMultiheadAttention(nn.MultiheadAttention):
+    """An ``nn.MultiheadAttention`` whose forward is :func:`m2f_kernels.masked_attention`.
+
+    Set on an existing instance by swapping its class (parameters stay where they are).
+    Masks as :class:`m2f_kernels.nn.masked_attention.MaskedMultiheadAttention` takes them
+    (bool True = blocked; [B*heads, Q, N], [B, Q, N] or [B, heads, Q, N]). Returns
+    (out [Q, B, C], None): the attention weights are never formed.
+    """
+
+    backend: Optional[str] = None  # the current default backend
+    _heads = MaskedMultiheadAttention._heads
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if is_causal:
+            raise NotImplementedError("the fused masked attention takes an explicit attn_mask, not is_causal")
+        return MaskedMultiheadAttention.forward(self, query, key, value, attn_mask=attn_mask,
+                                                key_padding_mask=key_padding_mask)
+
+    @staticmethod
+    def unsupported(mha: nn.MultiheadAttention) -> Optional[str]:
+        """Why ``mha``'s configuration cannot run fused, or None."""
+        if mha.batch_first:
+            return "batch_first=True"
+        if not mha._qkv_same_embed_dim:
+            return "kdim/vdim different from embed_dim"
+        if mha.in_proj_bias is None:
+            return "bias=False"
+        if mha.bias_k is not None or mha.add_zero_attn:
+            return "add_bias_kv or add_zero_attn"
+        return None
+
+
+def _swap_attention(mha: nn.MultiheadAttention, fused: bool) -> None:
+    if not fused:
+        if type(mha) is FusedMultiheadAttention:
+            mha.__class__ = nn.MultiheadAttention
+        return
+    if type(mha) is nn.MultiheadAttention:
+        reason = FusedMultiheadAttention.unsupported(mha)
+        if reason is not None:
+            raise ValueError(f"the decoder's cross-attention cannot run fused: {reason}")
+        mha.__class__ = FusedMultiheadAttention
+
+
+class _FusedDecoderLayer(_Fused):
+    """``Mask2FormerMaskedAttentionDecoderLayer`` whose ``cross_attn`` is fused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._m2f_swap_children(True)
+
+    def _m2f_swap_children(self, fused: bool) -> None:
+        _swap_attention(self.cross_attn, fused)
+
+
+class _FusedMaskPredictor(_Fused):
+    """``Mask2FormerMaskPredictor`` returning the blocked-key mask [B, Q, h*w], not repeated per head."""
+
+    def forward(self, outputs, pixel_embeddings, attention_mask_target_size=None):
+        mask_embeddings = self.mask_embedder(outputs.transpose(0, 1))
+        outputs_mask = torch.einsum("bqc, bchw -> bqhw", mask_embeddings, pixel_embeddings)
+        attention_mask = F.interpolate(outputs_mask, size=attention_mask_target_size, mode="bilinear",
+                                       align_corners=False)
+        blocked = (attention_mask.sigmoid().flatten(2) < 0.5).detach()
+        return outputs_mask, blocked
+
+
+class _FusedHungarianMatcher(_Fused):
+    """``Mask2FormerHungarianMatcher`` with the mask costs from :func:`m2f_kernels.pairwise_mask_cost`."""
+
+    @torch.no_grad()
+    def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
+        from scipy.optimize import linear_sum_assignment  # HF's Mask2FormerLoss requires scipy too
+
+        indices = []
+        for i in range(masks_queries_logits.shape[0]):
+            pred_mask = masks_queries_logits[i]
+            cost_class = -class_queries_logits[i].softmax(-1)[:, class_labels[i]]
+            # HF's draw: one set of points per image, shared by every prediction and target
+            coords = torch.rand(1, self.num_points, 2, device=pred_mask.device)[0]
+            cost_mask, cost_dice = pairwise_mask_cost(pred_mask, mask_labels[i].to(pred_mask), coords)
+            cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+            # as HF: bound the costs so that scipy never sees an infeasible matrix
+            cost = torch.nan_to_num(cost.clamp(-1e10, 1e10), 0)
+            indices.append(linear_sum_assignment(cost.cpu()))
+        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+
+
+class _FusedLoss(_Fused):
+    """``Mask2FormerLoss`` with the mask losses from the fused point-loss ops."""
+
+    def loss_masks(self, masks_queries_logits, mask_labels, indices, num_masks):
+        device = masks_queries_logits.device
+        src_idx = tuple(i.to(device) for i in self._get_predictions_permutation_indices(indices))
+        target_masks, _ = self._pad_images_to_max_in_batch(mask_labels)
+        target_masks = target_masks[self._get_targets_permutation_indices(indices)]
+        with torch.no_grad():
+            coords = uncertain_point_coords(masks_queries_logits[src_idx], self.num_points, self.oversample_ratio,
+                                            self.importance_sample_ratio)
+        loss_mask, loss_dice = point_mask_loss(masks_queries_logits, target_masks, coords, float(num_masks),
+                                               pred_index=src_idx)
+        return {"loss_mask": loss_mask, "loss_dice": loss_dice}
+
+
+# switch -> {HF class name: the mixin of its fused subclass}
+_CLASSES: Dict[str, Dict[str, type]] = {
+    "ms_deform_attn": {"Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention": _FusedDeformableAttention},
+    "masked_attention": {"Mask2FormerMaskedAttentionDecoderLayer": _FusedDecoderLayer,
+                         "Mask2FormerMaskPredictor": _FusedMaskPredictor},
+    "point_loss": {"Mask2FormerHungarianMatcher": _FusedHungarianMatcher, "Mask2FormerLoss": _FusedLoss},
+}
+# switch -> {HF module function: replacement}; patched on the module only
+_FUNCTIONS: Dict[str, Dict[str, Callable]] = {
+    "ms_deform_attn": {"multi_scale_deformable_attention": ms_deform_attn_core_pytorch},
+}
+# What the fused code relies on: HF callables and their parameter names (self excluded).
+_REQUIRED: Dict[str, Dict[str, Tuple[str, ...]]] = {
+    "ms_deform_attn": {
+        "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention.forward": (
+            "hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask",
+            "position_embeddings", "reference_points", "spatial_shapes_list", "level_start_index",
+            "output_attentions"),
+        "multi_scale_deformable_attention": (
+            "value", "value_spatial_shapes", "sampling_locations", "attention_weights"),
+    },
+    "masked_attention": {
+        "Mask2FormerMaskedAttentionDecoderLayer.__init__": ("config",),
+        "Mask2FormerMaskPredictor.forward": ("outputs", "pixel_embeddings", "attention_mask_target_size"),
+    },
+    "point_loss": {
+        "Mask2FormerHungarianMatcher.forward": (
+            "masks_queries_logits", "class_queries_logits", "mask_labels", "class_labels"),
+        "Mask2FormerLoss.loss_masks": ("masks_queries_logits", "mask_labels", "indices", "num_masks"),
+        "Mask2FormerLoss._get_predictions_permutation_indices": ("indices",),
+        "Mask2FormerLoss._get_targets_permutation_indices": ("indices",),
+        "Mask2FormerLoss._pad_images_to_max_in_batch": ("tensors",),
+    },
+}
+
+_FUSED_CLASSES: Dict[type, type] = {}
+_ORIGINAL_FUNCTIONS: Dict[str, Callable] = {}
+
+
+def _base_of(cls):
+    return getattr(cls, "_m2f_base", cls)
+
+
+def _fused_class(base: type, mixin: type) -> type:
+    """The one fused subclass of HF class ``base``."""
+    cls = _FUSED_CLASSES.get(base)
+    if cls is None:
+        cls = type(f"M2FKernels{base.__name__}", (mixin, base),
+                   {"_m2f_base": base, "__module__": __name__, "__doc__": mixin.__doc__})
+        _FUSED_CLASSES[base] = cls
+    return cls
+
+
+# ----------------------------------------------------------------------------- version check
+def _modeling():
+    """transformers' Mask2Former modeling module."""
+    try:
+        from transformers.models.mask2former import modeling_mask2former
+    except ImportError as exc:
+        raise UnsupportedTransformersError(
+            f"m2f_kernels.integrations.transformers needs transformers with Mask2Former "
+            f"(tested with {', '.join(TESTED_VERSIONS)}): {exc}"
+        ) from exc
+    return modeling_mask2former
+
+
+def _problems(mod, switch: str) -> List[str]:
+    """What the installed Mask2Former lacks for ``switch``, or []."""
+    problems = []
+    for path, params in _REQUIRED[switch].items():
+        owner, _, attr = path.rpartition(".")
+        obj = _base_of(getattr(mod, owner, None)) if owner else mod
+        fn = getattr(obj, attr, None)
+        if fn is None:
+            problems.append(f"{path} is missing")
+            continue
+        got = tuple(p for p in inspect.signature(fn).parameters if p != "self")
+        if got != params:
+            problems.append(f"{path} takes {got}, the patch expects {params}")
+    return problems
+
+
+def _check_supported(mod, switches) -> None:
+    problems = [p for s in switches for p in _problems(mod, s)]
+    if problems:
+        import transformers
+
+        raise UnsupportedTransformersError(
+            f"m2f_kernels cannot patch the Mask2Former of transformers {transformers.__version__} "
+            f"(tested with {', '.join(TESTED_VERSIONS)}): " + "; ".join(problems)
+        )
+
+
+# ----------------------------------------------------------------------------- patching
+def _selected(ms_deform_attn: bool, masked_attention: bool, point_loss: bool) -> Tuple[str, ...]:
+    flags = dict(ms_deform_attn=ms_deform_attn, masked_attention=masked_attention, point_loss=point_loss)
+    return tuple(s for s in SWITCHES if flags[s])
+
+
+def _patch_module(mod, switch: str, fused: bool) -> None:
+    for name, mixin in _CLASSES[switch].items():
+        base = _base_of(getattr(mod, name))
+        setattr(mod, name, _fused_class(base, mixin) if fused else base)
+    for name, replacement in _FUNCTIONS.get(switch, {}).items():
+        current = getattr(mod, name)
+        if fused and current is not replacement:
+            _ORIGINAL_FUNCTIONS[name] = current
+            setattr(mod, name, replacement)
+        elif not fused and current is replacement:
+            setattr(mod, name, _ORIGINAL_FUNCTIONS.pop(name))
+
+
+def _patch_instance(model: nn.Module, mod, switches, fused: bool) -> None:
+    mixins = {_base_of(getattr(mod, name)): mixin for s in switches for name, mixin in _CLASSES[s].items()}
+    found = False
+    for m in model.modules():
+        base = _base_of(type(m))
+        if base not in mixins:
+            continue
+        found = True
+        if fused and type(m) is base:
+            m.__class__ = _fused_class(base, mixins[base])
+            m._m2f_swap_children(True)
+        elif not fused and type(m) is not base:
+            m._m2f_swap_children(False)
+            m.__class__ = base
+    if not found:
+        names = sorted(b.__name__ for b in mixins)
+        raise ValueError(f"{type(model).__name__} holds none of the Mask2Former modules to patch ({names})")
+
+
+def apply_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_deform_attn: bool = True,
+                                     masked_attention: bool = True, point_loss: bool = True):
+    """Run transformers' Mask2Former on m2f_kernels.
+
+    Args:
+        model: None patches ``transformers.models.mask2former.modeling_mask2former``, so
+            models built afterwards are fused (models built before are left alone); a
+            model (e.g. ``Mask2FormerForUniversalSegmentation``) patches that instance's
+            modules in place.
+        ms_deform_attn: the pixel decoder's multi-scale deformable attention.
+        masked_attention: the transformer decoder's masked cross-attention.
+        point_loss: the Hungarian matcher's mask costs and the criterion's mask losses.
+    Returns:
+        ``model``.
+    Raises:
+        UnsupportedTransformersError: transformers is missing or its Mask2Former differs
+            from the tested versions where the patch relies on it.
+    """
+    mod = _modeling()
+    switches = _selected(ms_deform_attn, masked_attention, point_loss)
+    _check_supported(mod, switches)
+    if model is None:
+        for s in switches:
+            _patch_module(mod, s, fused=True)
+    else:
+        _patch_instance(model, mod, switches, fused=True)
+    return model
+
+
+def revert_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_deform_attn: bool = True,
+                                      masked_attention: bool = True, point_loss: bool = True):
+    """Undo :func:`apply_m2f_kernels_to_mask2former` for the selected switches.
+
+    ``model=None`` restores the module's classes and functions (models built while it was
+    patched stay fused: pass them as ``model`` to restore them). Returns ``model``.
+    """
+    mod = _modeling()
+    switches = _selected(ms_deform_attn, masked_attention, point_loss)
+    if model is None:
+        for s in switches:
+            _patch_module(mod, s, fused=False)
+    else:
+        _patch_instance(model, mod, switches, fused=False)
+    return model

@@ -1,0 +1,384 @@
+"""``m2f_kernels.integrations.transformers`` against Hugging Face's own Mask2Former.
+
+A random-init Mask2FormerForUniversalSegmentation (tiny Swin built from a local config,
+no hub access) takes one training step with and without the patch, from the same
+weights and the same RNG seed (so the matcher and the loss draw the same points):
+outputs, loss and every parameter gradient must agree, for each switch alone and all
+three together, and the fused ops must actually have run. Revert must give back HF's
+classes and functions. On a GPU the comparison also runs at a realistic size.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import os
+import time
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .conftest import rel_err, requires_gpu
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip(
+    "transformers", reason="transformers is not importable (pip install transformers==5.17.0)")
+hf = pytest.importorskip("transformers.models.mask2former.modeling_mask2former",
+                         reason="this transformers has no Mask2Former")
+pytest.importorskip("scipy", reason="HF's Mask2FormerLoss needs scipy")
+
+from m2f_kernels.compat import ms_deform_attn_core_pytorch  # noqa: E402
+from m2f_kernels.integrations import transformers as patch  # noqa: E402
+
+SWITCH_CASES = [
+    dict(ms_deform_attn=True, masked_attention=False, point_loss=False),
+    dict(ms_deform_attn=False, masked_attention=True, point_loss=False),
+    dict(ms_deform_attn=False, masked_attention=False, point_loss=True),
+    dict(ms_deform_attn=True, masked_attention=True, point_loss=True),
+]
+# the m2f_kernels ops each switch must make the model call
+SWITCH_OPS = {
+    "ms_deform_attn": ("m2f_kernels::ms_deform_attn", "m2f_kernels::ms_deform_attn_backward"),
+    "masked_attention": ("m2f_kernels::masked_attention", "m2f_kernels::masked_attention_backward"),
+    "point_loss": ("m2f_kernels::pairwise_mask_cost", "m2f_kernels::uncertain_point_coords",
+                   "m2f_kernels::point_mask_loss", "m2f_kernels::point_mask_loss_backward"),
+}
+PATCHED_NAMES = [n for s in patch.SWITCHES for n in patch._CLASSES[s]] + ["multi_scale_deformable_attention"]
+
+
+# ----------------------------------------------------------------------------- helpers
+def make_config(size: str = "tiny"):
+    """A Mask2FormerConfig with a Swin backbone built locally; 'tiny' for the CPU."""
+    if size == "tiny":
+        swin = transformers.SwinConfig(
+            image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
+            drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
+        return transformers.Mask2FormerConfig(
+            backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
+            encoder_layers=2, decoder_layers=4, num_attention_heads=2, dim_feedforward=32, num_queries=6,
+            train_num_points=64, num_labels=4)
+    swin = transformers.SwinConfig(  # Swin-T, the official Mask2Former decoder sizes
+        image_size=384, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=12,
+        drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
+    return transformers.Mask2FormerConfig(backbone_config=swin, num_labels=133)
+
+
+def random_boxes(count: int, size: int, device) -> torch.Tensor:
+    """[count, size, size] float masks of random rectangles (structured, unlike pixel noise)."""
+    corners = (torch.rand(count, 2, 2) * size).sort(dim=1).values.long()  # [T, (lo, hi), (y, x)]
+    grid = torch.arange(size)
+    ys = (grid[None, :] >= corners[:, 0, 0, None]) & (grid[None, :] <= corners[:, 1, 0, None])
+    xs = (grid[None, :] >= corners[:, 0, 1, None]) & (grid[None, :] <= corners[:, 1, 1, None])
+    return (ys[:, :, None] & xs[:, None, :]).float().to(device)
+
+
+def make_batch(config, batch: int, size: int, device):
+    """pixel_values [B, 3, size, size], mask_labels [T_i, size, size] float, class_labels [T_i]."""
+    counts = torch.randint(1, 4, (batch,)).tolist()
+    return dict(
+        pixel_values=torch.randn(batch, 3, size, size, device=device),
+        mask_labels=[random_boxes(t, size, device) for t in counts],
+        class_labels=[torch.randint(0, config.num_labels, (t,), device=device) for t in counts],
+    )
+
+
+@torch.no_grad()
+def generic_points(model) -> None:
+    """Perturb the zero-initialised deformable-attention weights so that sampling points
+    are off pixel centres, where bilinear sampling has no unique location gradient."""
+    for m in model.modules():
+        if isinstance(m, hf.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
+            m.sampling_offsets.weight.add_(torch.randn_like(m.sampling_offsets.weight) * 0.02)
+            m.attention_weights.weight.add_(torch.randn_like(m.attention_weights.weight) * 0.02)
+
+
+class OpLog(TorchDispatchMode):
+    """Counts the operators that reach the dispatcher's Python key (names like 'ns::op')."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def train_step(model, batch, seed: int, log: bool = False):
+    """(outputs, loss, {name: grad}, op counts) of one seeded forward + backward."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    mode = OpLog() if log else contextlib.nullcontext()
+    with mode:
+        out = model(**batch)
+        out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out, out.loss.detach(), grads, (mode.ops if log else None)
+
+
+def assert_same_step(got, want, tol: float, grad_tol: float, what: str) -> None:
+    out, loss, grads, _ = got
+    ref_out, ref_loss, ref_grads, _ = want
+    assert rel_err(loss, ref_loss) <= tol, f"{what}: loss {loss.item()} vs HF {ref_loss.item()}"
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        err = rel_err(getattr(out, name), getattr(ref_out, name))
+        assert err <= tol, f"{what}: {name} relative error {err:.2e}"
+    assert grads.keys() == ref_grads.keys(), f"{what}: parameters with gradients differ"
+    assert len(ref_grads) > 50, f"{what}: too few gradients to compare"
+    # analytically-zero gradients (biases before a norm) hold only rounding noise: measure
+    # every parameter against its own norm, floored at 1% of the whole model's gradient
+    scale = torch.stack([g.double().norm() for g in ref_grads.values()]).norm().item()
+    worst = max(
+        ((grads[n].double() - g.double()).norm().item() / max(g.double().norm().item(), 1e-2 * scale), n)
+        if torch.isfinite(grads[n]).all() else (float("inf"), n)
+        for n, g in ref_grads.items()
+    )
+    assert worst[0] <= grad_tol, f"{what}: gradient of {worst[1]} relative error {worst[0]:.2e}"
+
+
+@pytest.fixture
+def restore_module():
+    """Whatever a test does to the modeling module, the next test sees HF's originals."""
+    originals = {n: getattr(hf, n) for n in PATCHED_NAMES}
+    yield originals
+    patch.revert_m2f_kernels_to_mask2former()
+    for name, obj in originals.items():
+        setattr(hf, name, obj)
+
+
+def tiny_model(seed=None):
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = transformers.Mask2FormerForUniversalSegmentation(make_config()).train()
+    generic_points(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("switches", SWITCH_CASES, ids=lambda s: "+".join(k for k, v in s.items() if v))
+def test_patched_model_matches_hf(switches):
+    """model= patch: same outputs, loss and gradients as HF, and only the chosen ops run."""
+    seed = torch.seed()
+    reference = tiny_model()
+    model = copy.deepcopy(reference)
+    before = {n: type(m) for n, m in model.named_modules()}
+    assert patch.apply_m2f_kernels_to_mask2former(model=model, **switches) is model
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    changed = {n for n, m in model.named_modules() if type(m) is not before[n]}
+    expected = {n for n, m in model.named_modules()
+                if any(isinstance(m, getattr(hf, c)) for s, on in switches.items() if on for c in patch._CLASSES[s])}
+    if switches["masked_attention"]:
+        expected |= {f"{n}.cross_attn" for n, m in model.named_modules()
+                     if isinstance(m, hf.Mask2FormerMaskedAttentionDecoderLayer)}
+    assert changed == expected and changed, f"patched modules {sorted(changed)}, expected {sorted(expected)}"
+
+    batch = make_batch(model.config, 2, 64, "cpu")
+    want = train_step(reference, batch, seed)
+    got = train_step(model, batch, seed, log=True)
+    assert_same_step(got, want, 1e-5, 1e-4, f"switches {switches} (seed {seed})")
+    ran = got[3]
+    for switch, on in switches.items():
+        for op in SWITCH_OPS[switch]:
+            assert (ran[op] > 0) == on, f"{op} ran {ran[op]} times with {switch}={on}"
+
+
+def test_image_without_targets_matches_hf():
+    seed = torch.seed()
+    reference = tiny_model()
+    model = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(reference))
+    batch = make_batch(model.config, 2, 64, "cpu")
+    batch["mask_labels"][1] = batch["mask_labels"][1][:0]
+    batch["class_labels"][1] = batch["class_labels"][1][:0]
+    assert_same_step(train_step(model, batch, seed), train_step(reference, batch, seed), 1e-5, 1e-4,
+                     f"an image without targets (seed {seed})")
+
+
+def _loss_inputs(batch=3, queries=20, size=16):
+    """Random mask/class logits and box targets for calling the criterion directly."""
+    counts = torch.randint(2, 7, (batch,)).tolist()
+    masks = torch.randn(batch, queries, size, size) * 3
+    classes = torch.randn(batch, queries, 5)
+    labels = [random_boxes(t, 4 * size, "cpu") for t in counts]  # targets at a finer resolution
+    class_labels = [torch.randint(0, 4, (t,)) for t in counts]
+    return masks, classes, labels, class_labels
+
+
+def test_matcher_matches_hf():
+    """Same seed, same points: the same assignment (random logits make it point-sensitive)."""
+    seed = torch.seed()
+    hf_matcher = hf.Mask2FormerHungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=64)
+    fused = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(hf_matcher), ms_deform_attn=False,
+                                                   masked_attention=False)
+    masks, classes, labels, class_labels = _loss_inputs()
+    results = []
+    for matcher in (hf_matcher, fused):
+        torch.manual_seed(seed)
+        results.append(matcher(masks, classes, labels, class_labels))
+    for (i, j), (wi, wj) in zip(*reversed(results)):
+        assert torch.equal(i, wi) and torch.equal(j, wj), f"assignment differs (seed {seed})"
+
+
+def test_loss_masks_matches_hf():
+    """The criterion's mask losses and their gradient, on given matches."""
+    seed = torch.seed()
+    hf_loss = hf.Mask2FormerLoss(make_config(), weight_dict={})
+    fused = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(hf_loss), ms_deform_attn=False,
+                                                   masked_attention=False)
+    masks, _, labels, _ = _loss_inputs()
+    indices = [(torch.randperm(20)[:len(t)], torch.randperm(len(t))) for t in labels]
+    results = []
+    for criterion in (hf_loss, fused):
+        leaf = masks.clone().requires_grad_()
+        torch.manual_seed(seed)
+        losses = criterion.loss_masks(leaf, labels, indices, torch.tensor(7.0))
+        (2 * losses["loss_mask"] + 3 * losses["loss_dice"]).backward()
+        results.append((losses["loss_mask"], losses["loss_dice"], leaf.grad))
+    for name, got, want in zip(("loss_mask", "loss_dice", "grad"), results[1], results[0]):
+        assert rel_err(got, want) <= 1e-5, f"{name}: {rel_err(got, want):.2e} (seed {seed})"
+
+
+def test_revert_model_restores_hf_classes():
+    seed = torch.seed()
+    reference = tiny_model()
+    model = copy.deepcopy(reference)
+    before = {n: type(m) for n, m in model.named_modules()}
+    patch.apply_m2f_kernels_to_mask2former(model=model)
+    patch.apply_m2f_kernels_to_mask2former(model=model)  # twice is the same as once
+    patch.revert_m2f_kernels_to_mask2former(model=model, point_loss=False)
+    assert isinstance(model.criterion, patch._FusedLoss), "revert undid a switch it was not asked to"
+    patch.revert_m2f_kernels_to_mask2former(model=model)
+    after = {n: type(m) for n, m in model.named_modules()}
+    assert after == before
+    batch = make_batch(model.config, 1, 64, "cpu")
+    got, want = train_step(model, batch, seed), train_step(reference, batch, seed)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0].masks_queries_logits, want[0].masks_queries_logits), \
+        f"reverted model differs from HF (seed {seed})"
+
+
+def test_class_level_patch_and_revert(restore_module):
+    """apply() without a model: models built afterwards are fused; revert() restores HF."""
+    originals = restore_module
+    seed = torch.seed()
+    reference = tiny_model(seed=1234)
+    patch.apply_m2f_kernels_to_mask2former()
+    for name in PATCHED_NAMES:
+        assert getattr(hf, name) is not originals[name], f"{name} was not patched"
+    assert hf.multi_scale_deformable_attention is ms_deform_attn_core_pytorch
+    model = tiny_model(seed=1234)  # the same init draws as the unpatched build
+    fused = {type(m).__name__ for m in model.modules() if isinstance(m, (patch._Fused, patch.FusedMultiheadAttention))}
+    assert len(fused) == 6, f"fused classes in the model: {sorted(fused)}"
+    batch = make_batch(model.config, 2, 64, "cpu")
+    assert_same_step(train_step(model, batch, seed), train_step(reference, batch, seed), 1e-5, 1e-4,
+                     f"class-level patch (seed {seed})")
+
+    patch.revert_m2f_kernels_to_mask2former()
+    for name in PATCHED_NAMES:
+        assert getattr(hf, name) is originals[name], f"{name} was not restored"
+    fresh = tiny_model(seed=1234)
+    assert not any(isinstance(m, (patch._Fused, patch.FusedMultiheadAttention)) for m in fresh.modules())
+    patch.revert_m2f_kernels_to_mask2former(model=model)  # the one built while patched
+    assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]
+
+
+def test_module_function_matches_hf():
+    """The swapped ``multi_scale_deformable_attention`` (and the official CPU core it is)."""
+    seed = torch.seed()
+    shapes = [(5, 6), (3, 3), (1, 2)]
+    b, lq, h, d, p = 2, 7, 2, 4, 3
+    s = sum(hh * ww for hh, ww in shapes)
+    value = torch.randn(b, s, h, d, dtype=torch.float64, requires_grad=True)
+    loc = (torch.rand(b, lq, h, len(shapes), p, 2, dtype=torch.float64) * 1.2 - 0.1).requires_grad_()
+    weights = torch.rand(b, lq, h, len(shapes), p, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(b, lq, h * d, dtype=torch.float64)
+    results = []
+    for fn, spatial in ((hf.multi_scale_deformable_attention, shapes), (ms_deform_attn_core_pytorch, shapes),
+                        (ms_deform_attn_core_pytorch, torch.tensor(shapes))):
+        leaves = [t.detach().clone().requires_grad_() for t in (value, loc, weights)]
+        out = fn(leaves[0], spatial, leaves[1], leaves[2])
+        out.backward(grad)
+        results.append([out] + [t.grad for t in leaves])
+    for got in results[1:]:
+        for name, a, w in zip(("output", "grad_value", "grad_loc", "grad_weights"), got, results[0]):
+            assert rel_err(a, w) <= 1e-10, f"{name} (seed {seed})"
+
+
+def test_output_attentions_falls_back_to_hf():
+    """output_attentions=True needs the softmaxed weights: the fused module runs HF's path."""
+    model = tiny_model()
+    fused = copy.deepcopy(model)
+    patch.apply_m2f_kernels_to_mask2former(model=fused, masked_attention=False, point_loss=False)
+    model.eval(), fused.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model(pixel_values=x, output_attentions=True)
+        got = fused(pixel_values=x, output_attentions=True)
+    assert len(got.attentions) > 0
+    assert rel_err(got.masks_queries_logits, want.masks_queries_logits) <= 1e-5
+
+
+def test_patched_model_compiles_in_one_graph():
+    """torch.compile(fullgraph=True) of the patched model (eval) gives the eager result."""
+    seed = torch.seed()
+    model = patch.apply_m2f_kernels_to_mask2former(model=tiny_model()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = model(pixel_values=x)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="aot_eager", fullgraph=True)(pixel_values=x)
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        err = rel_err(getattr(got, name), getattr(want, name))
+        assert err <= 1e-5, f"compiled {name}: relative error {err:.2e} (seed {seed})"
+
+
+def test_unsupported_version_is_a_clear_error(restore_module, monkeypatch):
+    monkeypatch.setattr(hf.Mask2FormerMaskPredictor, "forward", lambda self, outputs, pixel_embeddings: outputs)
+    with pytest.raises(patch.UnsupportedTransformersError, match=r"tested with 5\.17\.0.*Mask2FormerMaskPredictor"):
+        patch.apply_m2f_kernels_to_mask2former()
+    monkeypatch.delattr(hf, "Mask2FormerHungarianMatcher")
+    with pytest.raises(patch.UnsupportedTransformersError, match="Mask2FormerHungarianMatcher.forward is missing"):
+        patch.apply_m2f_kernels_to_mask2former(masked_attention=False)
+    for name in ("Mask2FormerLoss", "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention"):
+        assert getattr(hf, name) is restore_module[name], "a refused patch must change nothing"
+    # the switches that do not need the changed symbols still apply
+    patch.apply_m2f_kernels_to_mask2former(masked_attention=False, point_loss=False)
+    assert hf.multi_scale_deformable_attention is ms_deform_attn_core_pytorch
+
+
+def test_model_without_mask2former_modules():
+    with pytest.raises(ValueError, match="none of the Mask2Former modules"):
+        patch.apply_m2f_kernels_to_mask2former(model=torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- GPU, real size
+@requires_gpu
+def test_real_size_step_matches_hf_on_gpu():
+    """Swin-T Mask2Former (official decoder sizes), 2 x 384^2, 12544 points, fp32 without
+    tf32: one training step with and without the patch (default backends). Prints the
+    step time and peak memory of both."""
+    torch.manual_seed(0)
+    config = make_config("real")
+    reference = transformers.Mask2FormerForUniversalSegmentation(config).cuda().train()
+    generic_points(reference)
+    model = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(reference))
+    batch = make_batch(config, 2, 384, "cuda")
+    seed = torch.seed()
+    results = {}
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, m in (("hf", reference), ("m2f_kernels", model)):
+            train_step(m, batch, seed)  # warm-up: kernel compilation, allocator
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            results[name] = train_step(m, batch, seed)
+            torch.cuda.synchronize()
+            print(f"\n[{torch.cuda.get_device_name()}] HF Mask2Former Swin-T 2x384^2 fp32 train step, {name}: "
+                  f"{(time.perf_counter() - start) * 1e3:.1f} ms, "
+                  f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    # the decoder thresholds mask logits at 0, so fp32 reassociation can flip a few mask
+    # bits and move later layers' gradients by O(1e-3) (as in test_m2f_equivalence)
+    assert_same_step(results["m2f_kernels"], results["hf"], 1e-3, 5e-3, f"real size (seed {seed})")
