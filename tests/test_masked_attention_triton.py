@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import m2f_kernels as mk
 from m2f_kernels import reference as ref
-from .conftest import DEVICE, ON_GPU, TOLERANCE, poison, requires_gpu, requires_triton
+from .conftest import DEVICE, ON_GPU, TF32_TOLERANCE, TOLERANCE, poison, requires_gpu, requires_triton
 
 pytestmark = [
     requires_triton,
@@ -25,6 +25,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
+triton = pytest.importorskip("triton", reason="triton is not installed")
 tri = pytest.importorskip("m2f_kernels.triton.masked_attention", reason="triton is not installed")
 nnm = pytest.importorskip("m2f_kernels.nn.masked_attention")
 
@@ -197,11 +198,15 @@ def test_noncontiguous_inputs(layout):
 
 CONFIGS = {
     # one query block, many key splits: the combine kernel (all-keys partials discarded)
-    # and the backward's single-block path over several key chunks
+    # and the backward's single-block path over several key chunks, whose dq partials the
+    # last chunk program to arrive sums
     "split": tri.Config(block_q=64, block_n=16, kb_per_split=1),
+    "split_skip": tri.Config(block_q=64, block_n=16, kb_per_split=3, skip_tiles=True),
     # several query blocks: the backward's multi-block path (dq read-modify-write)
     "multi_qb": tri.Config(block_q=16, block_n=32, kb_per_split=2),
-    "no_skip": tri.Config(block_q=64, block_n=16, kb_per_split=3, skip_tiles=False),
+    "multi_qb_skip": tri.Config(block_q=16, block_n=16, kb_per_split=100, skip_tiles=True),
+    # one chunk, one query block: dq written directly, no partials
+    "one_chunk": tri.Config(block_q=64, block_n=32, kb_per_split=100, num_stages=3),
 }
 
 
@@ -229,7 +234,8 @@ def test_invisible_key_tiles_are_skipped():
     output finite and exact, while the same call without skipping turns NaN."""
     _seed()
     B, H, Q, N, D = 1, 2, 12, 96, 16
-    cfg = tri.Config(block_q=16, block_n=16, kb_per_split=100)  # one split: rows switch mode in tile 0
+    # one split: rows switch mode in tile 0
+    cfg = tri.Config(block_q=16, block_n=16, kb_per_split=100, skip_tiles=True)
     q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
     mask = make_mask(B, H, Q, N, "bool", False, visible=0.5)
     mask[:, :, :16] = False  # tile 0 fully visible: no row is empty
@@ -245,6 +251,136 @@ def test_invisible_key_tiles_are_skipped():
     assert (dk[:, :, 32:64] == 0).all() and (dv[:, :, 32:64] == 0).all()
     out_all, _ = tri.forward(q, k_nan, v_nan, mask, 0.3, dataclasses.replace(cfg, skip_tiles=False))
     assert not torch.isfinite(out_all).all()
+
+
+@pytest.mark.parametrize("kb_per_split", [1, 100], ids=["splits", "one_split"])
+def test_skipping_keeps_tiles_empty_rows_need(kb_per_split):
+    """Tiles that no row sees are still read for an empty row (it attends to all keys)."""
+    _seed()
+    B, H, Q, N, D = 1, 2, 9, 64, 16
+    cfg = tri.Config(block_q=16, block_n=16, kb_per_split=kb_per_split, skip_tiles=True)
+    q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
+    mask = torch.ones(B, Q, N, dtype=torch.bool, device=DEVICE)
+    mask[:, :, :16] = torch.rand(B, Q, 16, device=DEVICE) < 0.5  # keys only in tile 0...
+    mask[:, :, 0] = False
+    mask[:, Q // 2] = True  # ...and one empty row
+    g = torch.randn(B, H, Q, D, device=DEVICE)
+    out, lse = tri.forward(q, k, v, mask, 0.3, cfg)
+    grads = tri.backward(g, q, k, v, mask, out, lse, 0.3, cfg)
+    want = reference_result(q, k, v, mask, 0.3, g)
+    for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+        check(a, b, TOLERANCE[torch.float32], what)
+
+
+def test_many_key_splits():
+    """More key splits (19) than the combine merges at once (16): several merge rounds."""
+    _seed()
+    B, H, Q, N, D = 1, 2, 6, 300, 16
+    cfg = tri.Config(block_q=16, block_n=16, kb_per_split=1)
+    q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
+    mask = make_mask(B, H, Q, N, "bool", False)
+    with poisoned_empty():
+        out, lse = tri.forward(q, k, v, mask, 0.25, cfg)
+    want = reference_result(q, k, v, mask, 0.25, torch.zeros(B, H, Q, D, device=DEVICE))
+    check(out, want[0], TOLERANCE[torch.float32], "out")
+    check(lse, want[1], TOLERANCE[torch.float32], "lse")
+
+
+def test_tf32_config():
+    """fp32 inputs with plain TF32 dots (the opt-in fast fp32 path) stay within the tf32
+    tolerance."""
+    _seed()
+    cfg = tri.Config(block_q=64, block_n=32, kb_per_split=1, fp32_dot="tf32")
+    B, H, Q, N, D = 1, 2, 20, 70, 32
+    q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
+    mask = make_mask(B, H, Q, N, "bool", False)
+    g = torch.randn(B, H, Q, D, device=DEVICE)
+    with poisoned_empty():
+        out, lse = tri.forward(q, k, v, mask, 0.2, cfg)
+        grads = tri.backward(g, q, k, v, mask, out, lse, 0.2, cfg)
+    want = reference_result(q, k, v, mask, 0.2, g)
+    for what, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want):
+        check(a, b, TF32_TOLERANCE, what)
+
+
+def test_backward_is_deterministic():
+    """dq is summed over key chunks in chunk order by whichever program finishes last:
+    two runs agree bit for bit."""
+    _seed()
+    cfg = tri.Config(block_q=32, block_n=16, kb_per_split=1)
+    B, H, Q, N, D = 1, 2, 30, 100, 16
+    q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
+    mask = make_mask(B, H, Q, N, "bool", False)
+    g = torch.randn(B, H, Q, D, device=DEVICE)
+    out, lse = tri.forward(q, k, v, mask, 0.25, cfg)
+    first = tri.backward(g, q, k, v, mask, out, lse, 0.25, cfg)
+    second = tri.backward(g, q, k, v, mask, out, lse, 0.25, cfg)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def count_launches(monkeypatch):
+    """List that collects the name of every Triton kernel launched from now on (compiled
+    kernels and the interpreter's alike)."""
+    launched = []
+    kernel_type = type(tri._fwd_kernel)
+    real = kernel_type.run
+
+    def run(self, *args, **kwargs):
+        launched.append(self.fn.__name__ if hasattr(self, "fn") else self.__name__)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_type, "run", run)
+    return launched
+
+
+def test_launch_counts(monkeypatch):
+    """The forward is the kernel plus the split combine; the backward is two launches (the
+    row prologue and the main kernel, dq reduction included) whatever the chunking."""
+    _seed()
+    B, H, Q, N, D = 1, 2, 10, 50, 16
+    q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
+    mask = make_mask(B, H, Q, N, "bool", False)
+    g = torch.randn(B, H, Q, D, device=DEVICE)
+    for cfg in (tri.Config(block_q=16, block_n=16, kb_per_split=1),
+                tri.Config(block_q=16, block_n=16, kb_per_split=100)):
+        launched = count_launches(monkeypatch)
+        out, lse = tri.forward(q, k, v, mask, 0.25, cfg)
+        assert launched == (["_fwd_kernel"] if cfg.kb_per_split == 100 else ["_fwd_kernel", "_combine_kernel"])
+        launched.clear()
+        tri.backward(g, q, k, v, mask, out, lse, 0.25, cfg)
+        assert launched == ["_bwd_prologue_kernel", "_bwd_kernel"]
+        monkeypatch.undo()
+
+
+def test_config_override(monkeypatch):
+    """M2F_MA_CONFIG overrides the heuristic's rules per pass and dtype class; bad text
+    fails with the field named."""
+    parsed = tri.parse_rules_override("fwd:block_n=64,num_stages=4; bwd.fp32:fp32_dot=tf32,skip_tiles=1")
+    assert parsed[("fwd", "fp32")] == parsed[("fwd", "16bit")] == {"block_n": 64, "num_stages": 4}
+    assert parsed[("bwd", "fp32")] == {"fp32_dot": "tf32", "skip_tiles": True}
+    assert ("bwd", "16bit") not in parsed
+    for bad in ("fwd:blok_n=64", "mid:block_n=64", "bwd:fp32_dot=fp64", "fwd:block_n=big"):
+        with pytest.raises(ValueError):
+            tri.parse_rules_override(bad)
+    q, k, v = (torch.empty(2, 8, s, 32, device=DEVICE) for s in (100, 16384, 16384))
+    monkeypatch.setenv(tri.CONFIG_ENV, "fwd.fp32:block_n=16,num_warps=4,block_q_max=64")
+    cfg = tri.fwd_config(q, k, v)
+    assert (cfg.block_n, cfg.num_warps, cfg.block_q) == (16, 4, 64)
+    assert tri.fwd_config(q.bfloat16(), k.bfloat16(), v.bfloat16()).block_n == tri.RULES[("fwd", "16bit")].block_n
+    monkeypatch.delenv(tri.CONFIG_ENV)
+    assert tri.fwd_config(q, k, v).block_n == tri.RULES[("fwd", "fp32")].block_n
+
+
+def test_configs_from_override_match_reference(monkeypatch):
+    """The op (autograd included) under an overridden configuration still matches."""
+    _seed()
+    monkeypatch.setenv(tri.CONFIG_ENV, "fwd:block_n=16,min_tiles=1,programs_per_sm=4;"
+                                       "bwd:block_n=16,min_tiles=1,programs_per_sm=4,skip_tiles=1")
+    B, H, Q, N, D = 1, 2, 19, 90, 16
+    q, k, v = make_qkv(B, H, Q, N, D, torch.float32)
+    assert tri.bwd_config(q, k, v).kb_per_split < triton.cdiv(N, 16)  # several chunks
+    assert_matches_reference(q, k, v, make_mask(B, H, Q, N, "logits", False))
 
 
 # --- full size (GPU) -------------------------------------------------------------------------
@@ -270,6 +406,24 @@ def test_standard_shapes_gpu(dtype, Q, N):
     q, k, v = make_qkv(B, H, Q, N, D, dtype, "seq_first", device="cuda")
     kind = "logits" if N == 4096 else "bool"
     assert_matches_reference(q, k, v, standard_mask(B, Q, N, kind, dtype, "cuda"))
+
+
+@requires_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_no_host_sync_gpu(dtype):
+    """Forward and backward never synchronise with the host (CUDA sync debug mode errors)."""
+    B, H, Q, N, D = 2, 8, 100, 4096, 32
+    q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, dtype, device="cuda"))
+    mask = standard_mask(B, Q, N, "bool", dtype, "cuda")
+    g = torch.randn(B, H, Q, D, device="cuda", dtype=dtype)
+    tri.masked_attention_bwd(g, q, k, v, mask, *tri.masked_attention_fwd(q, k, v, mask, 0.2), 0.2)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lse = tri.masked_attention_fwd(q, k, v, mask, 0.2)
+        tri.masked_attention_bwd(g, q, k, v, mask, out, lse, 0.2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @requires_gpu
