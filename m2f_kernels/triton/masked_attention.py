@@ -465,11 +465,15 @@ class Rules:
     block_q_max: largest query block; block_n: key tile; num_warps: 0 picks by block_q;
     programs_per_sm: the key split aims at this many programs per SM in one wave (the
     resident programs an SM holds at these register counts); min_tiles: fewest key tiles
-    per program (so the partials stay small next to the k/v traffic)."""
+    per program (so the partials stay small next to the k/v traffic); wide_block_n: key tile
+    cap when max(D, Dv) > 64 (0: none); other_d_programs_per_sm: programs_per_sm when the
+    padded head dims are not both 32 (0: programs_per_sm)."""
     block_q_max: int
     block_n: int
     num_stages: int
     programs_per_sm: int
+    wide_block_n: int = 0
+    other_d_programs_per_sm: int = 0
     num_warps: int = 0
     min_tiles: int = 4
     skip_tiles: bool = False
@@ -477,11 +481,20 @@ class Rules:
 
 
 # Keyed by (pass, dtype class). Register counts behind them: bench/notes/masked_attention.md.
+# Round 3 (bench/results/nvidia-h200-2026-11-27-2-sweep-masked-attention.txt, H200, D=32,
+# N=16384): fwd fp32 block_q_max 64 + 3 programs/SM 1.10x, bwd fp32 block_q_max 64 1.17x,
+# bwd 16-bit block_n 64 1.66x. Measured at D=32 only; the other head dims keep what the
+# sm_90a/sm_80 compile check supports: 3 fp32 forward programs fit an SM's registers only at
+# BLOCK_D 32 (162 regs; 185-230 elsewhere -> 2), and the 16-bit backward with 64-key tiles
+# spills more than with 32 at D=128 (1280 vs 1024 B), so wide heads keep 32.
 RULES = {
-    ("fwd", "fp32"): Rules(block_q_max=128, block_n=32, num_stages=3, programs_per_sm=1),
+    ("fwd", "fp32"): Rules(block_q_max=64, block_n=32, num_stages=3, programs_per_sm=3,
+                           wide_block_n=16, other_d_programs_per_sm=2),
     ("fwd", "16bit"): Rules(block_q_max=128, block_n=32, num_stages=3, programs_per_sm=2),
-    ("bwd", "fp32"): Rules(block_q_max=128, block_n=16, num_stages=3, programs_per_sm=1),
-    ("bwd", "16bit"): Rules(block_q_max=256, block_n=32, num_stages=3, programs_per_sm=1),
+    ("bwd", "fp32"): Rules(block_q_max=64, block_n=16, num_stages=3, programs_per_sm=1,
+                           wide_block_n=16),
+    ("bwd", "16bit"): Rules(block_q_max=256, block_n=64, num_stages=3, programs_per_sm=1,
+                            wide_block_n=32),
 }
 
 
@@ -566,19 +579,25 @@ def _config(backward: bool, bh: int, nq: int, nk: int, d: int, dv: int, fp32: bo
 
     One query block covering all queries (Q <= block_q_max) reads each k/v tile once per
     head; the backward then also keeps q, dO and dq in registers for the whole key chunk.
-    Wide heads shrink the query block (and fp32 the key tile) to stay within registers.
+    Wide heads shrink the query block (and, per ``wide_block_n``, the key tile) to stay
+    within registers.
     The keys are split until one wave of programs fills the SMs (B*H*Q alone gives only
     B*H*num_qb programs), rounding down so no nearly empty second wave is left.
     """
     width = max(32, _block_d(d), _block_d(dv))
-    block_n = rules.block_n if not (fp32 and width > 64) else min(rules.block_n, 16)
+    block_n = rules.block_n
+    if width > 64 and rules.wide_block_n:
+        block_n = min(block_n, rules.wide_block_n)
+    ppsm = rules.programs_per_sm
+    if rules.other_d_programs_per_sm and not _block_d(d) == _block_d(dv) == 32:
+        ppsm = rules.other_d_programs_per_sm
     cap = max(16, rules.block_q_max * 32 // width)
     block_q = min(cap, max(16, _next_pow2(nq)))
     num_warps = rules.num_warps or {16: 4, 32: 4, 64: 4, 128: 8}.get(block_q, 8 if backward else 16)
     num_qb = _cdiv(nq, block_q)
     num_kb = _cdiv(nk, block_n)
     programs = bh if backward else bh * num_qb
-    splits = max(1, min(sms * rules.programs_per_sm // programs, num_kb // rules.min_tiles))
+    splits = max(1, min(sms * ppsm // programs, num_kb // rules.min_tiles))
     return Config(block_q=block_q, block_n=block_n, kb_per_split=_cdiv(num_kb, splits),
                   skip_tiles=rules.skip_tiles, num_warps=num_warps, num_stages=rules.num_stages,
                   fp32_dot=rules.fp32_dot)
