@@ -1,6 +1,7 @@
 """Shared test helpers: error measure, tolerances, poisoning, backend availability."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -35,6 +36,16 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: float, what: str = "
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fill a tensor that a call is about to overwrite with NaN (in place) and return it."""
     return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(-1)
+
+
+@contextlib.contextmanager
+def poisoned_empty():
+    """Inside: torch.empty hands out NaN (float) / -1 (int) filled memory, so outputs and
+    scratch a kernel forgets to write show up in the comparison."""
+    real = torch.empty
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", lambda *a, **k: poison(real(*a, **k)))
+        yield
 
 
 def triton_runnable() -> bool:

@@ -7,7 +7,6 @@ Mask2Former shapes of DESIGN.md.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 
@@ -17,7 +16,8 @@ import torch.nn.functional as F
 
 import m2f_kernels as mk
 from m2f_kernels import reference as ref
-from .conftest import DEVICE, ON_GPU, TF32_TOLERANCE, TOLERANCE, poison, requires_gpu, requires_triton
+from .conftest import (DEVICE, ON_GPU, TF32_TOLERANCE, TOLERANCE, poisoned_empty, requires_gpu,
+                       requires_triton)
 
 pytestmark = [
     requires_triton,
@@ -38,15 +38,6 @@ def _seed() -> int:
     torch.manual_seed(seed)
     print(f"seed={seed}")
     return seed
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """Every torch.empty inside (the kernels' outputs and scratch) comes back NaN-filled."""
-    real = torch.empty
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", lambda *a, **k: poison(real(*a, **k)))
-        yield
 
 
 def check(out, expected, tol, what):

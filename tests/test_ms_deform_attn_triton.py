@@ -7,7 +7,6 @@ fresh every run; each failure message carries the seed that reproduces it.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import m2f_kernels
-from .conftest import DEVICE, TOLERANCE, assert_close, poison, requires_gpu, requires_triton
+from .conftest import DEVICE, TOLERANCE, assert_close, poisoned_empty, requires_gpu, requires_triton
 from m2f_kernels import reference
 from m2f_kernels.nn.ms_deform_attn import MSDeformAttn, MSDeformAttnFunction
 
@@ -42,15 +41,6 @@ def make_inputs(hw, b=2, lq=7, h=2, d=8, p=2, dtype=torch.float32, aux_dtype=Non
     weights = logits if softmax else logits.flatten(-2).softmax(-1).view_as(logits)
     grad_out = torch.randn(b, lq, h * d, device=DEVICE).to(dtype)
     return value, shapes, starts, loc, weights.to(aux_dtype), grad_out
-
-
-@contextlib.contextmanager
-def poisoned_empty():
-    """Inside: torch.empty hands out NaN (float) / -1 (int) filled memory, so unwritten outputs show."""
-    real = torch.empty
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch, "empty", lambda *a, **k: poison(real(*a, **k)))
-        yield
 
 
 def run_api(backend, value, shapes, starts, loc, weights, grad_out, softmax, deterministic=False):
