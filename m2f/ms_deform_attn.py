@@ -1,20 +1,16 @@
 """MSDeformAttn: the official multi-scale deformable attention layer, with the kernels switch.
 
-Parameters and their init are Deformable DETR's (``sampling_offsets``, ``attention_weights``,
-``value_proj``, ``output_proj``). ``kernels='reference'`` runs the official
-softmax + ``ms_deform_attn_core_pytorch`` (grid_sample); ``'fused'`` runs
-``m2f_kernels.ms_deform_attn(..., softmax=True)`` on the logits.
+Parameters, init and forward are ``m2f_kernels.nn.MSDeformAttn``'s (Deformable DETR's).
+``kernels='reference'`` runs the official softmax + ``ms_deform_attn_core_pytorch``
+(grid_sample); ``'fused'`` runs ``m2f_kernels.ms_deform_attn(..., softmax=True)`` on the logits.
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
-
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 import m2f_kernels
+import m2f_kernels.nn
 
 from .kernels import KernelSwitch
 
@@ -41,60 +37,19 @@ def ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, atten
     return out.transpose(1, 2).contiguous()
 
 
-class MSDeformAttn(KernelSwitch, nn.Module):
-    """Multi-scale deformable attention (official constructor and forward).
+class MSDeformAttn(KernelSwitch, m2f_kernels.nn.MSDeformAttn):
+    """Multi-scale deformable attention: ``m2f_kernels.nn.MSDeformAttn`` (official
+    constructor, parameters, init and forward) whose core follows the kernels switch.
 
     forward(query [B, Lq, C], reference_points [B, Lq, L, 2], input_flatten [B, S, C],
     input_spatial_shapes [L, 2], input_level_start_index [L], input_padding_mask [B, S] or
     None) -> [B, Lq, C].
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
-        super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
-        self._reset_parameters()
-
-    def _reset_parameters(self) -> None:
-        nn.init.constant_(self.sampling_offsets.weight, 0.0)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1)
-        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
-        nn.init.constant_(self.attention_weights.weight, 0.0)
-        nn.init.constant_(self.attention_weights.bias, 0.0)
-        nn.init.xavier_uniform_(self.value_proj.weight)
-        nn.init.constant_(self.value_proj.bias, 0.0)
-        nn.init.xavier_uniform_(self.output_proj.weight)
-        nn.init.constant_(self.output_proj.bias, 0.0)
-
-    def forward(self, query, reference_points, input_flatten, input_spatial_shapes,
-                input_level_start_index, input_padding_mask: Optional[torch.Tensor] = None):
-        b, lq, _ = query.shape
-        s = input_flatten.shape[1]
-        h, lv, p = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], 0.0)
-        value = value.view(b, s, h, self.d_model // h)
-        offsets = self.sampling_offsets(query).view(b, lq, h, lv, p, 2)
-        logits = self.attention_weights(query).view(b, lq, h, lv * p)
-        if reference_points.shape[-1] != 2:
-            raise ValueError("only 2-d reference points are used by the Mask2Former pixel decoder")
-        normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+    def _attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_logits):
         if self.fused:
-            out = m2f_kernels.ms_deform_attn(value, input_spatial_shapes, input_level_start_index,
-                                             locations, logits.view(b, lq, h, lv, p), softmax=True)
-        else:
-            weights = F.softmax(logits, -1).view(b, lq, h, lv, p)
-            out = ms_deform_attn_core_pytorch(value, input_spatial_shapes, locations, weights)
-        return self.output_proj(out)
+            return m2f_kernels.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                              attention_logits, softmax=True)
+        b, lq, h, lv, p = attention_logits.shape
+        weights = F.softmax(attention_logits.reshape(b, lq, h, lv * p), -1).view(b, lq, h, lv, p)
+        return ms_deform_attn_core_pytorch(value, spatial_shapes, sampling_locations, weights)

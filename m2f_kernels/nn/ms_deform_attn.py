@@ -133,8 +133,12 @@ class MSDeformAttn(nn.Module):
             raise ValueError(
                 f"Last dim of reference_points must be 2 or 4, but get {reference_points.shape[-1]} instead."
             )
-        output = ms_deform_attn(
-            value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_logits,
-            softmax=True,
-        )
+        output = self._attend(value, input_spatial_shapes, input_level_start_index, sampling_locations,
+                              attention_logits)
         return self.output_proj(output)
+
+    def _attend(self, value, spatial_shapes, level_start_index, sampling_locations, attention_logits):
+        """The core: [B, Lq, H*D] from value [B, S, H, D] and the logits [B, Lq, H, L, P]
+        (softmax fused into the op). Subclasses may swap the implementation here."""
+        return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_logits,
+                              softmax=True)
