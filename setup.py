@@ -15,6 +15,20 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+# Peak host memory of one nvcc / c++ job on these sources (torch headers plus device code).
+_GIB_PER_COMPILE_JOB = 2.5
+
+
+def _max_jobs() -> int:
+    """Parallel compile jobs: the CPU count, bounded so the jobs fit in available memory."""
+    cpus = os.cpu_count() or 1
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):  # not POSIX: trust the CPU count
+        return cpus
+    return max(1, min(cpus, int(available / 2**30 / _GIB_PER_COMPILE_JOB)))
+
+
 def cuda_extension():
     """The extension list and the cmdclass that builds it, or ([], {}) with a notice."""
     if os.environ.get("M2F_KERNELS_SKIP_CUDA_BUILD") == "1":
@@ -37,6 +51,7 @@ def cuda_extension():
               "(M2F_KERNELS_FORCE_CUDA=1 to build anyway)")
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("MAX_JOBS", str(_max_jobs()))
     ext = CUDAExtension(
         "m2f_kernels._C",
         sources,

@@ -1,7 +1,10 @@
 """The ``cuda`` backend: CUDA C++ kernels compiled into ``m2f_kernels._C`` (issue 9).
 
 Importing this module fails with ImportError until the extension is built, which
-the dispatcher reports as "not built".
+the dispatcher reports as "not built". Each op's Python wrappers live in their own
+module; this package exports the functions the dispatcher looks for (see
+``m2f_kernels._dispatch.BACKEND_FUNCTIONS``); an op without them is reported as not
+implemented yet.
 """
 from __future__ import annotations
 
@@ -9,8 +12,11 @@ import importlib
 
 import torch
 
-# ModuleNotFoundError until setup.py has built it (a CUDA torch and nvcc at install time)
+# ModuleNotFoundError until setup.py has built it (a CUDA torch and nvcc at install time).
+# Importing it registers the torch.ops.m2f_kernels_C operators.
 _C = importlib.import_module("m2f_kernels._C")
+
+from .ms_deform_attn import ms_deform_attn_bwd, ms_deform_attn_fwd  # noqa: E402
 
 
 def device_unavailable_reason(device) -> "str | None":

@@ -1,0 +1,34 @@
+// Operator registration of the m2f_kernels CUDA extension.
+//
+// Schemas live in the `m2f_kernels_C` namespace (torch.ops.m2f_kernels_C.*) with CUDA
+// implementations; the Python side of the `cuda` backend (m2f_kernels/cuda) calls them.
+// Built as the Python extension m2f_kernels._C (setup.py defines TORCH_EXTENSION_NAME)
+// it also exposes module-level helpers through pybind11; built by CMake for C++ users
+// it is a plain library whose static initialisers register the ops.
+#include <torch/library.h>
+
+#include "ms_deform_attn/ms_deform_attn.h"
+
+TORCH_LIBRARY_FRAGMENT(m2f_kernels_C, m) {
+  m.def(
+      "ms_deform_attn_fwd(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, bool softmax=False) -> Tensor");
+  m.def(
+      "ms_deform_attn_bwd(Tensor grad_out, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, bool softmax=False, bool deterministic=False) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(m2f_kernels_C, CUDA, m) {
+  m.impl("ms_deform_attn_fwd", &m2f_kernels::ms_deform_attn_fwd);
+  m.impl("ms_deform_attn_bwd", &m2f_kernels::ms_deform_attn_bwd);
+}
+
+#ifdef TORCH_EXTENSION_NAME
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("compiled_archs", &m2f_kernels::compiled_archs,
+        "The GPU architectures the kernels were compiled for, e.g. 'sm_80,sm_90'.");
+}
+#endif
