@@ -43,8 +43,8 @@ _MODULES = {
 # dtypes each compiled backend accepts for its floating inputs.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# 'auto' on a CUDA tensor: the backends to try, fastest first. Until the CUDA
-# backend lands with its measured table (issue 9), Triton leads.
+# 'auto' on a CUDA tensor: the backends to try, in order. A fixed order for now: Triton
+# leads until the CUDA backend (issue 9) is measured against it op by op.
 _AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 
 
@@ -99,9 +99,6 @@ def use_backend(name: str) -> Iterator[None]:
     finally:
         _state.scopes.pop()
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _load(backend: str):

@@ -47,6 +47,12 @@ def check_dim(name: str, t: torch.Tensor, dim: int, expected: int, what: str) ->
         raise ValueError(f"{name}.shape[{dim}] ({what}) must be {expected}, got shape {tuple(t.shape)}")
 
 
+def check_spatial(name: str, t: torch.Tensor, shape_desc: str) -> None:
+    """The last two dims (a map's H, W) are at least 1."""
+    if t.shape[-1] < 1 or t.shape[-2] < 1:
+        raise ValueError(f"{name} must have H, W >= 1 {shape_desc}, got shape {tuple(t.shape)}")
+
+
 def check_coords(name: str, coords: torch.Tensor, ndim: int, shape_desc: str) -> None:
     check_tensor(name, coords, (ndim,), shape_desc)
     check_float(name, coords)
@@ -63,6 +69,8 @@ def masked_attention(q, k, v, mask, scale) -> None:
     check_tensor("v", v, (4,), "[B, H, N, Dv]")
     check_tensor("mask", mask, (3, 4), "[B, Q, N] or [B, H, Q, N]")
     check_float("q", q)
+    if q.shape[-1] < 1 or v.shape[-1] < 1:
+        raise ValueError(f"q and v need a head dim >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
     check_same_dtype(("q", "k", "v"), (q, k, v))
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"mask must be bool (True = blocked) or floating mask logits, got {mask.dtype}")
@@ -91,7 +99,7 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     check_tensor("level_start_index", level_start_index, (1,), "[L]")
     for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
         if t.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{name} must be an integer tensor (int64), got {t.dtype}")
+            raise TypeError(f"{name} must be an integer tensor (int64 or int32), got {t.dtype}")
     if spatial_shapes.shape[1] != 2:
         raise ValueError(f"spatial_shapes must be [L, 2] (H_l, W_l), got shape {tuple(spatial_shapes.shape)}")
     num_levels = spatial_shapes.shape[0]
@@ -103,6 +111,12 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
         )
     if torch.compiler.is_compiling():
         return  # the value checks below read the tensors; eager calls make them
+    # Reading CUDA tensors costs a host sync, so a pair already checked is not read again:
+    # the stamp names the exact objects, their versions (in-place edits bump them) and S.
+    # The pixel decoder passes one pair to all its layers: one check per forward, not six.
+    stamp = (id(level_start_index), level_start_index._version, spatial_shapes._version, value.shape[1])
+    if getattr(spatial_shapes, "_m2f_kernels_checked", None) == stamp:
+        return
     shapes = spatial_shapes.tolist()
     if any(hh < 1 or ww < 1 for hh, ww in shapes):
         raise ValueError(f"spatial_shapes entries must be >= 1, got {shapes}")
@@ -116,6 +130,7 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
         raise ValueError(
             f"value.shape[1] (S) must equal sum of H_l*W_l over spatial_shapes = {sum(sizes)}, got shape {tuple(value.shape)}"
         )
+    spatial_shapes._m2f_kernels_checked = stamp
 
 
 def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
@@ -125,10 +140,11 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
     check_float("value", value)
     check_float("sampling_locations", sampling_locations)
     check_float("attention_weights", attention_weights)
-    check_same_device(
-        ("value", "spatial_shapes", "level_start_index", "sampling_locations", "attention_weights"),
-        (value, spatial_shapes, level_start_index, sampling_locations, attention_weights),
-    )
+    check_same_device(("value", "sampling_locations", "attention_weights"),
+                      (value, sampling_locations, attention_weights))
+    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
+        if isinstance(t, torch.Tensor) and t.device not in (value.device, torch.device("cpu")):
+            raise ValueError(f"{name} must be on the CPU or on value's device ({value.device}), got {t.device}")
     spatial_layout(value, spatial_shapes, level_start_index)
     b, _, h, _ = value.shape
     num_levels = spatial_shapes.shape[0]
@@ -150,6 +166,7 @@ def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
 def point_sample(input, coords) -> None:
     check_tensor("input", input, (4,), "[N, C, H, W]")
     check_float("input", input)
+    check_spatial("input", input, "[N, C, H, W]")
     check_coords("coords", coords, 3, "[N, P, 2]")
     check_same_device(("input", "coords"), (input, coords))
     check_dim("coords", coords, 0, input.shape[0], "N, as input")
@@ -158,6 +175,7 @@ def point_sample(input, coords) -> None:
 def uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio) -> None:
     check_tensor("logits", logits, (3,), "[N, H, W]")
     check_float("logits", logits)
+    check_spatial("logits", logits, "[N, H, W]")
     if isinstance(num_points, bool) or not isinstance(num_points, int):
         raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
     if num_points < 1:
@@ -171,7 +189,9 @@ def uncertain_point_coords(logits, num_points, oversample_ratio, importance_samp
 def point_mask_loss(pred, target, coords, num_masks, pred_index) -> None:
     check_tensor("pred", pred, (3, 4), "[N, Hp, Wp] or [B, Q, Hp, Wp] with pred_index")
     check_float("pred", pred)
+    check_spatial("pred", pred, "[N, Hp, Wp] or [B, Q, Hp, Wp]")
     check_tensor("target", target, (3,), "[N, Ht, Wt]")
+    check_spatial("target", target, "[N, Ht, Wt]")
     if target.dtype not in (torch.bool, torch.uint8) and not target.is_floating_point():
         raise TypeError(f"target must be bool, uint8 or floating, got {target.dtype}")
     check_coords("coords", coords, 3, "[N, P, 2]")
@@ -205,7 +225,9 @@ def point_mask_loss(pred, target, coords, num_masks, pred_index) -> None:
 def pairwise_mask_cost(pred, target, coords) -> None:
     check_tensor("pred", pred, (3,), "[Q, Hp, Wp]")
     check_float("pred", pred)
+    check_spatial("pred", pred, "[Q, Hp, Wp]")
     check_tensor("target", target, (3,), "[T, Ht, Wt]")
+    check_spatial("target", target, "[T, Ht, Wt]")
     if target.dtype not in (torch.bool, torch.uint8) and not target.is_floating_point():
         raise TypeError(f"target must be bool, uint8 or floating, got {target.dtype}")
     check_coords("coords", coords, 2, "[P, 2]")

@@ -46,7 +46,11 @@ def report() -> str:
         lines.append("device      cpu (no CUDA GPU)")
         device = torch.device("cpu")
     lines.append(f"extension   m2f_kernels._C: {_cuda_arch_of_extension()}")
-    lines.append(f"default     {_dispatch.get_backend()} (env {_dispatch.ENV_VAR}="
+    try:
+        default = _dispatch.get_backend()
+    except ValueError as exc:  # a bad M2F_KERNELS_BACKEND: say so instead of a traceback
+        default = f"invalid: {exc}"
+    lines.append(f"default     {default} (env {_dispatch.ENV_VAR}="
                  f"{os.environ.get(_dispatch.ENV_VAR, '<unset>')}, TRITON_INTERPRET="
                  f"{os.environ.get('TRITON_INTERPRET', '<unset>')})")
     lines.append("")

@@ -48,6 +48,7 @@ CASES = {
     "no keys": (_attention(k=torch.randn(2, 3, 0, 8), v=torch.randn(2, 3, 0, 8),
                            mask=torch.zeros(2, 4, 0, dtype=torch.bool)), ValueError, "k"),
     "q not tensor": (_attention(q=[1.0]), TypeError, "q"),
+    "zero head dim": (_attention(q=torch.randn(2, 3, 4, 0), k=torch.randn(2, 3, 6, 0)), ValueError, "q"),
     # ms_deform_attn
     "value rank": (_deform(value=torch.randn(2, 16, 8)), ValueError, "value"),
     "value integer": (_deform(value=torch.zeros(2, 16, 2, 4, dtype=torch.int64)), TypeError, "value"),
@@ -66,13 +67,18 @@ CASES = {
     "weights shape": (_deform(attention_weights=torch.rand(2, 5, 2, 2, 4)), ValueError, "attention_weights"),
     "weights device": (_deform(attention_weights=torch.rand(2, 5, 2, 2, 3, device="meta")), ValueError,
                        "attention_weights"),
+    "spatial_shapes device": (_deform(spatial_shapes=torch.tensor([[3, 4], [2, 2]], device="meta")), ValueError,
+                              "spatial_shapes"),
     # point_sample
     "point_sample coords": (lambda: mk.point_sample(torch.randn(2, 1, 4, 4), torch.rand(2, 5, 3)), ValueError,
                             "coords"),
     "point_sample N": (lambda: mk.point_sample(torch.randn(2, 1, 4, 4), torch.rand(3, 5, 2)), ValueError, "coords"),
     "point_sample input rank": (lambda: mk.point_sample(torch.randn(2, 4, 4), torch.rand(2, 5, 2)), ValueError,
                                 "input"),
+    "point_sample empty map": (lambda: mk.point_sample(torch.randn(2, 1, 0, 4), torch.rand(2, 5, 2)), ValueError,
+                               "input"),
     # uncertain_point_coords
+    "logits empty map": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 0), 4), ValueError, "logits"),
     "num_points < 1": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 0), ValueError, "num_points"),
     "num_points float": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 3.5), TypeError, "num_points"),
     "oversample < 1": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 4, 0.5), ValueError,
@@ -94,6 +100,8 @@ CASES = {
                      ValueError, "pred_index"),
     "index float": (_loss(pred=torch.randn(2, 5, 8, 8), kw=dict(pred_index=(torch.zeros(3), torch.zeros(3)))),
                     TypeError, "pred_index"),
+    "loss empty target map": (_loss(target=torch.zeros(3, 0, 16, dtype=torch.bool)), ValueError, "target"),
+    "loss empty pred map": (_loss(pred=torch.randn(3, 8, 0)), ValueError, "pred"),
     # pairwise_mask_cost
     "cost coords rank": (lambda: mk.pairwise_mask_cost(torch.randn(4, 8, 8), torch.rand(2, 8, 8) > 0.5,
                                                        torch.rand(1, 5, 2)), ValueError, "coords"),
@@ -108,3 +116,26 @@ def test_bad_input_names_the_argument(case):
     with pytest.raises(error) as info:
         call()
     assert re.search(rf"\b{re.escape(argument)}\b", str(info.value)), f"message does not name {argument!r}: {info.value}"
+
+
+def test_spatial_layout_is_read_once_per_pair_and_again_after_an_edit(monkeypatch):
+    """A checked (spatial_shapes, level_start_index) pair is not read again (a host sync on
+    the GPU), but an in-place edit, another start index or another S is checked anew."""
+    shapes, starts = torch.tensor([[3, 4], [2, 2]]), torch.tensor([0, 12])
+    value = torch.randn(2, 16, 2, 4)
+    loc, weights = torch.rand(2, 5, 2, 2, 3, 2), torch.rand(2, 5, 2, 2, 3)
+    reads = []
+    real_tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(1) or real_tolist(t))
+    mk.ms_deform_attn(value, shapes, starts, loc, weights)
+    first = len(reads)
+    mk.ms_deform_attn(value, shapes, starts, loc, weights)
+    assert first > 0 and len(reads) - first <= 1  # the reference backend's own read only
+    shapes[0, 0] = 5  # in place: now inconsistent with starts and S
+    with pytest.raises(ValueError, match="level_start_index"):
+        mk.ms_deform_attn(value, shapes, starts, loc, weights)
+    shapes[0, 0] = 3
+    with pytest.raises(ValueError, match="level_start_index"):
+        mk.ms_deform_attn(value, shapes, torch.tensor([0, 11]), loc, weights)
+    with pytest.raises(ValueError, match="value"):
+        mk.ms_deform_attn(torch.randn(2, 17, 2, 4), shapes, starts, loc, weights)

@@ -76,6 +76,8 @@ class _Fused:
 class _FusedDeformableAttention(_Fused):
     """``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` with the fused op."""
 
+    _attend = MSDeformAttn._attend  # the core that MSDeformAttn.forward calls
+
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 position_embeddings=None, reference_points=None, spatial_shapes_list=None, level_start_index=None,
                 output_attentions=False):
@@ -84,7 +86,7 @@ class _FusedDeformableAttention(_Fused):
                                    position_embeddings, reference_points, spatial_shapes_list, level_start_index,
                                    output_attentions)
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
-        shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.int64, device=query.device)
+        shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.int64)  # on the CPU: checked without a sync
         # HF's module has the official parameter and attribute names, so the official forward applies
         out = MSDeformAttn.forward(self, query, reference_points, encoder_hidden_states, shapes, level_start_index,
                                    attention_mask)

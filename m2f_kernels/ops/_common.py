@@ -22,6 +22,11 @@ def choose_backend(op: str, tensor: torch.Tensor, backend: Optional[str]) -> str
     return _choose(op, backend, str(tensor.device), str(tensor.dtype).replace("torch.", ""))
 
 
+def accumulate_dtype(t: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; every other input accumulates (and returns stats) in float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def not_differentiable(op: str, what: str):
     """An autograd backward for an op (or inputs) that has no gradient."""
 

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import choose_backend
+from ._common import accumulate_dtype, choose_backend
 
 OP = "masked_attention"
 
@@ -19,14 +19,14 @@ def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: fl
     """(out [B, H, Q, Dv], lse [B, H, Q] float32). See :func:`masked_attention`."""
     if q.numel() == 0 or v.numel() == 0:
         b, h, nq, _ = q.shape
-        return q.new_zeros(b, h, nq, v.shape[-1]), q.new_zeros(b, h, nq, dtype=_lse_dtype(q))
+        return q.new_zeros(b, h, nq, v.shape[-1]), q.new_zeros(b, h, nq, dtype=accumulate_dtype(q))
     return implementation(backend, "masked_attention_fwd")(q, k, v, mask, scale)
 
 
 @masked_attention_op.register_fake
 def _(q, k, v, mask, scale, backend):
     b, h, nq, _ = q.shape
-    return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=_lse_dtype(q))
+    return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=accumulate_dtype(q))
 
 
 @torch.library.custom_op("m2f_kernels::masked_attention_backward", mutates_args=())
@@ -42,10 +42,6 @@ def masked_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
 @masked_attention_backward_op.register_fake
 def _(grad_out, q, k, v, mask, out, lse, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import choose_backend, not_differentiable
+from ._common import accumulate_dtype, choose_backend, not_differentiable
 
 # --- point_sample ---------------------------------------------------------------------------
 
@@ -108,14 +108,14 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
         logits: [N, H, W] mask logits.
         generator: a torch.Generator on logits' device, for reproducible points.
     Returns:
-        [N, num_points, 2] float32 (x, y) in [0, 1]. Not differentiable: logits are
-        detached.
+        [N, num_points, 2] (x, y) in [0, 1], float32 (float64 for float64 logits).
+        Not differentiable: logits are detached.
     """
     _validation.uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio)
     n = logits.shape[0]
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    dtype = accumulate_dtype(logits)
     candidates = torch.rand(n, num_sampled, 2, device=logits.device, dtype=dtype, generator=generator)
     random = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, dtype=dtype, generator=generator)
     chosen = choose_backend("uncertain_point_coords", logits, backend)
@@ -197,7 +197,8 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
         pred_index: (batch_index [N], query_index [N]) picking the matched masks out of a
             4-D pred without copying them.
     Returns:
-        (loss_bce, loss_dice), 0-dim tensors in pred's dtype, differentiable in pred.
+        (loss_bce, loss_dice), 0-dim tensors in pred's dtype (float32 under autocast),
+        differentiable in pred.
     """
     _validation.point_mask_loss(pred, target, coords, num_masks, pred_index)
     batch_index, query_index = (None, None) if pred_index is None else pred_index
@@ -212,7 +213,7 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
 def pairwise_mask_cost_op(pred: Tensor, target: Tensor, coords: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(cost_bce [Q, T], cost_dice [Q, T]) in float32 (float64 for float64 pred)."""
     if pred.shape[0] == 0 or target.shape[0] == 0:
-        dtype = _cost_dtype(pred)
+        dtype = accumulate_dtype(pred)
         empty = pred.new_zeros(pred.shape[0], target.shape[0], dtype=dtype)
         return empty, empty.clone()
     return implementation(backend, "pairwise_mask_cost")(pred, target, coords)
@@ -220,13 +221,9 @@ def pairwise_mask_cost_op(pred: Tensor, target: Tensor, coords: Tensor, backend:
 
 @pairwise_mask_cost_op.register_fake
 def _(pred, target, coords, backend):
-    dtype = _cost_dtype(pred)
+    dtype = accumulate_dtype(pred)
     return (pred.new_empty(pred.shape[0], target.shape[0], dtype=dtype),
             pred.new_empty(pred.shape[0], target.shape[0], dtype=dtype))
-
-
-def _cost_dtype(pred: Tensor) -> torch.dtype:
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
 
 
 torch.library.register_autograd(
@@ -245,7 +242,8 @@ def pairwise_mask_cost(pred: Tensor, target: Tensor, coords: Tensor, *,
         target: [T, Ht, Wt] bool, uint8 (0/1) or floating; any resolution.
         coords: [P, 2] points shared by all masks, (x, y) in [0, 1].
     Returns:
-        (cost_bce [Q, T], cost_dice [Q, T]) in float32 whatever pred's dtype:
+        (cost_bce [Q, T], cost_dice [Q, T]) in float32 whatever pred's dtype (float64 for
+        float64 pred):
         batch_sigmoid_ce_loss (divided by P) and batch_dice_loss of the official matcher.
         Not differentiable: the inputs are detached.
     """
