@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import m2f_kernels
+from m2f_kernels.nn.masked_attention import multihead_masked_attention
 
 from .kernels import KernelSwitch
 from .layers import MLP, Conv2d, PositionEmbeddingSine, c2_xavier_fill
@@ -77,17 +77,8 @@ class CrossAttentionLayer(KernelSwitch, nn.Module):
             return mha(query, key, value, attn_mask=mask, key_padding_mask=None)[0]
         if mha.dropout > 0 and self.training:
             raise NotImplementedError("the fused masked attention has no attention dropout")
-        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
-        heads = mha.num_heads
-
-        def split(x):  # [L, B, C] -> [B, h, L, C/h]
-            return x.view(x.shape[0], x.shape[1], heads, -1).permute(1, 2, 0, 3)
-
-        out = m2f_kernels.masked_attention(split(F.linear(query, w_q, b_q)), split(F.linear(key, w_k, b_k)),
-                                           split(F.linear(value, w_v, b_v)), blocked)
-        out = out.permute(2, 0, 1, 3).reshape(query.shape)
-        return F.linear(out, mha.out_proj.weight, mha.out_proj.bias)
+        return multihead_masked_attention(query, key, value, mha.in_proj_weight, mha.in_proj_bias,
+                                          mha.out_proj.weight, mha.out_proj.bias, mha.num_heads, blocked)
 
 
 class FFNLayer(nn.Module):

@@ -103,7 +103,6 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
     """
 
     backend: Optional[str] = None  # the current default backend
-    _heads = MaskedMultiheadAttention._heads
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):

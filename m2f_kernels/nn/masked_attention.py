@@ -16,7 +16,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.masked_attention import masked_attention
+import m2f_kernels
+
+
+def multihead_masked_attention(query: Tensor, key: Tensor, value: Tensor, in_proj_weight: Tensor,
+                               in_proj_bias: Tensor, out_proj_weight: Tensor, out_proj_bias: Tensor,
+                               num_heads: int, mask: Tensor, backend: Optional[str] = None) -> Tensor:
+    """``nn.MultiheadAttention``'s projections (packed in_proj, sequence-first) around
+    :func:`m2f_kernels.masked_attention`.
+
+    query [Q, B, C], key/value [N, B, C]; mask [B, Q, N] or [B, heads, Q, N] as the op takes
+    it. Returns [Q, B, C]. The heads are strided views of the projections (no copies).
+    """
+    w_q, w_k, w_v = in_proj_weight.chunk(3)
+    b_q, b_k, b_v = in_proj_bias.chunk(3)
+
+    def heads(x: Tensor) -> Tensor:  # [L, B, C] -> [B, heads, L, C / heads]
+        return x.view(x.shape[0], x.shape[1], num_heads, -1).permute(1, 2, 0, 3)
+
+    q = heads(F.linear(query, w_q, b_q))
+    out = m2f_kernels.masked_attention(q, heads(F.linear(key, w_k, b_k)), heads(F.linear(value, w_v, b_v)),
+                                       mask, scale=q.shape[-1] ** -0.5, backend=backend)
+    out = out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+    return F.linear(out, out_proj_weight, out_proj_bias)
 
 
 class MaskedMultiheadAttention(nn.Module):
@@ -52,25 +74,17 @@ class MaskedMultiheadAttention(nn.Module):
         nn.init.constant_(self.in_proj_bias, 0.0)
         nn.init.constant_(self.out_proj.bias, 0.0)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        """[L, B, C] -> [B, heads, L, head_dim], a strided view (the op takes any strides)."""
-        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).permute(1, 2, 0, 3)
-
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                 key_padding_mask: Optional[Tensor] = None):
         if self.dropout > 0 and self.training:
             raise NotImplementedError(
                 "attention-probability dropout is not fused (Mask2Former uses dropout=0.0)")
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = self._heads(F.linear(query, w_q, b_q))
-        k = self._heads(F.linear(key, w_k, b_k))
-        v = self._heads(F.linear(value, w_v, b_v))
-        mask = op_mask(attn_mask, key_padding_mask, q.shape[0], self.num_heads, q.shape[2], k.shape[2],
+        mask = op_mask(attn_mask, key_padding_mask, query.shape[1], self.num_heads, query.shape[0], key.shape[0],
                        query.device)
-        out = masked_attention(q, k, v, mask, scale=self.head_dim ** -0.5, backend=self.backend)
-        out = out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], self.embed_dim)
-        return self.out_proj(out), None
+        out = multihead_masked_attention(query, key, value, self.in_proj_weight, self.in_proj_bias,
+                                         self.out_proj.weight, self.out_proj.bias, self.num_heads, mask,
+                                         backend=self.backend)
+        return out, None
 
 
 def op_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], batch: int, heads: int,
