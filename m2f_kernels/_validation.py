@@ -208,6 +208,12 @@ def point_mask_loss(pred, target, coords, num_masks, pred_index) -> None:
             check_dim(name, idx, 0, n, "matched masks, as target")
         check_same_device(("pred", "target", "coords", "pred_index[0]", "pred_index[1]"),
                           (pred, target, coords, *pred_index))
+        # index values: checked on the device without a host sync (a CUDA error on the next
+        # sync, a RuntimeError at once on the CPU), so no kernel reads outside pred
+        for name, idx, size in zip(("pred_index[0]", "pred_index[1]"), pred_index, pred.shape[:2]):
+            if idx.numel():
+                torch._assert_async(((idx >= 0) & (idx < size)).all(),
+                                    f"{name} values must be in [0, {size}) (pred is {tuple(pred.shape)})")
     else:
         if pred_index is not None:
             raise ValueError("pred_index is only accepted with a 4-D pred [B, Q, Hp, Wp]")

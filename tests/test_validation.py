@@ -139,3 +139,11 @@ def test_spatial_layout_is_read_once_per_pair_and_again_after_an_edit(monkeypatc
         mk.ms_deform_attn(value, shapes, torch.tensor([0, 11]), loc, weights)
     with pytest.raises(ValueError, match="value"):
         mk.ms_deform_attn(torch.randn(2, 17, 2, 4), shapes, starts, loc, weights)
+
+
+def test_pred_index_out_of_range_is_an_error_naming_it():
+    pred, target, coords = torch.randn(2, 5, 8, 8), torch.rand(3, 16, 16) > 0.5, torch.rand(3, 10, 2)
+    with pytest.raises(RuntimeError, match=r"pred_index\[1\]"):
+        mk.point_mask_loss(pred, target, coords, 3.0, pred_index=(torch.tensor([0, 1, 1]), torch.tensor([0, 5, 2])))
+    with pytest.raises(RuntimeError, match=r"pred_index\[0\]"):
+        mk.point_mask_loss(pred, target, coords, 3.0, pred_index=(torch.tensor([0, -1, 1]), torch.tensor([0, 1, 2])))
