@@ -26,8 +26,8 @@ from m2f.testing import TINY, random_images, random_targets  # noqa: E402
 CPU_BACKEND = "aot_eager"
 
 
-def tiny_model(train: bool):
-    model = m2f.build_model("resnet18", kernels="fused", **TINY).to(DEVICE)
+def tiny_model(train: bool, **overrides):
+    model = m2f.build_model("resnet18", kernels="fused", **dict(TINY, **overrides)).to(DEVICE)
     m2f.testing.jitter_deformable_init(model)  # generic sampling points: unique location gradients
     return model.train(train)
 
@@ -91,8 +91,12 @@ def _assert_same_step(got, want, tol, what):
 
 
 def test_compiled_training_step_matches_eager():
+    # Uniform loss points only: importance sampling keeps the top-k of -|logit|, and compiled
+    # and eager code round differently, so a near-tie can pick another point and move a loss
+    # by ~1% (seen once in CI with 2 threads: loss_dice_1 off by 1.3%). The op itself is
+    # compared across backends at op level.
     seed = torch.seed()
-    model = tiny_model(train=True)
+    model = tiny_model(train=True, importance_sample_ratio=0.0)
     images = random_images(2, 64, 64, device=DEVICE)
     targets = random_targets(2, TINY["num_classes"], 64, 64, device=DEVICE)
     want = _train_step(model, images, targets, seed % 2**31)
