@@ -12,9 +12,9 @@ import torch
 
 import m2f_kernels
 from m2f_kernels import _dispatch, reference
-from .conftest import DEVICE, ON_GPU, TOLERANCE, assert_close
+from .conftest import ON_GPU, TOLERANCE, assert_close
 from .test_ms_deform_attn_triton import (
-    GRAD_NAMES, call_backend, make_inputs, poisoned_empty, run_api, standard_inputs,
+    GRAD_NAMES, call_backend, check_deterministic_twice, make_inputs, poisoned_empty, run_api, standard_inputs,
 )
 
 
@@ -162,14 +162,7 @@ def test_standard_shape(dtype):
 @requires_cuda_backend
 def test_standard_shape_deterministic():
     seed = torch.seed()
-    inputs = standard_inputs(torch.float32)
-    first = call_backend(cuda_backend(), inputs, True, deterministic=True)
-    second = call_backend(cuda_backend(), inputs, True, deterministic=True)
-    for name, a, b in zip(("output",) + GRAD_NAMES, first, second):
-        assert torch.equal(a, b), f"{name}: deterministic backward differs between two runs (seed {seed})"
-    want = call_backend(reference, inputs, True)
-    for name, g, w in zip(("output",) + GRAD_NAMES, first, want):
-        assert_close(g, w, TOLERANCE[w.dtype], f"{name} (seed {seed})")
+    check_deterministic_twice(cuda_backend(), standard_inputs(torch.float32), True, seed)
 
 
 @requires_cuda_backend

@@ -16,8 +16,7 @@ import torch.nn.functional as F
 
 import m2f_kernels as mk
 from m2f_kernels import reference as ref
-from .conftest import (DEVICE, ON_GPU, TF32_TOLERANCE, TOLERANCE, poisoned_empty, requires_gpu,
-                       requires_triton)
+from .conftest import DEVICE, TF32_TOLERANCE, TOLERANCE, poisoned_empty, requires_gpu, requires_triton
 
 pytestmark = [
     requires_triton,

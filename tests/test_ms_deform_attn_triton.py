@@ -7,6 +7,7 @@ fresh every run; each failure message carries the seed that reproduces it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -68,6 +69,20 @@ def call_backend(module, inputs, softmax, deterministic=False):
     out = module.ms_deform_attn_fwd(value, shapes, starts, loc, weights, softmax)
     grads = module.ms_deform_attn_bwd(grad_out, value, shapes, starts, loc, weights, softmax, deterministic)
     return (out,) + tuple(grads)
+
+
+def check_deterministic_twice(module, inputs, softmax, seed, poison_outputs=False):
+    """Two deterministic runs of ``module`` are bitwise equal and match the reference.
+    Returns the first run's (out, grad_value, grad_loc, grad_weights)."""
+    with poisoned_empty() if poison_outputs else contextlib.nullcontext():
+        first = call_backend(module, inputs, softmax, deterministic=True)
+        second = call_backend(module, inputs, softmax, deterministic=True)
+    for name, a, b in zip(("output",) + GRAD_NAMES, first, second):
+        assert torch.equal(a, b), f"{name}: deterministic backward differs between two runs (seed {seed})"
+    want = call_backend(reference, inputs, softmax)
+    for name, g, w in zip(("output",) + GRAD_NAMES, first, want):
+        assert_close(g, w, TOLERANCE[w.dtype], f"{name} (seed {seed})")
+    return first
 
 
 def triton_backend():
@@ -156,15 +171,7 @@ def test_deterministic_backward_is_bitwise_repeatable(dtype):
     seed = torch.seed()
     inputs = make_inputs([(2, 2), (1, 1), (3, 1)], b=2, lq=40, h=2, d=8, p=2, dtype=dtype,
                          aux_dtype=torch.float32, softmax=True)
-    module = triton_backend()
-    with poisoned_empty():
-        first = call_backend(module, inputs, True, deterministic=True)
-        second = call_backend(module, inputs, True, deterministic=True)
-    for name, a, b in zip(("output",) + GRAD_NAMES, first, second):
-        assert torch.equal(a, b), f"{name}: deterministic backward differs between two runs (seed {seed})"
-    want = call_backend(reference, inputs, True)
-    for name, g, w in zip(("output",) + GRAD_NAMES, first, want):
-        assert_close(g, w, TOLERANCE[w.dtype], f"{name} (seed {seed})")
+    first = check_deterministic_twice(triton_backend(), inputs, True, seed, poison_outputs=True)
     # torch.use_deterministic_algorithms selects the same path through the public op.
     value, shapes, starts, loc, weights, grad_out = inputs
     value = value.detach().requires_grad_()
@@ -242,15 +249,7 @@ def test_standard_shape_gpu(dtype):
 @requires_gpu
 def test_standard_shape_deterministic_gpu():
     seed = torch.seed()
-    inputs = standard_inputs(torch.float32)
-    module = triton_backend()
-    first = call_backend(module, inputs, True, deterministic=True)
-    second = call_backend(module, inputs, True, deterministic=True)
-    for name, a, b in zip(("output",) + GRAD_NAMES, first, second):
-        assert torch.equal(a, b), f"{name}: deterministic backward differs between two runs (seed {seed})"
-    want = call_backend(reference, inputs, True)
-    for name, g, w in zip(("output",) + GRAD_NAMES, first, want):
-        assert_close(g, w, TOLERANCE[w.dtype], f"{name} (seed {seed})")
+    check_deterministic_twice(triton_backend(), standard_inputs(torch.float32), True, seed)
 
 
 @requires_gpu
