@@ -1,39 +1,120 @@
 #!/usr/bin/env bash
-# One GPU session in one call: install, info, the GPU test suite, the benchmark suite.
-# Usage (on the GPU machine, repo root):  bash scripts/device_check.sh [tests] [bench] [bench-quick]
-# Everything is logged under $OUT (default ./device-out); results JSON/markdown land in
-# bench/results/ and are copied to $OUT. TEST_PATHS / TEST_FILTER / BENCH_FILTER narrow a run. Each stage has its own time limit so one slow
-# stage cannot eat the others.
+# One GPU session in one call: install, info, then the named stages in order.
+# Usage (on the GPU machine, repo root):  bash scripts/device_check.sh STAGE...
+#
+# Stages (default: tests bench):
+#   build-cuda   start building m2f_kernels._C in the background (nice'd; later stages
+#                that need it wait for it: cuda-tests)
+#   tests        the GPU test suite (pytest tests, xdist when present)
+#   bench        the benchmark suite, default scope (BENCH_FILTER narrows it: -k)
+#   bench-quick  the same at --benchmark-quick
+#   sweeps       the masked-attention and point-loss sweeps at --quick (defaults, host vs GPU time)
+#   hf           python -m bench.hf_mask2former (issue 10: HF Mask2Former with/without the patch)
+#   train-start  start the fused and the reference `--preset small` training runs in the
+#                background (issue 7; TRAIN_STEPS, TRAIN_LIMIT); `train-wait` waits for them
+#   cuda-tests   the cuda backend's tests, then compute-sanitizer memcheck + racecheck on a subset
+#   collect      pack runs/ (without checkpoints), logs and new bench results into $OUT
+# Every stage has its own time limit (*_LIMIT seconds) so one slow stage cannot eat the others.
+# Everything is logged under $OUT (default ./device-out).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
+LOGS=$PWD/device-logs; mkdir -p "$LOGS"; touch "$LOGS/.start"  # collect packs bench results newer than this
 export PYTHONUNBUFFERED=1 M2F_BENCH_COMMIT=${M2F_BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 stages=${*:-tests bench}
-TEST_LIMIT=${TEST_LIMIT:-240} BENCH_LIMIT=${BENCH_LIMIT:-330}
+TEST_LIMIT=${TEST_LIMIT:-240} BENCH_LIMIT=${BENCH_LIMIT:-330} HF_LIMIT=${HF_LIMIT:-150}
+TRAIN_LIMIT=${TRAIN_LIMIT:-300} CUDA_TEST_LIMIT=${CUDA_TEST_LIMIT:-120} SANITIZER_LIMIT=${SANITIZER_LIMIT:-60}
+T0=$SECONDS
+stamp() { echo "== [$((SECONDS - T0)) s] $*"; }
 
-[ -n "${SKIP_INSTALL:-}" ] || python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/install.log" 2>&1 \
-  || { tail -20 "$OUT/install.log"; exit 1; }
-python3 -m m2f_kernels.info | tee "$OUT/info.txt"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv | tee -a "$OUT/info.txt"
+[ -n "${SKIP_INSTALL:-}" ] || M2F_KERNELS_SKIP_CUDA_BUILD=1 python3 -m pip install -q --no-build-isolation --no-deps -e . \
+  > "$LOGS/install.log" 2>&1 || { tail -20 "$LOGS/install.log"; exit 1; }
+python3 -m m2f_kernels.info > "$LOGS/info.txt" 2>&1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv >> "$LOGS/info.txt"
+cat "$LOGS/info.txt"
+BUILD_PID=""
+TRAIN_PIDS=()
 
-workers=$(python3 -c "import importlib.util as u; print(8 if u.find_spec('xdist') else 0)")
+wait_build() {
+  [ -n "$BUILD_PID" ] || return 0
+  stamp "waiting for the CUDA build"
+  wait "$BUILD_PID"; echo "build exit: $?"; BUILD_PID=""
+  tail -5 "$LOGS/build-cuda.log"
+}
+
+workers=$(python3 -c "import importlib.util as u; print(6 if u.find_spec('xdist') else 0)")
 for stage in $stages; do
+  stamp "$stage"
   case $stage in
+    build-cuda)
+      # sm_90 only here: the one arch this machine runs, half the compile time
+      ( export M2F_KERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-6}
+        nice -n 19 python3 setup.py build_ext --inplace ) > "$LOGS/build-cuda.log" 2>&1 &
+      BUILD_PID=$!
+      ;;
     tests)
-      echo "== GPU tests (limit ${TEST_LIMIT}s, xdist workers: $workers)"
       xdist=(); [ "$workers" -gt 0 ] && xdist=(-n "$workers")
       # shellcheck disable=SC2086
       timeout "$TEST_LIMIT" python3 -m pytest ${TEST_PATHS:-tests} -q -p no:cacheprovider "${xdist[@]}" \
-        --durations=15 -k "${TEST_FILTER:-}" 2>&1 | tee "$OUT/tests.log" | tail -40
+        --durations=15 -k "${TEST_FILTER:-}" > "$LOGS/tests.log" 2>&1
+      tail -25 "$LOGS/tests.log"
       ;;
     bench|bench-quick)
       extra=(); [ "$stage" = bench-quick ] && extra=(--benchmark-quick)
-      echo "== benchmarks $stage (limit ${BENCH_LIMIT}s)"
       timeout "$BENCH_LIMIT" python3 -m pytest bench -q -p no:cacheprovider --benchmark "${extra[@]}" \
-        -k "${BENCH_FILTER:-}" 2>&1 | tee "$OUT/bench.log" | tail -60
-      ls -t bench/results/*.json 2>/dev/null | head -1 | while read -r f; do
-        cp "$f" "${f%.json}.md" "$OUT/" 2>/dev/null  # report and charts are made off the device
+        -k "${BENCH_FILTER:-}" > "$LOGS/bench-$((SECONDS - T0)).log" 2>&1
+      ls -t "$LOGS"/bench-*.log | head -1 | xargs tail -8
+      ;;
+    sweeps)
+      timeout 60 python3 bench/sweep_masked_attention.py --quick > "$LOGS/sweep-masked-attention.txt" 2>&1
+      sed -n '/^## 1/,/^## 3/p' "$LOGS/sweep-masked-attention.txt" | head -20
+      timeout 60 python3 bench/sweep_point_loss.py --quick > "$LOGS/sweep-point-loss.txt" 2>&1
+      tail -20 "$LOGS/sweep-point-loss.txt"
+      ;;
+    hf)
+      timeout "$HF_LIMIT" python3 -m bench.hf_mask2former --size real --device cuda --out bench/results \
+        > "$LOGS/hf.log" 2>&1
+      tail -30 "$LOGS/hf.log"
+      ;;
+    train-start)
+      for kernels in fused reference; do
+        timeout "$TRAIN_LIMIT" python3 -m m2f.train --preset small --kernels "$kernels" ${TRAIN_STEPS:+--steps "$TRAIN_STEPS"} \
+          --out "runs/shapes_small_$kernels" > "$LOGS/train-$kernels.log" 2>&1 &
+        TRAIN_PIDS+=($!)
       done
       ;;
+    train-wait)
+      for pid in "${TRAIN_PIDS[@]}"; do wait "$pid"; echo "train exit: $?"; done
+      TRAIN_PIDS=()
+      for kernels in fused reference; do
+        echo "-- $kernels"; tr '\r' '\n' < "$LOGS/train-$kernels.log" | grep -v '^\s*$' | tail -6
+      done
+      ;;
+    cuda-tests)
+      wait_build
+      timeout "$CUDA_TEST_LIMIT" python3 -m pytest tests/test_cuda_backend.py tests/test_cuda_*.py -q \
+        -p no:cacheprovider --durations=8 > "$LOGS/cuda-tests.log" 2>&1
+      tail -25 "$LOGS/cuda-tests.log"
+      sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+      if [ -n "$sanitizer" ]; then
+        for tool in memcheck racecheck; do
+          stamp "compute-sanitizer $tool"
+          timeout "$SANITIZER_LIMIT" "$sanitizer" --tool "$tool" --error-exitcode 99 \
+            python3 -m pytest tests/test_cuda_backend.py tests/test_cuda_*.py -q -p no:cacheprovider -x \
+            -k "${SANITIZER_FILTER:-float32 and not standard and not int64}" > "$LOGS/sanitizer-$tool.log" 2>&1
+          echo "$tool exit: $? (99 = errors found, 124 = time limit)"
+          grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOGS/sanitizer-$tool.log" | tail -3
+        done
+      else
+        echo "compute-sanitizer not found"
+      fi
+      ;;
+    collect)
+      find runs -name '*.pt' -delete 2>/dev/null
+      tar czf "$OUT/results.tar.gz" device-logs $(ls -d runs 2>/dev/null) \
+        $(find bench/results -type f -newer "$LOGS/.start") 2>/dev/null
+      ls -la "$OUT"
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
-echo "== done"
+stamp "done"

@@ -142,3 +142,76 @@ def test_compile_fullgraph_all_ops():
     eager_grads = torch.autograd.grad(step(*args)[0], (q, value, pred))
     for g, e in zip(grads, eager_grads):
         torch.testing.assert_close(g, e)
+
+
+# --- eager fast path ------------------------------------------------------------------------
+
+
+def _differentiable_calls():
+    """name -> (fn(*leaves) -> outputs, leaves): each public op with autograd, float64."""
+    (q, k, v), mask = _attention_inputs(logits=True)
+    value, loc, weights = _deform_inputs()
+    pred, target, coords, index = _loss_inputs()
+    x = torch.randn(3, 2, 5, 6, dtype=F64, requires_grad=True)
+    return {
+        "masked_attention": (lambda q, k, v: (mk.masked_attention(q, k, v, mask),), (q, k, v)),
+        "ms_deform_attn": (lambda v, l, w: (mk.ms_deform_attn(v, SHAPES, STARTS, l, w, softmax=True),),
+                           (value, loc, weights)),
+        "point_sample": (lambda x: (mk.point_sample(x, coords),), (x,)),
+        "point_mask_loss": (lambda p: mk.point_mask_loss(p, target, coords, 2.5, pred_index=index), (pred,)),
+    }
+
+
+@pytest.fixture
+def custom_op_path(monkeypatch):
+    """Every public call goes through the torch.library custom op, as under torch.compile."""
+    from m2f_kernels.ops import _common
+
+    monkeypatch.setattr(_common, "FAST_EAGER", False)
+
+
+def _outputs_and_grads(fn, leaves):
+    outs = fn(*leaves)
+    total = sum((o * torch.randn_like(o, generator=torch.Generator().manual_seed(i))).sum() for i, o in enumerate(outs))
+    return outs, torch.autograd.grad(total, leaves), [o.grad_fn.name() for o in outs]
+
+
+@pytest.mark.parametrize("name", list(_differentiable_calls()))
+def test_eager_fast_path_equals_custom_op(name, monkeypatch):
+    """Plain eager calls take the autograd.Function; it must give the custom op's outputs and
+    gradients bit for bit (same backend functions), and the custom op must still be reachable."""
+    from m2f_kernels.ops import _common
+
+    fn, leaves = _differentiable_calls()[name]
+    fast, fast_grads, fast_nodes = _outputs_and_grads(fn, leaves)
+    monkeypatch.setattr(_common, "FAST_EAGER", False)
+    slow, slow_grads, slow_nodes = _outputs_and_grads(fn, leaves)
+    assert all(n.endswith("EagerBackward") for n in fast_nodes), fast_nodes
+    assert all("m2f_kernels" in n for n in slow_nodes), slow_nodes
+    for a, b in zip(fast + fast_grads, slow + slow_grads):
+        assert torch.equal(a, b)
+
+
+def test_eager_fast_path_only_in_plain_eager_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from m2f_kernels.ops._common import eager_fast_path
+
+    t = torch.randn(2, 3)
+    assert eager_fast_path(t, None, torch.nn.Parameter(t))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the autocast rules live on the custom ops
+        assert not eager_fast_path(t)
+    with torch.device("cpu"):  # a torch function mode
+        assert not eager_fast_path(t)
+    with FakeTensorMode():  # a dispatch mode (export, meta tracing)
+        assert not eager_fast_path(t)
+    seen = []
+    torch.vmap(lambda x: seen.append(eager_fast_path(x)) or x)(t)
+    torch.compile(lambda x: seen.append(eager_fast_path(x)) or x, backend="eager")(t)
+    assert seen == [False, False]
+
+
+def test_custom_op_path_gradcheck(custom_op_path):
+    """The gradchecks above run the fast path; the custom op's registered autograd gets its own."""
+    for name, (fn, leaves) in _differentiable_calls().items():
+        assert torch.autograd.gradcheck(lambda *xs: fn(*xs)[0], leaves), name

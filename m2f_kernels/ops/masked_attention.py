@@ -8,19 +8,29 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import accumulate_dtype, choose_backend
+from ._common import accumulate_dtype, choose_backend, eager_fast_path, eager_function
 
 OP = "masked_attention"
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    if q.numel() == 0 or v.numel() == 0:
+        b, h, nq, _ = q.shape
+        return q.new_zeros(b, h, nq, v.shape[-1]), q.new_zeros(b, h, nq, dtype=accumulate_dtype(q))
+    return implementation(backend, "masked_attention_fwd")(q, k, v, mask, scale)
+
+
+def _backward_impl(grad_out, q, k, v, mask, out, lse, scale, backend):
+    if q.numel() == 0 or v.numel() == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    return implementation(backend, "masked_attention_bwd")(grad_out, q, k, v, mask, out, lse, scale)
 
 
 @torch.library.custom_op("m2f_kernels::masked_attention", mutates_args=())
 def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
                         backend: str) -> tuple[Tensor, Tensor]:
     """(out [B, H, Q, Dv], lse [B, H, Q] float32). See :func:`masked_attention`."""
-    if q.numel() == 0 or v.numel() == 0:
-        b, h, nq, _ = q.shape
-        return q.new_zeros(b, h, nq, v.shape[-1]), q.new_zeros(b, h, nq, dtype=accumulate_dtype(q))
-    return implementation(backend, "masked_attention_fwd")(q, k, v, mask, scale)
+    return _forward(q, k, v, mask, scale, backend)
 
 
 @masked_attention_op.register_fake
@@ -34,9 +44,7 @@ def masked_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tens
                                  out: Tensor, lse: Tensor, scale: float,
                                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like q, k, v."""
-    if q.numel() == 0 or v.numel() == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    return implementation(backend, "masked_attention_bwd")(grad_out, q, k, v, mask, out, lse, scale)
+    return _backward_impl(grad_out, q, k, v, mask, out, lse, scale, backend)
 
 
 @masked_attention_backward_op.register_fake
@@ -52,13 +60,19 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, mask, out, lse = ctx.saved_tensors
-    dq, dk, dv = masked_attention_backward_op(grad_out, q, k, v, mask, out, lse, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None
+def _backward_with(backward_fn):
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_fn(grad_out, q, k, v, mask, out, lse, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd("m2f_kernels::masked_attention", _backward, setup_context=_setup_context)
+torch.library.register_autograd("m2f_kernels::masked_attention", _backward_with(masked_attention_backward_op),
+                                setup_context=_setup_context)
+_MaskedAttentionEager = eager_function("MaskedAttentionEager", _forward, _setup_context,
+                                       _backward_with(_backward_impl))
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: Optional[float] = None,
@@ -81,5 +95,6 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: Op
     _validation.masked_attention(q, k, v, mask, scale)
     chosen = choose_backend(OP, q, backend)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    out, _ = masked_attention_op(q, k, v, mask, scale, chosen)
+    run = _MaskedAttentionEager.apply if eager_fast_path(q, k, v, mask) else masked_attention_op
+    out, _ = run(q, k, v, mask, scale, chosen)
     return out

@@ -8,9 +8,30 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import choose_backend
+from ._common import choose_backend, eager_fast_path, eager_function
 
 OP = "ms_deform_attn"
+
+
+def _forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax,
+             deterministic, backend):
+    if value.numel() == 0 or sampling_locations.numel() == 0:
+        b, lq, h = sampling_locations.shape[:3]
+        return value.new_zeros(b, lq, h * value.shape[-1])
+    return implementation(backend, "ms_deform_attn_fwd")(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax
+    )
+
+
+def _backward_impl(grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                   softmax, deterministic, backend):
+    if value.numel() == 0 or sampling_locations.numel() == 0:
+        return (value.new_zeros(value.shape), sampling_locations.new_zeros(sampling_locations.shape),
+                attention_weights.new_zeros(attention_weights.shape))
+    return implementation(backend, "ms_deform_attn_bwd")(
+        grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+        softmax, deterministic,
+    )
 
 
 @torch.library.custom_op("m2f_kernels::ms_deform_attn", mutates_args=())
@@ -18,11 +39,8 @@ def ms_deform_attn_op(value: Tensor, spatial_shapes: Tensor, level_start_index: 
                       sampling_locations: Tensor, attention_weights: Tensor, softmax: bool,
                       deterministic: bool, backend: str) -> Tensor:
     """out [B, Lq, H*D]; ``deterministic`` only matters for the backward."""
-    if value.numel() == 0 or sampling_locations.numel() == 0:
-        return _zeros_out(value, sampling_locations)
-    return implementation(backend, "ms_deform_attn_fwd")(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax
-    )
+    return _forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, softmax,
+                    deterministic, backend)
 
 
 @ms_deform_attn_op.register_fake
@@ -32,24 +50,14 @@ def _(value, spatial_shapes, level_start_index, sampling_locations, attention_we
     return value.new_empty(b, lq, h * value.shape[-1])
 
 
-def _zeros_out(value, sampling_locations):
-    b, lq, h = sampling_locations.shape[:3]
-    return value.new_zeros(b, lq, h * value.shape[-1])
-
-
 @torch.library.custom_op("m2f_kernels::ms_deform_attn_backward", mutates_args=())
 def ms_deform_attn_backward_op(grad_out: Tensor, value: Tensor, spatial_shapes: Tensor,
                                level_start_index: Tensor, sampling_locations: Tensor,
                                attention_weights: Tensor, softmax: bool, deterministic: bool,
                                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_value, grad_sampling_locations, grad_attention_weights)."""
-    if value.numel() == 0 or sampling_locations.numel() == 0:
-        return (value.new_zeros(value.shape), sampling_locations.new_zeros(sampling_locations.shape),
-                attention_weights.new_zeros(attention_weights.shape))
-    return implementation(backend, "ms_deform_attn_bwd")(
-        grad_out, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-        softmax, deterministic,
-    )
+    return _backward_impl(grad_out, value, spatial_shapes, level_start_index, sampling_locations,
+                          attention_weights, softmax, deterministic, backend)
 
 
 @ms_deform_attn_backward_op.register_fake
@@ -66,16 +74,19 @@ def _setup_context(ctx, inputs, output):
     ctx.softmax, ctx.deterministic, ctx.backend = softmax, deterministic, backend
 
 
-def _backward(ctx, grad_out):
-    value, spatial_shapes, level_start_index, loc, weights = ctx.saved_tensors
-    gv, gl, gw = ms_deform_attn_backward_op(
-        grad_out, value, spatial_shapes, level_start_index, loc, weights,
-        ctx.softmax, ctx.deterministic, ctx.backend,
-    )
-    return gv, None, None, gl, gw, None, None, None
+def _backward_with(backward_fn):
+    def backward(ctx, grad_out):
+        value, spatial_shapes, level_start_index, loc, weights = ctx.saved_tensors
+        gv, gl, gw = backward_fn(grad_out, value, spatial_shapes, level_start_index, loc, weights,
+                                 ctx.softmax, ctx.deterministic, ctx.backend)
+        return gv, None, None, gl, gw, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd("m2f_kernels::ms_deform_attn", _backward, setup_context=_setup_context)
+torch.library.register_autograd("m2f_kernels::ms_deform_attn", _backward_with(ms_deform_attn_backward_op),
+                                setup_context=_setup_context)
+_MSDeformAttnEager = eager_function("MSDeformAttnEager", _forward, _setup_context, _backward_with(_backward_impl))
 
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor,
@@ -103,5 +114,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     chosen = choose_backend(OP, value, backend)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    return ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                             bool(softmax), bool(deterministic), chosen)
+    fast = eager_fast_path(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    run = _MSDeformAttnEager.apply if fast else ms_deform_attn_op
+    return run(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+               bool(softmax), bool(deterministic), chosen)

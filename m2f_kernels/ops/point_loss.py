@@ -9,17 +9,27 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import accumulate_dtype, choose_backend, not_differentiable
+from ._common import accumulate_dtype, choose_backend, eager_fast_path, eager_function, not_differentiable
 
 # --- point_sample ---------------------------------------------------------------------------
+
+
+def _point_sample(input, coords, backend):
+    if input.numel() == 0 or coords.numel() == 0:
+        return input.new_zeros(input.shape[0], input.shape[1], coords.shape[1])
+    return implementation(backend, "point_sample_fwd")(input, coords)
+
+
+def _point_sample_bwd(grad_out, input, coords, backend):
+    if input.numel() == 0 or coords.numel() == 0:
+        return input.new_zeros(input.shape)
+    return implementation(backend, "point_sample_bwd")(grad_out, input, coords)
 
 
 @torch.library.custom_op("m2f_kernels::point_sample", mutates_args=())
 def point_sample_op(input: Tensor, coords: Tensor, backend: str) -> Tensor:
     """[N, C, P]."""
-    if input.numel() == 0 or coords.numel() == 0:
-        return input.new_zeros(input.shape[0], input.shape[1], coords.shape[1])
-    return implementation(backend, "point_sample_fwd")(input, coords)
+    return _point_sample(input, coords, backend)
 
 
 @point_sample_op.register_fake
@@ -29,9 +39,7 @@ def _(input, coords, backend):
 
 @torch.library.custom_op("m2f_kernels::point_sample_backward", mutates_args=())
 def point_sample_backward_op(grad_out: Tensor, input: Tensor, coords: Tensor, backend: str) -> Tensor:
-    if input.numel() == 0 or coords.numel() == 0:
-        return input.new_zeros(input.shape)
-    return implementation(backend, "point_sample_bwd")(grad_out, input, coords)
+    return _point_sample_bwd(grad_out, input, coords, backend)
 
 
 @point_sample_backward_op.register_fake
@@ -45,15 +53,20 @@ def _point_sample_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _point_sample_backward(ctx, grad_out):
-    if ctx.needs_input_grad[1]:
-        raise RuntimeError("m2f_kernels.point_sample is differentiable in input only, not in coords")
-    input, coords = ctx.saved_tensors
-    return point_sample_backward_op(grad_out, input, coords, ctx.backend), None, None
+def _point_sample_backward_with(backward_fn):
+    def backward(ctx, grad_out):
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("m2f_kernels.point_sample is differentiable in input only, not in coords")
+        input, coords = ctx.saved_tensors
+        return backward_fn(grad_out, input, coords, ctx.backend), None, None
+
+    return backward
 
 
-torch.library.register_autograd("m2f_kernels::point_sample", _point_sample_backward,
+torch.library.register_autograd("m2f_kernels::point_sample", _point_sample_backward_with(point_sample_backward_op),
                                 setup_context=_point_sample_setup)
+_PointSampleEager = eager_function("PointSampleEager", _point_sample, _point_sample_setup,
+                                   _point_sample_backward_with(_point_sample_bwd))
 
 
 def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -67,19 +80,24 @@ def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None
         [N, C, P] in input's dtype, differentiable in input.
     """
     _validation.point_sample(input, coords)
-    return point_sample_op(input, coords, choose_backend("point_sample", input, backend))
+    run = _PointSampleEager.apply if eager_fast_path(input, coords) else point_sample_op
+    return run(input, coords, choose_backend("point_sample", input, backend))
 
 
 # --- uncertain_point_coords -----------------------------------------------------------------
+
+
+def _uncertain_point_coords(logits, candidates, random, num_uncertain, backend):
+    if logits.shape[0] == 0 or num_uncertain == 0:
+        return torch.cat([candidates[:, :num_uncertain], random.to(candidates.dtype)], dim=1).contiguous()
+    return implementation(backend, "uncertain_point_coords")(logits, candidates, random, num_uncertain)
 
 
 @torch.library.custom_op("m2f_kernels::uncertain_point_coords", mutates_args=())
 def uncertain_point_coords_op(logits: Tensor, candidates: Tensor, random: Tensor, num_uncertain: int,
                               backend: str) -> Tensor:
     """[N, num_uncertain + R, 2]: most uncertain candidates, then the random points."""
-    if logits.shape[0] == 0 or num_uncertain == 0:
-        return torch.cat([candidates[:, :num_uncertain], random.to(candidates.dtype)], dim=1).contiguous()
-    return implementation(backend, "uncertain_point_coords")(logits, candidates, random, num_uncertain)
+    return _uncertain_point_coords(logits, candidates, random, num_uncertain, backend)
 
 
 @uncertain_point_coords_op.register_fake
@@ -120,7 +138,10 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
     random = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, dtype=dtype, generator=generator)
     chosen = choose_backend("uncertain_point_coords", logits, backend)
     # detached: point selection has no gradient, and a graph through it would only cost memory
-    return uncertain_point_coords_op(logits.detach(), candidates, random, num_uncertain, chosen)
+    logits = logits.detach()
+    # no gradient, so the eager fast path is the backend call itself
+    run = _uncertain_point_coords if eager_fast_path(logits, candidates, random) else uncertain_point_coords_op
+    return run(logits, candidates, random, num_uncertain, chosen)
 
 
 # --- point_mask_loss ------------------------------------------------------------------------
@@ -131,10 +152,22 @@ def point_mask_loss_op(pred: Tensor, target: Tensor, coords: Tensor, num_masks: 
                        batch_index: Optional[Tensor], query_index: Optional[Tensor],
                        backend: str) -> tuple[Tensor, Tensor]:
     """(loss_bce, loss_dice), 0-dim in pred's dtype."""
+    return _point_mask_loss(pred, target, coords, num_masks, batch_index, query_index, backend)
+
+
+def _point_mask_loss(pred, target, coords, num_masks, batch_index, query_index, backend):
     if target.shape[0] == 0:
         return pred.new_zeros(()), pred.new_zeros(())
     return implementation(backend, "point_mask_loss_fwd")(
         pred, target, coords, num_masks, batch_index, query_index
+    )
+
+
+def _point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index, backend):
+    if target.shape[0] == 0:
+        return pred.new_zeros(pred.shape)
+    return implementation(backend, "point_mask_loss_bwd")(
+        grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index
     )
 
 
@@ -148,11 +181,8 @@ def point_mask_loss_backward_op(grad_bce: Tensor, grad_dice: Tensor, pred: Tenso
                                 coords: Tensor, num_masks: float, batch_index: Optional[Tensor],
                                 query_index: Optional[Tensor], backend: str) -> Tensor:
     """grad_pred, shaped like pred."""
-    if target.shape[0] == 0:
-        return pred.new_zeros(pred.shape)
-    return implementation(backend, "point_mask_loss_bwd")(
-        grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index
-    )
+    return _point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index,
+                                backend)
 
 
 @point_mask_loss_backward_op.register_fake
@@ -166,17 +196,23 @@ def _point_mask_loss_setup(ctx, inputs, output):
     ctx.num_masks, ctx.backend = num_masks, backend
 
 
-def _point_mask_loss_backward(ctx, grad_bce, grad_dice):
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        raise RuntimeError("m2f_kernels.point_mask_loss is differentiable in pred only, not in target or coords")
-    pred, target, coords, batch_index, query_index = ctx.saved_tensors
-    grad = point_mask_loss_backward_op(grad_bce, grad_dice, pred, target, coords, ctx.num_masks,
-                                       batch_index, query_index, ctx.backend)
-    return grad, None, None, None, None, None, None
+def _point_mask_loss_backward_with(backward_fn):
+    def backward(ctx, grad_bce, grad_dice):
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("m2f_kernels.point_mask_loss is differentiable in pred only, not in target or coords")
+        pred, target, coords, batch_index, query_index = ctx.saved_tensors
+        grad = backward_fn(grad_bce, grad_dice, pred, target, coords, ctx.num_masks,
+                           batch_index, query_index, ctx.backend)
+        return grad, None, None, None, None, None, None
+
+    return backward
 
 
-torch.library.register_autograd("m2f_kernels::point_mask_loss", _point_mask_loss_backward,
+torch.library.register_autograd("m2f_kernels::point_mask_loss",
+                                _point_mask_loss_backward_with(point_mask_loss_backward_op),
                                 setup_context=_point_mask_loss_setup)
+_PointMaskLossEager = eager_function("PointMaskLossEager", _point_mask_loss, _point_mask_loss_setup,
+                                     _point_mask_loss_backward_with(_point_mask_loss_bwd))
 
 
 def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float, *,
@@ -203,7 +239,9 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
     _validation.point_mask_loss(pred, target, coords, num_masks, pred_index)
     batch_index, query_index = (None, None) if pred_index is None else pred_index
     chosen = choose_backend("point_mask_loss", pred, backend)
-    return point_mask_loss_op(pred, target, coords, float(num_masks), batch_index, query_index, chosen)
+    fast = eager_fast_path(pred, target, coords, batch_index, query_index)
+    run = _PointMaskLossEager.apply if fast else point_mask_loss_op
+    return run(pred, target, coords, float(num_masks), batch_index, query_index, chosen)
 
 
 # --- pairwise_mask_cost ---------------------------------------------------------------------
@@ -212,6 +250,10 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
 @torch.library.custom_op("m2f_kernels::pairwise_mask_cost", mutates_args=())
 def pairwise_mask_cost_op(pred: Tensor, target: Tensor, coords: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(cost_bce [Q, T], cost_dice [Q, T]) in float32 (float64 for float64 pred)."""
+    return _pairwise_mask_cost(pred, target, coords, backend)
+
+
+def _pairwise_mask_cost(pred, target, coords, backend):
     if pred.shape[0] == 0 or target.shape[0] == 0:
         dtype = accumulate_dtype(pred)
         empty = pred.new_zeros(pred.shape[0], target.shape[0], dtype=dtype)
@@ -249,4 +291,7 @@ def pairwise_mask_cost(pred: Tensor, target: Tensor, coords: Tensor, *,
     """
     _validation.pairwise_mask_cost(pred, target, coords)
     chosen = choose_backend("pairwise_mask_cost", pred, backend)
-    return pairwise_mask_cost_op(pred.detach(), target.detach(), coords.detach(), chosen)
+    pred, target, coords = pred.detach(), target.detach(), coords.detach()
+    # no gradient, so the eager fast path is the backend call itself
+    run = _pairwise_mask_cost if eager_fast_path(pred, target, coords) else pairwise_mask_cost_op
+    return run(pred, target, coords, chosen)
