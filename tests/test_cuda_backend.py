@@ -63,11 +63,9 @@ def test_dispatcher_reports_cuda_backend_not_built():
 
 # ----------------------------------------------------------------------------- GPU
 @requires_cuda_backend
-def test_dispatcher_sees_ms_deform_attn_only():
-    dev = torch.device("cuda")
-    assert _dispatch._why_not("cuda", "ms_deform_attn", dev, torch.float32) is None
-    reason = _dispatch._why_not("cuda", "masked_attention", dev, torch.float32)
-    assert reason is not None and "does not implement masked_attention yet" in reason, reason
+@pytest.mark.parametrize("op", list(_dispatch.BACKEND_FUNCTIONS))
+def test_dispatcher_sees_every_op(op):
+    assert _dispatch._why_not("cuda", op, torch.device("cuda"), torch.float32) is None
 
 
 @requires_cuda_backend

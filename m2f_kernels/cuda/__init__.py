@@ -17,6 +17,11 @@ import torch
 _C = importlib.import_module("m2f_kernels._C")
 
 from .ms_deform_attn import ms_deform_attn_bwd, ms_deform_attn_fwd  # noqa: E402
+from .masked_attention import masked_attention_bwd, masked_attention_fwd  # noqa: E402
+from .point_loss import (  # noqa: E402
+    pairwise_mask_cost, point_mask_loss_bwd, point_mask_loss_fwd, point_sample_bwd, point_sample_fwd,
+    uncertain_point_coords,
+)
 
 
 def device_unavailable_reason(device) -> "str | None":
