@@ -78,7 +78,7 @@ for stage in $stages; do
     train-start)
       for kernels in fused reference; do
         timeout "$TRAIN_LIMIT" python3 -m m2f.train --preset small --kernels "$kernels" ${TRAIN_STEPS:+--steps "$TRAIN_STEPS"} \
-          --out "runs/shapes_small_$kernels" > "$LOGS/train-$kernels.log" 2>&1 &
+          --out "runs/shapes_small_$kernels" ${TRAIN_ARGS:-} > "$LOGS/train-$kernels.log" 2>&1 &
         TRAIN_PIDS+=($!)
       done
       ;;
