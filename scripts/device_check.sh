@@ -41,7 +41,7 @@ wait_build() {
   tail -5 "$LOGS/build-cuda.log"
 }
 
-workers=$(python3 -c "import importlib.util as u; print(6 if u.find_spec('xdist') else 0)")
+workers=$(python3 -c "import importlib.util as u; print(8 if u.find_spec('xdist') else 0)")
 for stage in $stages; do
   stamp "$stage"
   case $stage in
@@ -54,8 +54,9 @@ for stage in $stages; do
     tests)
       xdist=(); [ "$workers" -gt 0 ] && xdist=(-n "$workers")
       # shellcheck disable=SC2086
-      timeout "$TEST_LIMIT" python3 -m pytest ${TEST_PATHS:-tests} -q -p no:cacheprovider "${xdist[@]}" \
-        --durations=15 -k "${TEST_FILTER:-}" > "$LOGS/tests.log" 2>&1
+      # SIGINT at the limit: pytest still prints its summary of failures
+      timeout -s INT -k 15 "$TEST_LIMIT" python3 -m pytest ${TEST_PATHS:-tests} -q -rfE -p no:cacheprovider \
+        "${xdist[@]}" --durations=15 -k "${TEST_FILTER:-}" > "$LOGS/tests.log" 2>&1
       tail -25 "$LOGS/tests.log"
       ;;
     bench|bench-quick)
@@ -91,7 +92,7 @@ for stage in $stages; do
       ;;
     cuda-tests)
       wait_build
-      timeout "$CUDA_TEST_LIMIT" python3 -m pytest tests/test_cuda_backend.py tests/test_cuda_*.py -q \
+      timeout -s INT -k 15 "$CUDA_TEST_LIMIT" python3 -m pytest ${CUDA_TEST_PATHS:-tests/test_cuda_*.py} -q -rfE \
         -p no:cacheprovider --durations=8 > "$LOGS/cuda-tests.log" 2>&1
       tail -25 "$LOGS/cuda-tests.log"
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)

@@ -144,7 +144,7 @@ def test_head_dim_above_limit_is_a_clear_error():
 
     q = torch.randn(1, 1, 2, 160, device=DEV)
     mask = torch.zeros(1, 2, 3, dtype=torch.bool, device=DEV)
-    with pytest.raises(RuntimeError, match="head dims"):
+    with pytest.raises(ValueError, match="head dims"):
         cuda_backend.masked_attention_fwd(q, torch.randn(1, 1, 3, 160, device=DEV),
                                           torch.randn(1, 1, 3, 32, device=DEV), mask, 0.1)
 

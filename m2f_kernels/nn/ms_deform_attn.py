@@ -120,6 +120,8 @@ class MSDeformAttn(nn.Module):
         attention_logits = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            # spatial shapes may stay on the CPU (the op reads them there without a sync)
+            offset_normalizer = offset_normalizer.to(sampling_offsets.device, non_blocking=True)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]
                 + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
