@@ -357,8 +357,6 @@ def main(argv=None) -> int:
 
     env = environment(device, transformers=transformers.__version__,
                       scipy=importlib.import_module("scipy").__version__)
-    if os.environ.get("M2F_BENCH_COMMIT"):
-        env["commit"] = os.environ["M2F_BENCH_COMMIT"]
     try:
         from m2f_kernels._dispatch import resolve
 

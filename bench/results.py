@@ -32,9 +32,12 @@ ENV_REQUIRED = ("device", "torch", "triton", "cuda", "commit", "python")
 def git_commit(root: Path = REPO_ROOT) -> dict:
     """{'commit': sha or None, 'dirty': bool or None} of the working tree (read-only git calls).
 
-    Where the tree is a copy without .git (a GPU machine given only the files), the
-    environment variable M2F_BENCH_COMMIT names the commit instead.
+    The environment variable M2F_BENCH_COMMIT, where set, names the commit instead: a GPU
+    machine is given a copy of the files whose .git may be missing or stale (the device
+    tool's copies reported the session's first commit while later commits were running).
     """
+    if os.environ.get("M2F_BENCH_COMMIT"):
+        return {"commit": os.environ["M2F_BENCH_COMMIT"], "dirty": None}
 
     def git(*args: str) -> Optional[str]:
         try:
@@ -45,7 +48,7 @@ def git_commit(root: Path = REPO_ROOT) -> dict:
 
     sha = git("rev-parse", "HEAD")
     if sha is None:
-        return {"commit": os.environ.get("M2F_BENCH_COMMIT"), "dirty": None}
+        return {"commit": None, "dirty": None}
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": sha, "dirty": None if status is None else bool(status)}
 

@@ -50,6 +50,23 @@ def save_loss_curve(log_path: str, png_path: str) -> None:
     _save(fig, png_path)
 
 
+def save_run_comparison(log_paths: Dict[str, str], png_path: str) -> None:
+    """Total training loss (log scale) and speed (it/s) against step for several runs, e.g.
+    ``{"fused": "runs/a/metrics.jsonl", "reference": "runs/b/metrics.jsonl"}``."""
+    fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, path in log_paths.items():
+        train = [r for r in read_log(path) if "loss" in r]
+        loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], label=label)
+        speed_ax.plot([r["step"] for r in train], [r.get("it_s", float("nan")) for r in train], label=label)
+    loss_ax.set(xlabel="step", ylabel="weighted loss", yscale="log", title="training loss")
+    speed_ax.set(xlabel="step", ylabel="it/s", title="training speed")
+    for ax in (loss_ax, speed_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, png_path)
+
+
 def _palette(n: int) -> np.ndarray:
     name, size = ("tab10", 10) if n <= 10 else ("tab20", 20)
     return plt.get_cmap(name)(np.arange(size))[:, :3][np.arange(n) % size]

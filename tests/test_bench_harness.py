@@ -9,6 +9,7 @@ import copy
 import itertools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -399,15 +400,18 @@ def test_compare_prints_ratios(tmp_path, cpu_records, capsys):
 
 
 def _pytest(*args, cwd=ROOT):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider"],
+    # a fresh session: not an xdist worker of the outer run (pytest-benchmark turns itself off
+    # when it believes xdist is active, as happened when the GPU suite ran under -n 8)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS"))}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "-p", "no:xdist"],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _assert_all_skipped(done, reason):
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-3000:]
-    summary = text.strip().splitlines()[-1]
+    summary = [line for line in text.splitlines() if re.search(r"\d+ (passed|skipped|failed)", line)][-1]
     assert "skipped" in summary and "passed" not in summary and "error" not in summary, summary
     assert reason in text, text[-3000:]
 
