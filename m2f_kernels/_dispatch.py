@@ -43,9 +43,29 @@ _MODULES = {
 # dtypes each compiled backend accepts for its floating inputs.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# 'auto' on a CUDA tensor: the backends to try, in order. A fixed order for now: Triton
-# leads until the CUDA backend (issue 9) is measured against it op by op.
-_AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
+# 'auto' on a CUDA tensor: per (op, dtype class) the backends to try, fastest measured
+# first; an unavailable one (e.g. the extension not built) is passed over. The one table of
+# that choice. Measured at the standard shapes (DESIGN.md) in
+# bench/results/nvidia-h200-2026-11-27-3.json (H200, milliseconds, medians):
+#   masked_attention      bf16 Q200 N16384 fwd: triton 0.24, cuda 3.44; fwd+bwd: 0.94 vs 10.1
+#   pairwise_mask_cost    matcher, 10 predictions: fp32 triton 3.6, cuda 10.4; bf16 4.7 vs 10.5
+#   point_mask_loss and   loss (importance sampling + loss), 10 predictions, fp32:
+#   uncertain_point_coords  fwd triton 8.2, cuda 6.4; fwd+bwd 15.8 vs 12.8 (host-bound: the
+#                         C++ ops launch with less host time than Triton's launcher)
+# Not yet measured with cuda, so Triton first: ms_deform_attn, point_sample, the 16-bit loss.
+AUTO_TABLE_SOURCE = "bench/results/nvidia-h200-2026-11-27-3.json"
+_TRITON_FIRST = ("triton", "cuda", "reference")
+_CUDA_FIRST = ("cuda", "triton", "reference")
+AUTO_ORDER_CUDA = {
+    ("point_mask_loss", "fp32"): _CUDA_FIRST,
+    ("uncertain_point_coords", "fp32"): _CUDA_FIRST,
+}
+
+
+def auto_order(op: str, dtype: torch.dtype) -> tuple:
+    """The backends 'auto' tries for ``op`` on a CUDA tensor of ``dtype``, in order."""
+    dtype_class = "fp32" if dtype == torch.float32 else "16bit"
+    return AUTO_ORDER_CUDA.get((op, dtype_class), _TRITON_FIRST)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -156,7 +176,7 @@ def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional
         return requested
     if device.type != "cuda":
         return "reference"
-    for candidate in _AUTO_ORDER_CUDA:
+    for candidate in auto_order(op, dtype):
         if _why_not(candidate, op, device, dtype) is None:
             return candidate
     return "reference"

@@ -94,3 +94,18 @@ def test_info_table_is_truthful():
 def test_info_runs_as_module():
     out = subprocess.run([sys.executable, "-m", "m2f_kernels.info"], capture_output=True, text=True, check=True)
     assert "masked_attention" in out.stdout and "reference" in out.stdout
+
+
+def test_auto_order_table():
+    """'auto' follows the measured table: cuda first only where it measured faster, and every
+    order ends on the reference backend, so 'auto' always has something to run."""
+    from m2f_kernels._dispatch import AUTO_ORDER_CUDA, BACKEND_FUNCTIONS, auto_order
+
+    assert all(op in BACKEND_FUNCTIONS and cls in ("fp32", "16bit") for op, cls in AUTO_ORDER_CUDA)
+    assert auto_order("point_mask_loss", torch.float32)[0] == "cuda"
+    assert auto_order("point_mask_loss", torch.bfloat16)[0] == "triton"
+    assert auto_order("masked_attention", torch.float32)[0] == "triton"
+    for op in BACKEND_FUNCTIONS:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            order = auto_order(op, dtype)
+            assert sorted(order) == ["cuda", "reference", "triton"] and order[-1] == "reference"
