@@ -156,14 +156,6 @@ def _on_device(base, device, patched: bool):
     return model
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 # ----------------------------------------------------------------------------- equality
@@ -171,7 +163,7 @@ def equality(base, batch: dict, device: torch.device, seed: int) -> dict:
     """One seeded fp32 forward + backward of HF and of the patched copy; relative errors."""
     step = _helpers().train_step
     runs = {}
-    with _no_tf32():
+    with measure.no_tf32():
         for name, patched in (("hf", False), ("m2f_kernels", True)):
             model = _on_device(base, device, patched)
             out, loss, grads, _ = step(model, batch, seed)

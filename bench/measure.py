@@ -4,6 +4,7 @@ Nothing here touches CUDA at import time; the GPU functions are only called on a
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from typing import Any, Callable, Optional
@@ -71,6 +72,17 @@ class WallTimer:
         start = time.perf_counter()
         fn()
         return (time.perf_counter() - start) * 1e3
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """fp32 matmuls and convolutions without TF32 for the duration (exact comparisons)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def summarize(samples_ms: list) -> dict:

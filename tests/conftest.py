@@ -16,6 +16,22 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+def _cuda_extension_built() -> bool:
+    try:
+        import m2f_kernels._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+CUDA_EXTENSION_BUILT = _cuda_extension_built()
+requires_cuda_backend = pytest.mark.skipif(
+    not (CUDA_EXTENSION_BUILT and ON_GPU),
+    reason="the cuda backend needs the built extension m2f_kernels._C and a CUDA GPU "
+           f"(built: {CUDA_EXTENSION_BUILT}, GPU: {ON_GPU})",
+)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf; an all-zero ref compares absolutely."""
     out64, ref64 = out.detach().double(), ref.detach().double()

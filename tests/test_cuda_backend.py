@@ -12,26 +12,12 @@ import torch
 
 import m2f_kernels
 from m2f_kernels import _dispatch, reference
-from .conftest import ON_GPU, TOLERANCE, assert_close
+from .conftest import CUDA_EXTENSION_BUILT as BUILT, TOLERANCE, assert_close, requires_cuda_backend
 from .test_ms_deform_attn_triton import (
     GRAD_NAMES, call_backend, check_deterministic_twice, make_inputs, poisoned_empty, run_api, standard_inputs,
 )
 
 
-def _extension_built() -> bool:
-    try:
-        import m2f_kernels._C  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-BUILT = _extension_built()
-requires_cuda_backend = pytest.mark.skipif(
-    not (BUILT and ON_GPU),
-    reason="the cuda backend needs the built extension m2f_kernels._C and a CUDA GPU "
-           f"(built: {BUILT}, GPU: {ON_GPU})",
-)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 

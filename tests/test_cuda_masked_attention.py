@@ -13,9 +13,9 @@ import torch
 
 import m2f_kernels as mk
 from m2f_kernels import _dispatch
-from .conftest import TOLERANCE, poisoned_empty
-from .test_cuda_backend import requires_cuda_backend
-from .test_masked_attention_triton import _seed, check, make_mask, make_qkv, reference_result, standard_mask
+from .conftest import TOLERANCE, poisoned_empty, requires_cuda_backend
+from . import test_masked_attention_triton as triton_tests
+from .test_masked_attention_triton import _seed, check, make_mask, make_qkv, standard_mask
 
 pytestmark = requires_cuda_backend
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -44,15 +44,7 @@ def cuda_result(q, k, v, mask, scale, grad_out):
 
 
 def assert_matches_reference(q, k, v, mask, scale=None, tol=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    tol = TOLERANCE[q.dtype] if tol is None else tol
-    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
-    got = cuda_result(q, k, v, mask, scale, grad_out)
-    want = reference_result(q, k, v, mask, scale, grad_out)
-    assert got[0].dtype == q.dtype and got[1].dtype == torch.float32
-    assert got[2].dtype == q.dtype and got[3].dtype == k.dtype and got[4].dtype == v.dtype
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        check(a, b, tol, name)
+    triton_tests.assert_matches_reference(q, k, v, mask, scale, tol, result=cuda_result)
 
 
 def test_dispatcher_sees_masked_attention():

@@ -10,7 +10,6 @@ reason without a built extension and a CUDA GPU.
 from __future__ import annotations
 
 import contextlib
-import importlib
 
 import pytest
 import torch
@@ -18,26 +17,14 @@ import torch
 import m2f_kernels as mk
 from m2f_kernels import _dispatch
 from m2f_kernels import reference as ref
-from .conftest import DEVICE, ON_GPU, TOLERANCE, assert_close, poisoned_empty
+from .conftest import DEVICE, TOLERANCE, assert_close, poisoned_empty, requires_cuda_backend
 from .test_point_loss_triton import (
-    DTYPES, TARGET_KINDS, _seed, check_importance_points, make_coords, make_loss_inputs, make_target, rel_scalar,
+    DTYPES, TARGET_KINDS, _seed, check_importance_points, check_zero_masks, make_coords, make_loss_inputs,
+    make_point_sample_inputs, make_target, rel_scalar,
 )
 
 
-def _extension_built() -> bool:
-    try:
-        importlib.import_module("m2f_kernels._C")
-    except ImportError:
-        return False
-    return True
-
-
-BUILT = _extension_built()
-pytestmark = pytest.mark.skipif(
-    not (BUILT and ON_GPU),
-    reason="the cuda backend needs the built extension m2f_kernels._C and a CUDA GPU "
-           f"(built: {BUILT}, GPU: {ON_GPU})",
-)
+pytestmark = requires_cuda_backend
 
 
 def cuda_backend():
@@ -70,12 +57,7 @@ def _point_sample_api(backend, x, coords, weights):
 def test_point_sample(dtype, channels, strided, p):
     seed = _seed()
     n, h, w = 3, 7, 9
-    if strided:  # channels-last input and [N, 2, P]-transposed coords
-        x = torch.randn(n, h, w, channels, device=DEVICE).to(dtype).permute(0, 3, 1, 2)
-        coords = make_coords(n, p, [(h, w)]).transpose(1, 2).contiguous().transpose(1, 2)
-    else:
-        x = torch.randn(n, channels, h, w, device=DEVICE).to(dtype)
-        coords = make_coords(n, p, [(h, w)])
+    x, coords = make_point_sample_inputs(n, channels, h, w, p, dtype, strided)
     weights = torch.randn(n, channels, p, device=DEVICE)
     out, grad = _point_sample_api("cuda", x, coords, weights)
     eout, egrad = _point_sample_api("reference", x, coords, weights)
@@ -185,14 +167,7 @@ def test_point_mask_loss_int32_index():
 
 
 def test_point_mask_loss_zero_masks():
-    pred = torch.randn(2, 4, 6, 5, device=DEVICE, requires_grad=True)
-    target = torch.zeros(0, 8, 8, dtype=torch.bool, device=DEVICE)
-    coords = torch.rand(0, 7, 2, device=DEVICE)
-    empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
-    bce, dice = mk.point_mask_loss(pred, target, coords, 1.0, pred_index=(empty, empty), backend="cuda")
-    assert bce.item() == 0 and dice.item() == 0
-    (bce + dice).backward()
-    assert pred.grad is not None and (pred.grad == 0).all()
+    check_zero_masks("cuda")
 
 
 # ----------------------------------------------------------------------------- pairwise_mask_cost

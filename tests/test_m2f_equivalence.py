@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import m2f_kernels
+from bench.measure import no_tf32
 from m2f import build_model
 from m2f.backbone import calibrate_frozen_bn
 from m2f.testing import TINY, jitter_deformable_init, random_images, random_targets
@@ -218,14 +219,6 @@ def _full_size_case(seed, backbone="resnet50"):
     return model, images, targets
 
 
-@contextlib.contextmanager
-def no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @requires_gpu

@@ -113,13 +113,15 @@ def triton_result(q, k, v, mask, scale, grad_out):
     return out.detach(), lse, dq, dk, dv
 
 
-def assert_matches_reference(q, k, v, mask, scale=None, tol=None):
+def assert_matches_reference(q, k, v, mask, scale=None, tol=None, result=triton_result):
+    """``result(q, k, v, mask, scale, grad_out)`` -> (out, lse, dq, dk, dv) against the reference."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tol = TOLERANCE[q.dtype] if tol is None else tol
     grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=q.dtype)
-    got = triton_result(q, k, v, mask, scale, grad_out)
+    got = result(q, k, v, mask, scale, grad_out)
     want = reference_result(q, k, v, mask, scale, grad_out)
     assert got[0].dtype == q.dtype and got[1].dtype == torch.float32
+    assert got[2].dtype == q.dtype and got[3].dtype == k.dtype and got[4].dtype == v.dtype
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
         check(a, b, tol, name)
 

@@ -79,17 +79,24 @@ def rel_scalar(out: torch.Tensor, expected: torch.Tensor) -> float:
 # ----------------------------------------------------------------------------- point_sample
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels,strided", [(1, False), (3, True)])
-def test_point_sample(dtype, channels, strided):
-    _seed()
-    n, h, w, p = 3, 7, 9, 41
-    if strided:  # channels-last input and [N, 2, P]-transposed coords
+def make_point_sample_inputs(n, channels, h, w, p, dtype, strided):
+    """input [n, channels, h, w] and coords [n, p, 2]; strided: channels-last input and
+    [N, 2, P]-transposed coords."""
+    if strided:
         x = torch.randn(n, h, w, channels, device=DEVICE).to(dtype).permute(0, 3, 1, 2)
         coords = make_coords(n, p, [(h, w)]).transpose(1, 2).contiguous().transpose(1, 2)
     else:
         x = torch.randn(n, channels, h, w, device=DEVICE).to(dtype)
         coords = make_coords(n, p, [(h, w)])
+    return x, coords
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels,strided", [(1, False), (3, True)])
+def test_point_sample(dtype, channels, strided):
+    _seed()
+    n, h, w, p = 3, 7, 9, 41
+    x, coords = make_point_sample_inputs(n, channels, h, w, p, dtype, strided)
     out = tri.point_sample_fwd(x, coords)
     assert out.dtype == dtype and out.is_contiguous()
     assert_close(out, ref.point_sample_fwd(x, coords), TOLERANCE[dtype], "point_sample")
@@ -283,15 +290,20 @@ def test_point_mask_loss_public_autograd(form):
     assert_close(grad, egrad, 1e-4, "grad pred")
 
 
-def test_point_mask_loss_zero_masks():
+def check_zero_masks(backend: str):
+    """No matched mask: both losses 0, a zero gradient, no error."""
     pred = torch.randn(2, 4, 6, 5, device=DEVICE, requires_grad=True)
     target = torch.zeros(0, 8, 8, dtype=torch.bool, device=DEVICE)
     coords = torch.rand(0, 7, 2, device=DEVICE)
     empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
-    bce, dice = mk.point_mask_loss(pred, target, coords, 1.0, pred_index=(empty, empty), backend="triton")
+    bce, dice = mk.point_mask_loss(pred, target, coords, 1.0, pred_index=(empty, empty), backend=backend)
     assert bce.item() == 0 and dice.item() == 0
     (bce + dice).backward()
     assert pred.grad is not None and (pred.grad == 0).all()
+
+
+def test_point_mask_loss_zero_masks():
+    check_zero_masks("triton")
 
 
 # ----------------------------------------------------------------------------- pairwise_mask_cost
