@@ -72,6 +72,8 @@ def report() -> str:
         auto = _dispatch.resolve(op, device, torch.float32, "auto")
         lines.append(f"{op:<{width}}  {auto:<10} " + " ".join(f"{c:<10}" for c in cells))
     lines.append("(yes: runs here; not yet: the backend lacks this op; -: the backend is unavailable, see above)")
+    lines.append(f"auto -> for float32 inputs; on a GPU its order per op and dtype was measured in "
+                 f"{_dispatch.AUTO_TABLE_SOURCE}")
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ copy the whole [B, Q, H, W] prediction once per call (the op reads the matched m
 place), for values that the widening cast reproduces exactly.
 
 Float64 tensors are never cast (autocast's own rule). Importing this module registers
-the rules; ``m2f_kernels.ops`` imports it.
+the rules; ``m2f_kernels.ops`` imports it. The eager fast path (``_common.call_op``) applies
+the same rules through ``cast_args`` / ``cast_outputs``.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ FP32_OUTPUTS = ("point_mask_loss",)
 
 _DISPATCH_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 _LIB = torch.library.Library("m2f_kernels", "IMPL")  # lives as long as this module
+_TARGETS: Dict[str, Dict[int, str]] = {}  # filled by _register_all
 
 
 def _cast(t, device_type: str, dtype: torch.dtype):
@@ -63,32 +65,48 @@ def _widen(out, device_type: str):
     return _cast(out, device_type, torch.float32)
 
 
+def _targets(name: str) -> Dict[int, str]:
+    """{positional index in the op's schema: LOW or FP32} for the arguments RULES names."""
+    arguments = getattr(torch.ops.m2f_kernels, name).default._schema.arguments
+    targets = {i: RULES[name][arg.name] for i, arg in enumerate(arguments) if arg.name in RULES[name]}
+    missing = set(RULES[name]) - {arguments[i].name for i in targets}
+    if missing:  # a renamed argument must not silently lose its rule
+        raise RuntimeError(f"autocast rule for m2f_kernels::{name} names unknown arguments {sorted(missing)}")
+    return targets
+
+
+def cast_args(name: str, args: tuple, device_type: str) -> tuple:
+    """``args`` (the op's positional arguments) cast as RULES says under the current autocast."""
+    low = torch.get_autocast_dtype(device_type)
+    targets = _TARGETS[name]
+    return tuple(
+        _cast(a, device_type, low if targets[i] == LOW else torch.float32) if i in targets else a
+        for i, a in enumerate(args)
+    )
+
+
+def cast_outputs(name: str, out, device_type: str):
+    """The op's outputs, floating ones widened to float32 for the ops in FP32_OUTPUTS."""
+    return _widen(out, device_type) if name in FP32_OUTPUTS else out
+
+
 def _register(name: str, device_type: str) -> None:
     op = getattr(torch.ops.m2f_kernels, name).default
     key_name = _DISPATCH_KEYS[device_type]
     excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
-    rule = RULES[name]
-    targets = {i: rule[arg.name] for i, arg in enumerate(op._schema.arguments) if arg.name in rule}
-    missing = set(rule) - {op._schema.arguments[i].name for i in targets}
-    if missing:  # a renamed argument must not silently lose its rule
-        raise RuntimeError(f"autocast rule for m2f_kernels::{name} names unknown arguments {sorted(missing)}")
-    widen = name in FP32_OUTPUTS
 
     def kernel(_keyset, *args):
-        low = torch.get_autocast_dtype(device_type)
-        cast = tuple(
-            _cast(a, device_type, low if targets[i] == LOW else torch.float32) if i in targets else a
-            for i, a in enumerate(args)
-        )
+        cast = cast_args(name, args, device_type)
         with torch._C._ExcludeDispatchKeyGuard(excluded):
             out = op(*cast)
-        return _widen(out, device_type) if widen else out
+        return cast_outputs(name, out, device_type)
 
     _LIB.impl(name, kernel, key_name, with_keyset=True)
 
 
 def _register_all() -> None:
     for name in RULES:
+        _TARGETS[name] = _targets(name)
         for device_type in _DISPATCH_KEYS:
             _register(name, device_type)
 

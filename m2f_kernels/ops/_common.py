@@ -22,29 +22,43 @@ def choose_backend(op: str, tensor: torch.Tensor, backend: Optional[str]) -> str
     return _choose(op, backend, str(tensor.device), str(tensor.dtype).replace("torch.", ""))
 
 
-def eager_fast_path(*tensors: Optional[torch.Tensor]) -> bool:
+def eager_fast_path(*tensors: torch.Tensor) -> bool:
     """True where a plain ``torch.autograd.Function`` may stand in for an op's custom op.
 
     The custom op (dispatcher, ``register_autograd``) is what torch.compile, export, fake
-    tensors, dispatch and function modes, functorch transforms and the autocast rules need.
-    In plain eager mode it is pure host cost: on the H200 host one masked-attention
-    forward+backward spent ~1.1 ms in the op layer against ~0.36 ms in the backend and
-    ~0.3 ms of GPU time (bench/notes/masked_attention.md), so eager calls take the
-    Function, which runs the same backend functions. ``FAST_EAGER = False`` turns it off.
+    tensors, dispatch and function modes and functorch transforms need. In plain eager mode
+    it is pure host cost: on the H200 host one masked-attention forward+backward spent
+    ~1.1 ms in the op layer against ~0.36 ms in the backend and ~0.3 ms of GPU time
+    (bench/notes/masked_attention.md), so eager calls take the Function, which runs the same
+    backend functions. ``FAST_EAGER = False`` turns it off.
     """
     if not FAST_EAGER or torch.compiler.is_compiling():
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
         return False
-    device_type = None
-    for t in tensors:
-        if t is None:
-            continue
-        if type(t) not in _PLAIN_TENSORS:
-            return False
-        device_type = t.device.type
-    return device_type is None or not torch.is_autocast_enabled(device_type)
+    return all(type(t) in _PLAIN_TENSORS for t in tensors)
+
+
+def call_op(name: str, eager, custom_op, *args):
+    """Run op ``name`` on ``args``, the custom op's positional arguments.
+
+    On the eager fast path ``eager(*args)`` runs (an autograd.Function's ``apply``, or the
+    backend call itself for an op without gradient), with the op's autocast rules applied
+    as the custom op's autocast kernel applies them; elsewhere ``custom_op(*args)``.
+    """
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not eager_fast_path(*tensors):
+        return custom_op(*args)
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return eager(*args)
+    from . import _autocast  # not at import time: it needs the registered ops
+
+    args = _autocast.cast_args(name, args, device_type)
+    with torch.autocast(device_type, enabled=False):
+        out = eager(*args)
+    return _autocast.cast_outputs(name, out, device_type)
 
 
 FAST_EAGER = True

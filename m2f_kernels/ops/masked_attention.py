@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import accumulate_dtype, choose_backend, eager_fast_path, eager_function
+from ._common import accumulate_dtype, choose_backend, call_op, eager_function
 
 OP = "masked_attention"
 
@@ -95,6 +95,5 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: Op
     _validation.masked_attention(q, k, v, mask, scale)
     chosen = choose_backend(OP, q, backend)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    run = _MaskedAttentionEager.apply if eager_fast_path(q, k, v, mask) else masked_attention_op
-    out, _ = run(q, k, v, mask, scale, chosen)
+    out, _ = call_op(OP, _MaskedAttentionEager.apply, masked_attention_op, q, k, v, mask, scale, chosen)
     return out

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import choose_backend, eager_fast_path, eager_function
+from ._common import call_op, choose_backend, eager_function
 
 OP = "ms_deform_attn"
 
@@ -114,7 +114,5 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     chosen = choose_backend(OP, value, backend)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    fast = eager_fast_path(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    run = _MSDeformAttnEager.apply if fast else ms_deform_attn_op
-    return run(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-               bool(softmax), bool(deterministic), chosen)
+    return call_op(OP, _MSDeformAttnEager.apply, ms_deform_attn_op, value, spatial_shapes, level_start_index,
+                   sampling_locations, attention_weights, bool(softmax), bool(deterministic), chosen)

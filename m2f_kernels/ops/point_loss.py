@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import _validation
 from .._dispatch import implementation
-from ._common import accumulate_dtype, choose_backend, eager_fast_path, eager_function, not_differentiable
+from ._common import accumulate_dtype, call_op, choose_backend, eager_function, not_differentiable
 
 # --- point_sample ---------------------------------------------------------------------------
 
@@ -80,8 +80,8 @@ def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None
         [N, C, P] in input's dtype, differentiable in input.
     """
     _validation.point_sample(input, coords)
-    run = _PointSampleEager.apply if eager_fast_path(input, coords) else point_sample_op
-    return run(input, coords, choose_backend("point_sample", input, backend))
+    chosen = choose_backend("point_sample", input, backend)
+    return call_op("point_sample", _PointSampleEager.apply, point_sample_op, input, coords, chosen)
 
 
 # --- uncertain_point_coords -----------------------------------------------------------------
@@ -140,8 +140,8 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
     # detached: point selection has no gradient, and a graph through it would only cost memory
     logits = logits.detach()
     # no gradient, so the eager fast path is the backend call itself
-    run = _uncertain_point_coords if eager_fast_path(logits, candidates, random) else uncertain_point_coords_op
-    return run(logits, candidates, random, num_uncertain, chosen)
+    return call_op("uncertain_point_coords", _uncertain_point_coords, uncertain_point_coords_op,
+                   logits, candidates, random, num_uncertain, chosen)
 
 
 # --- point_mask_loss ------------------------------------------------------------------------
@@ -239,9 +239,8 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
     _validation.point_mask_loss(pred, target, coords, num_masks, pred_index)
     batch_index, query_index = (None, None) if pred_index is None else pred_index
     chosen = choose_backend("point_mask_loss", pred, backend)
-    fast = eager_fast_path(pred, target, coords, batch_index, query_index)
-    run = _PointMaskLossEager.apply if fast else point_mask_loss_op
-    return run(pred, target, coords, float(num_masks), batch_index, query_index, chosen)
+    return call_op("point_mask_loss", _PointMaskLossEager.apply, point_mask_loss_op,
+                   pred, target, coords, float(num_masks), batch_index, query_index, chosen)
 
 
 # --- pairwise_mask_cost ---------------------------------------------------------------------
@@ -293,5 +292,4 @@ def pairwise_mask_cost(pred: Tensor, target: Tensor, coords: Tensor, *,
     chosen = choose_backend("pairwise_mask_cost", pred, backend)
     pred, target, coords = pred.detach(), target.detach(), coords.detach()
     # no gradient, so the eager fast path is the backend call itself
-    run = _pairwise_mask_cost if eager_fast_path(pred, target, coords) else pairwise_mask_cost_op
-    return run(pred, target, coords, chosen)
+    return call_op("pairwise_mask_cost", _pairwise_mask_cost, pairwise_mask_cost_op, pred, target, coords, chosen)
