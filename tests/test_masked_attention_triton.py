@@ -370,6 +370,24 @@ def test_config_override(monkeypatch):
     assert tri.fwd_config(q, k, v).block_n == tri.RULES[("fwd", "fp32")].block_n
 
 
+def test_fp32_dots_follow_torch_matmul_precision(monkeypatch):
+    """fp32 inputs take TF32 dots exactly when torch allows TF32 for fp32 matmuls; 16-bit
+    inputs and an explicit M2F_MA_CONFIG are unaffected."""
+    monkeypatch.delenv(tri.CONFIG_ENV, raising=False)
+    q, k, v = (torch.empty(2, 8, s, 32, device=DEVICE) for s in (100, 1024, 1024))
+    saved = torch.get_float32_matmul_precision()
+    try:
+        assert tri.fwd_config(q, k, v).fp32_dot == tri.bwd_config(q, k, v).fp32_dot == "tf32x3"
+        for precision in ("high", "medium"):
+            torch.set_float32_matmul_precision(precision)
+            assert tri.fwd_config(q, k, v).fp32_dot == tri.bwd_config(q, k, v).fp32_dot == "tf32"
+        assert tri.rules_for(True, fp32=False) == tri.RULES[("bwd", "16bit")]
+        monkeypatch.setenv(tri.CONFIG_ENV, "bwd.fp32:fp32_dot=tf32x3")
+        assert tri.bwd_config(q, k, v).fp32_dot == "tf32x3"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def test_configs_from_override_match_reference(monkeypatch):
     """The op (autograd included) under an overridden configuration still matches."""
     _seed()

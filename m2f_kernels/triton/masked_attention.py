@@ -448,7 +448,8 @@ class Config:
     (``kb_per_split`` only regroups the sums; block sizes only re-tile them), except
     ``fp32_dot``: how fp32 inputs meet the tensor cores ('tf32x3': ~fp32 accuracy, the
     default; 'tf32': fewer registers, but dq's error reaches ~2e-3 (H200, first GPU run),
-    above DESIGN.md's 1e-3 for tf32 dots, so it is opt-in only; 'ieee': CUDA cores)."""
+    above DESIGN.md's 1e-3 for tf32 dots, so only where torch's fp32 matmul precision is
+    not 'highest' or M2F_MA_CONFIG asks for it; 'ieee': CUDA cores)."""
     block_q: int
     block_n: int
     kb_per_split: int  # key tiles per program (forward split / backward chunk)
@@ -532,14 +533,24 @@ def parse_rules_override(text: str) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def _rules_table(env_text: str) -> dict:
+def _rules_table(env_text: str, matmul_precision: str) -> dict:
     overrides = parse_rules_override(env_text)
-    return {key: dataclasses.replace(r, **overrides.get(key, {})) for key, r in RULES.items()}
+    table = {}
+    for key, rules in RULES.items():
+        if matmul_precision != "highest" and key[1] == "fp32":
+            # torch.set_float32_matmul_precision("high" / "medium"): fp32 matmuls may use TF32,
+            # so ours do too (one tensor-core pass instead of three); M2F_MA_CONFIG still wins
+            rules = dataclasses.replace(rules, fp32_dot="tf32")
+        table[key] = dataclasses.replace(rules, **overrides.get(key, {}))
+    return table
 
 
 def rules_for(backward: bool, fp32: bool) -> Rules:
-    """The Rules in force: RULES with the ``M2F_MA_CONFIG`` environment override applied."""
-    return _rules_table(os.environ.get(CONFIG_ENV, ""))[("bwd" if backward else "fwd", "fp32" if fp32 else "16bit")]
+    """The Rules in force: RULES, with TF32 dots for fp32 inputs where
+    ``torch.get_float32_matmul_precision()`` is not 'highest', and the ``M2F_MA_CONFIG``
+    environment override applied."""
+    table = _rules_table(os.environ.get(CONFIG_ENV, ""), torch.get_float32_matmul_precision())
+    return table[("bwd" if backward else "fwd", "fp32" if fp32 else "16bit")]
 
 
 def _interpreting() -> bool:
