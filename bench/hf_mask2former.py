@@ -6,7 +6,7 @@
 A random-init ``Mask2FormerForUniversalSegmentation`` (no hub download) is built from a
 local config: ``--size real`` is facebook/mask2former-swin-small-coco-instance (Swin-S
 backbone, hidden 256, 100 queries, 6 encoder and 10 decoder layers, 12544 training points,
-80 classes), ``--size tiny`` the tiny model of tests/test_integrations_transformers.py.
+80 classes), ``--size tiny`` the tiny model of the integration tests (m2f_kernels.integrations.hf_testing).
 The batch is ``--batch`` images of random pixels with ``--masks`` random box instance
 masks each.
 
@@ -72,25 +72,14 @@ def missing_requirements() -> Optional[str]:
             importlib.import_module(module)
         except Exception as exc:  # ImportError, or a transformers broken against this torch
             return f"cannot import {module} ({type(exc).__name__}: {exc}); {hint}"
-    try:
-        _helpers()
-    except (Exception, SystemExit) as exc:  # pytest's Skipped is a BaseException
-        return (f"cannot import the model helpers of tests/test_integrations_transformers.py "
-                f"({type(exc).__name__}: {exc}); they need pytest")
-    except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            raise
-        return f"tests/test_integrations_transformers.py refused to import ({type(exc).__name__}: {exc})"
     return None
 
 
 def _helpers():
-    """The tests' model helpers (config, deformable-point perturbation, seeded step)."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from tests import test_integrations_transformers as t
+    """The shared HF model helpers (config, deformable-point perturbation, seeded step)."""
+    from m2f_kernels.integrations import hf_testing
 
-    return t
+    return hf_testing
 
 
 def make_config(size: str):

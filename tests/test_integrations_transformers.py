@@ -9,15 +9,12 @@ classes and functions. On a GPU the comparison also runs at a realistic size.
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import copy
 import os
 import time
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .conftest import rel_err, requires_gpu
 
@@ -30,6 +27,9 @@ pytest.importorskip("scipy", reason="HF's Mask2FormerLoss needs scipy")
 
 from m2f_kernels.compat import ms_deform_attn_core_pytorch  # noqa: E402
 from m2f_kernels.integrations import transformers as patch  # noqa: E402
+from m2f_kernels.integrations.hf_testing import (  # noqa: E402
+    generic_points, make_batch, make_config, random_boxes, train_step,
+)
 
 SWITCH_CASES = [
     dict(ms_deform_attn=True, masked_attention=False, point_loss=False),
@@ -48,75 +48,6 @@ PATCHED_NAMES = [n for s in patch.SWITCHES for n in patch._CLASSES[s]] + ["multi
 
 
 # ----------------------------------------------------------------------------- helpers
-def make_config(size: str = "tiny"):
-    """A Mask2FormerConfig with a Swin backbone built locally; 'tiny' for the CPU."""
-    if size == "tiny":
-        swin = transformers.SwinConfig(
-            image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4,
-            drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
-        return transformers.Mask2FormerConfig(
-            backbone_config=swin, feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=32,
-            encoder_layers=2, decoder_layers=4, num_attention_heads=2, dim_feedforward=32, num_queries=6,
-            train_num_points=64, num_labels=4)
-    swin = transformers.SwinConfig(  # Swin-T, the official Mask2Former decoder sizes
-        image_size=384, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=12,
-        drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
-    return transformers.Mask2FormerConfig(backbone_config=swin, num_labels=133)
-
-
-def random_boxes(count: int, size: int, device) -> torch.Tensor:
-    """[count, size, size] float masks of random rectangles (structured, unlike pixel noise)."""
-    corners = (torch.rand(count, 2, 2) * size).sort(dim=1).values.long()  # [T, (lo, hi), (y, x)]
-    grid = torch.arange(size)
-    ys = (grid[None, :] >= corners[:, 0, 0, None]) & (grid[None, :] <= corners[:, 1, 0, None])
-    xs = (grid[None, :] >= corners[:, 0, 1, None]) & (grid[None, :] <= corners[:, 1, 1, None])
-    return (ys[:, :, None] & xs[:, None, :]).float().to(device)
-
-
-def make_batch(config, batch: int, size: int, device):
-    """pixel_values [B, 3, size, size], mask_labels [T_i, size, size] float, class_labels [T_i]."""
-    counts = torch.randint(1, 4, (batch,)).tolist()
-    return dict(
-        pixel_values=torch.randn(batch, 3, size, size, device=device),
-        mask_labels=[random_boxes(t, size, device) for t in counts],
-        class_labels=[torch.randint(0, config.num_labels, (t,), device=device) for t in counts],
-    )
-
-
-@torch.no_grad()
-def generic_points(model) -> None:
-    """Perturb the zero-initialised deformable-attention weights so that sampling points
-    are off pixel centres, where bilinear sampling has no unique location gradient."""
-    for m in model.modules():
-        if isinstance(m, hf.Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
-            m.sampling_offsets.weight.add_(torch.randn_like(m.sampling_offsets.weight) * 0.02)
-            m.attention_weights.weight.add_(torch.randn_like(m.attention_weights.weight) * 0.02)
-
-
-class OpLog(TorchDispatchMode):
-    """Counts the operators that reach the dispatcher's Python key (names like 'ns::op')."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.name()] += 1
-        return func(*args, **(kwargs or {}))
-
-
-def train_step(model, batch, seed: int, log: bool = False):
-    """(outputs, loss, {name: grad}, op counts) of one seeded forward + backward."""
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    mode = OpLog() if log else contextlib.nullcontext()
-    with mode:
-        out = model(**batch)
-        out.loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return out, out.loss.detach(), grads, (mode.ops if log else None)
-
-
 def assert_same_step(got, want, tol: float, grad_tol: float, what: str) -> None:
     out, loss, grads, _ = got
     ref_out, ref_loss, ref_grads, _ = want
