@@ -14,7 +14,8 @@ import m2f_kernels
 from m2f_kernels import _dispatch, reference
 from .conftest import CUDA_EXTENSION_BUILT as BUILT, TOLERANCE, assert_close, requires_cuda_backend
 from .test_ms_deform_attn_triton import (
-    GRAD_NAMES, call_backend, check_deterministic_twice, make_inputs, poisoned_empty, run_api, standard_inputs,
+    GRAD_NAMES, call_backend, check_deterministic_twice, check_int64_offsets, make_inputs, poisoned_empty, run_api,
+    standard_inputs,
 )
 
 
@@ -152,19 +153,4 @@ def test_standard_shape_deterministic():
 @requires_cuda_backend
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_int64_offsets(deterministic):
-    """B*S*H*D > 2**31: batch 1's last level lies past element 2**31 of value (fp16, ~5.4 GB)."""
-    seed = torch.seed()
-    hw = [(2048, 2048), (1024, 1024)]
-    value, shapes, starts, loc, weights, grad_out = make_inputs(hw, b=2, lq=64, h=8, d=32, p=2,
-                                                                dtype=torch.float16, aux_dtype=torch.float32)
-    assert value.numel() > 2**31
-    weights[:, :, :, 0] = 0.0  # batch 1's results then equal the reference on the last level alone
-    got = call_backend(cuda_backend(), (value, shapes, starts, loc, weights, grad_out), False, deterministic)
-    s1 = int(starts[1])
-    small = (value[1:, s1:], shapes[1:], starts[:1] * 0, loc[1:, :, :, 1:], weights[1:, :, :, 1:], grad_out[1:])
-    want = call_backend(reference, small, False)
-    assert_close(got[0][1:], want[0], 1e-2, f"output (seed {seed})")
-    assert_close(got[1][1:, s1:], want[1], 1e-2, f"grad_value (seed {seed})")
-    assert got[1][1:, :s1].abs().max().item() == 0, f"grad_value of the zero-weight level (seed {seed})"
-    assert_close(got[2][1:, :, :, 1:], want[2], 1e-4, f"grad_sampling_locations (seed {seed})")
-    assert_close(got[3][1:, :, :, 1:], want[3], 1e-4, f"grad_attention_weights (seed {seed})")
+    check_int64_offsets(cuda_backend(), deterministic)

@@ -20,7 +20,7 @@ from m2f_kernels import reference as ref
 from .conftest import DEVICE, TOLERANCE, assert_close, poisoned_empty, requires_cuda_backend
 from .test_point_loss_triton import (
     DTYPES, TARGET_KINDS, _seed, check_importance_points, check_zero_masks, make_coords, make_loss_inputs,
-    make_point_sample_inputs, make_target, rel_scalar,
+    make_point_sample_inputs, make_target, rel_scalar, standard_case,
 )
 
 
@@ -211,21 +211,14 @@ def test_standard_shapes():
     """DESIGN.md point-loss shapes (fp32): B=2, Q=100, pred 256^2, 30 targets per image at
     1024^2, P=12544: the matcher cost per image, importance sampling and the loss on 60 matches."""
     seed = _seed()
-    b, q, t, p, hp, ht = 2, 100, 30, 12544, 256, 1024
-    pred = torch.randn(b, q, hp, hp, device=DEVICE) * 3
-    target = torch.nn.functional.interpolate(torch.randn(b * t, 1, 16, 16, device=DEVICE),
-                                             size=(ht, ht), mode="bilinear")[:, 0] > 0.3
-    for i in range(b):
-        check_pairwise(pred[i], target[i * t:(i + 1) * t], torch.rand(p, 2, device=DEVICE), seed)
+    case = standard_case(torch.float32)
+    for i in range(case.b):
+        check_pairwise(case.pred[i], case.target[i * case.t:(i + 1) * case.t],
+                       torch.rand(case.p, 2, device=DEVICE), seed)
+    logits = case.pred[case.bidx, case.qidx]
+    coords = cuda_backend().uncertain_point_coords(logits, case.candidates, case.random, case.k)
+    check_importance_points(coords, logits, case.candidates, case.random, case.k)
 
-    bidx = torch.arange(b, device=DEVICE).repeat_interleave(t)
-    qidx = torch.cat([torch.randperm(q, device=DEVICE)[:t] for _ in range(b)])
-    k = int(0.75 * p)
-    candidates = torch.rand(b * t, 3 * p, 2, device=DEVICE)
-    random = torch.rand(b * t, p - k, 2, device=DEVICE)
-    logits = pred[bidx, qidx]
-    coords = cuda_backend().uncertain_point_coords(logits, candidates, random, k)
-    check_importance_points(coords, logits, candidates, random, k)
-
-    check_loss(torch.float32, pred, target, coords, bidx, qidx, num_masks=float(b * t), seed=seed)
-    check_loss(torch.float32, logits, target, coords, None, None, num_masks=float(b * t), seed=seed)
+    num_masks = float(case.b * case.t)
+    check_loss(torch.float32, case.pred, case.target, coords, case.bidx, case.qidx, num_masks=num_masks, seed=seed)
+    check_loss(torch.float32, logits, case.target, coords, None, None, num_masks=num_masks, seed=seed)

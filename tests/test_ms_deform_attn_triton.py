@@ -252,9 +252,7 @@ def test_standard_shape_deterministic_gpu():
     check_deterministic_twice(triton_backend(), standard_inputs(torch.float32), True, seed)
 
 
-@requires_gpu
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_int64_offsets_gpu(deterministic):
+def check_int64_offsets(backend, deterministic):
     """B*S*H*D > 2**31: batch 1's last level lies past element 2**31 of value (fp16, ~5.4 GB).
 
     Level 0 gets zero weight, so batch 1's results equal the reference run on the last
@@ -266,7 +264,7 @@ def test_int64_offsets_gpu(deterministic):
                                                                 dtype=torch.float16, aux_dtype=torch.float32)
     assert value.numel() > 2**31
     weights[:, :, :, 0] = 0.0
-    got = call_backend(triton_backend(), (value, shapes, starts, loc, weights, grad_out), False, deterministic)
+    got = call_backend(backend, (value, shapes, starts, loc, weights, grad_out), False, deterministic)
     s1 = int(starts[1])
     small = (value[1:, s1:], shapes[1:], starts[:1] * 0, loc[1:, :, :, 1:], weights[1:, :, :, 1:], grad_out[1:])
     want = call_backend(reference, small, False)
@@ -275,6 +273,12 @@ def test_int64_offsets_gpu(deterministic):
     assert got[1][1:, :s1].abs().max().item() == 0, f"grad_value of the zero-weight level (seed {seed})"
     assert_close(got[2][1:, :, :, 1:], want[2], 1e-4, f"grad_sampling_locations (seed {seed})")
     assert_close(got[3][1:, :, :, 1:], want[3], 1e-4, f"grad_attention_weights (seed {seed})")
+
+
+@requires_gpu
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_int64_offsets_gpu(deterministic):
+    check_int64_offsets(triton_backend(), deterministic)
 
 
 # ----------------------------------------------------------------------------- drop-in module

@@ -6,6 +6,8 @@ Mask2Former shapes of DESIGN.md.
 """
 from __future__ import annotations
 
+import types
+
 import json
 import os
 import random
@@ -461,6 +463,24 @@ def test_pairwise_default_compiles_within_shared_memory():
 # ----------------------------------------------------------------------------- standard shapes (GPU)
 
 
+def standard_case(dtype):
+    """DESIGN.md point-loss shapes: pred [B=2, Q=100, 256, 256] in ``dtype``, 30 blobby bool
+    targets per image at 1024^2, P=12544, 30 matches per image (bidx, qidx), and the
+    importance-sampling draws (3P candidates, P - k random points, k = 0.75 P) per match."""
+    b, q, t, p, hp, ht = 2, 100, 30, 12544, 256, 1024
+    pred = (torch.randn(b, q, hp, hp, device=DEVICE) * 3).to(dtype)
+    # blobby masks: upsampled low-resolution noise, as bool
+    target = torch.nn.functional.interpolate(torch.randn(b * t, 1, 16, 16, device=DEVICE),
+                                             size=(ht, ht), mode="bilinear")[:, 0] > 0.3
+    bidx = torch.arange(b, device=DEVICE).repeat_interleave(t)
+    qidx = torch.cat([torch.randperm(q, device=DEVICE)[:t] for _ in range(b)])
+    k = int(0.75 * p)
+    candidates = torch.rand(b * t, 3 * p, 2, device=DEVICE)
+    random = torch.rand(b * t, p - k, 2, device=DEVICE)
+    return types.SimpleNamespace(b=b, t=t, p=p, k=k, pred=pred, target=target, bidx=bidx, qidx=qidx,
+                                 candidates=candidates, random=random)
+
+
 @requires_gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -468,23 +488,13 @@ def test_standard_shapes_gpu(dtype):
     """DESIGN.md point-loss shapes: B=2, Q=100, pred 256^2, 30 targets per image at 1024^2,
     P=12544: the matcher cost per image, importance sampling and the loss on 60 matches."""
     _seed()
-    b, q, t, p, hp, ht = 2, 100, 30, 12544, 256, 1024
-    pred = (torch.randn(b, q, hp, hp, device=DEVICE) * 3).to(dtype)
-    # blobby masks: upsampled low-resolution noise, as bool
-    target = torch.nn.functional.interpolate(torch.randn(b * t, 1, 16, 16, device=DEVICE),
-                                             size=(ht, ht), mode="bilinear")[:, 0] > 0.3
-    for i in range(b):
-        coords = torch.rand(p, 2, device=DEVICE)
-        check_pairwise(pred[i], target[i * t:(i + 1) * t], coords)
+    case = standard_case(dtype)
+    for i in range(case.b):
+        check_pairwise(case.pred[i], case.target[i * case.t:(i + 1) * case.t], torch.rand(case.p, 2, device=DEVICE))
+    logits = case.pred[case.bidx, case.qidx]
+    coords = tri.uncertain_point_coords(logits, case.candidates, case.random, case.k)
+    check_importance_points(coords, logits, case.candidates, case.random, case.k)
 
-    bidx = torch.arange(b, device=DEVICE).repeat_interleave(t)
-    qidx = torch.cat([torch.randperm(q, device=DEVICE)[:t] for _ in range(b)])
-    k = int(0.75 * p)
-    candidates = torch.rand(b * t, 3 * p, 2, device=DEVICE)
-    random = torch.rand(b * t, p - k, 2, device=DEVICE)
-    logits = pred[bidx, qidx]
-    coords = tri.uncertain_point_coords(logits, candidates, random, k)
-    check_importance_points(coords, logits, candidates, random, k)
-
-    check_mask_loss(dtype, pred, target, coords, bidx, qidx, num_masks=float(b * t))
-    check_mask_loss(dtype, logits, target, coords, None, None, num_masks=float(b * t))
+    num_masks = float(case.b * case.t)
+    check_mask_loss(dtype, case.pred, case.target, coords, case.bidx, case.qidx, num_masks=num_masks)
+    check_mask_loss(dtype, logits, case.target, coords, None, None, num_masks=num_masks)
