@@ -303,6 +303,22 @@ def flat_tensors(value) -> list:
     return []
 
 
+def returned_bytes(output, inputs: "Inputs") -> int:
+    """Bytes of the tensors a call returns that it allocated: its outputs, or in backward
+    modes the input gradients. Storages the inputs own (a view returned as is) and storages
+    seen twice count nothing. Peak extra minus this is the call's work space, the memory
+    every implementation could avoid (the returned tensors are the contract's)."""
+    own = {t.untyped_storage().data_ptr() for t in flat_tensors(inputs.tensors)}
+    seen, total = set(), 0
+    for t in flat_tensors(output):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in own or ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
 def rel_err(out, ref) -> float:
     """||out - ref|| / ||ref|| over all floating tensors of two outputs; inf if out has NaN/inf."""
     outs = [t for t in flat_tensors(out) if t.is_floating_point()]
@@ -484,6 +500,7 @@ def _run_case(spec, case, provider, device, settings, runner, timer, nvml, copy_
     for call in calls[1:]:
         call()
     check = _check(spec, case, sets[0], first_output) if case.mode == "fwd" else None
+    returned = returned_bytes(first_output, sets[0])
     del first_output
 
     # One untimed-for-the-statistics call gives the time estimate that sets the number of
@@ -504,6 +521,8 @@ def _run_case(spec, case, provider, device, settings, runner, timer, nvml, copy_
         memory["case_base_bytes"] = int(case_base)
         memory["extra_bytes"] = memory["peak_bytes"] - memory["call_base_bytes"]
         memory["footprint_bytes"] = memory["peak_bytes"] - memory["case_base_bytes"]
+        memory["returned_bytes"] = returned
+        memory["work_bytes"] = memory["extra_bytes"] - returned
     time_ms = measure.summarize(timed)
     record = base_record(case, "ok")
     record.update({
@@ -551,6 +570,8 @@ def describe(record: dict) -> str:
     mem = record.get("memory")
     if mem:
         parts.append(f"peak +{mem['extra_bytes'] / 2**20:.1f} MiB")
+        if "work_bytes" in mem:
+            parts.append(f"work space {mem['work_bytes'] / 2**20:.1f} MiB")
     floor = record.get("floor")
     if floor and floor.get("ms"):
         parts.append(f"HBM floor {floor['ms']:.4g} ms (kernel at {100 * floor['share']:.0f}% of the floor)")
@@ -570,6 +591,8 @@ def summary_fields(record: dict) -> dict:
     if record.get("memory"):
         out["peak_extra_bytes"] = record["memory"]["extra_bytes"]
         out["peak_bytes"] = record["memory"]["peak_bytes"]
+        if "work_bytes" in record["memory"]:
+            out["work_bytes"] = record["memory"]["work_bytes"]
     if record.get("floor") and record["floor"].get("ms"):
         out["floor_ms"] = record["floor"]["ms"]
         out["floor_share"] = record["floor"]["share"]

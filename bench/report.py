@@ -137,14 +137,17 @@ def op_section(data: dict, op: str) -> str:
                 label, dtype, mode, name, _ms(r["time_ms"]["median"]),
                 _ratio(group[base]["time_ms"]["median"], r["time_ms"]["median"]) if base else "-",
                 _mib((r.get("memory") or {}).get("extra_bytes")),
+                _mib((r.get("memory") or {}).get("work_bytes")),
                 _ms(floor.get("ms")),
                 f"{100 * floor['share']:.0f}%" if floor.get("share") else "-",
                 "-" if not check else f"{check['rel_err']:.1e}" + ("" if check["ok"] else " FAIL"),
             ])
     header = ["shape", "dtype", "mode", "provider", "median ms", "speedup",
-              "peak extra MiB", "HBM floor ms", "% of floor", "rel err"]
+              "peak extra MiB", "work MiB", "HBM floor ms", "% of floor", "rel err"]
     note = (f"{constant_shape(records)}. Speedup: the baseline's median over this one, baseline = the "
-            f"first present of {', '.join(BASELINES)}. rel err: forward output against the reference.")
+            f"first present of {', '.join(BASELINES)}. Peak extra: peak allocated above the call's inputs, "
+            f"returned tensors included; work: peak extra minus the returned tensors (outputs, or the input "
+            f"gradients in backward modes). rel err: forward output against the reference.")
     return f"## {op}\n\n{note}\n\n" + _table(header, rows) + "\n"
 
 

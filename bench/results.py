@@ -207,6 +207,9 @@ def _validate_record(r) -> list:
         for key in ("case_base_bytes", "call_base_bytes", "peak_bytes", "extra_bytes", "footprint_bytes"):
             if not isinstance(mem.get(key), int):
                 problems.append(f"memory.{key} missing or not an integer")
+        for key in ("returned_bytes", "work_bytes"):  # optional: results before they were recorded lack them
+            if key in mem and not isinstance(mem[key], int):
+                problems.append(f"memory.{key} not an integer")
     floor = r.get("floor")
     if floor is not None and not isinstance(floor.get("bytes"), int):
         problems.append("floor.bytes missing or not an integer")

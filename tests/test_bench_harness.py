@@ -281,6 +281,14 @@ def cpu_records():
     return out
 
 
+def test_returned_bytes_counts_new_storages_once():
+    x = torch.zeros(4, 8)
+    inputs = Inputs({"x": x, "i": torch.arange(3)})
+    new = torch.ones(16, dtype=torch.float64)
+    assert harness.returned_bytes((x[1:], new, new[:4], {"y": torch.ones(5)}), inputs) == 16 * 8 + 5 * 4
+    assert harness.returned_bytes(None, inputs) == 0
+
+
 def test_masked_attention_peers_agree_on_cpu(cpu_records):
     checks = {r["provider"]: r["check"] for r in cpu_records if r["mode"] == "fwd"}
     assert checks["reference"] is None
@@ -308,7 +316,8 @@ def _fake_results(cpu_records) -> dict:
     cases = copy.deepcopy(cpu_records)
     for i, r in enumerate(cases):
         r["memory"] = {"case_base_bytes": 0, "call_base_bytes": 1 << 20, "peak_bytes": (i + 2) << 20,
-                       "extra_bytes": (i + 1) << 20, "footprint_bytes": (i + 2) << 20}
+                       "extra_bytes": (i + 1) << 20, "footprint_bytes": (i + 2) << 20,
+                       "returned_bytes": 1 << 20, "work_bytes": i << 20}
     template = cases[0]
     shape = {"backbone": "resnet50", "queries": 100, "image": 1024, "T": 30, "batch": 2}
     for provider, gb, ms in zip(report.TRAIN_CONFIGS, (36.0, 12.0, 6.0), (900.0, 600.0, 300.0)):
@@ -344,11 +353,13 @@ def test_results_json_schema(tmp_path, cpu_records):
     broken["cases"][0]["status"] = "fine"
     del broken["cases"][1]["time_ms"]
     broken["cases"][-1].pop("reason")
+    broken["cases"][2]["memory"]["work_bytes"] = 1.5
     problems = results.validate(broken)
     assert "env.commit missing" in problems
     assert any(p.startswith("cases[0]: status") for p in problems)
     assert any(p.startswith("cases[1]: an ok record needs 'time_ms'") for p in problems)
     assert any("needs a 'reason'" in p for p in problems)
+    assert "cases[2]: memory.work_bytes not an integer" in problems
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="env.commit missing"):
@@ -367,6 +378,8 @@ def test_report_writes_markdown_tables_and_charts(tmp_path, cpu_records, capsys)
     assert "3.00x" in claim and "2.00x" in claim and "6.00x" in claim
     summary = (out / f"{path.stem}.md").read_text()
     assert "## masked_attention" in summary and "the original CUDA op supports fp32 only" in summary
+    # op tables: peak extra and work space (peak extra minus the returned tensors) side by side
+    assert "| peak extra MiB | work MiB |" in summary and "| 3.0 | 2.0 |" in summary
     pngs = sorted(out.glob("*.png"))
     assert {p.name for p in pngs} == {f"{path.stem}-{op}-{m}.png" for op in ("masked_attention", "model")
                                       for m in ("time", "memory")}
