@@ -13,6 +13,8 @@
 #   train-start  start the fused and the reference `--preset small` training runs in the
 #                background (issue 7; TRAIN_STEPS, TRAIN_LIMIT); `train-wait` waits for them
 #   cuda-tests   the cuda backend's tests, then compute-sanitizer memcheck + racecheck on a subset
+#   toolchain    what built and what loads the extension (compiler versions, libstdc++ / libgcc_s,
+#                unwind tables): the record for a TORCH_CHECK that crashes instead of raising
 #   collect      pack runs/ (without checkpoints), logs and new bench results into $OUT
 # Every stage has its own time limit (*_LIMIT seconds) so one slow stage cannot eat the others.
 # Everything is logged under $OUT (default ./device-out).
@@ -108,6 +110,17 @@ for stage in $stages; do
       else
         echo "compute-sanitizer not found"
       fi
+      ;;
+    toolchain)
+      wait_build
+      so=$(ls m2f_kernels/_C*.so 2>/dev/null | head -1)
+      { for cc in /opt/gcc/bin/g++ /usr/bin/g++ "${CXX:-}"; do [ -x "$cc" ] && "$cc" --version | head -1; done
+        env | grep -E '^(CC|CXX|LD_LIBRARY_PATH|CUDAHOSTCXX)=' ; grep -m1 -- '-ccbin' "$LOGS/build-cuda.log" | grep -o -- '-ccbin [^ ]*'
+        if [ -n "$so" ]; then ldd "$so" | grep -E 'stdc|gcc_s|c10'; readelf -lW "$so" | grep -E 'EH_FRAME|GNU_STACK'
+          readelf -V "$so" | grep -oE 'GLIBCXX_[0-9.]+|CXXABI_[0-9.]+' | sort -uV | tail -3; fi
+        python3 -c "import torch; print('torch', torch.__version__, torch.__config__.show().splitlines()[1:3])"
+      } > "$LOGS/toolchain.txt" 2>&1
+      cat "$LOGS/toolchain.txt"
       ;;
     collect)
       find runs -name '*.pt' -delete 2>/dev/null
