@@ -23,28 +23,34 @@ import torch
 import triton
 import triton.language as tl
 
+from ._bilinear import bilinear_cell
+
 
 # ----------------------------------------------------------------------------- helpers
-@triton.jit
-def _bilinear_setup(lx, ly, hl, wl):
-    """Top-left corner (int32) and fractional offsets of points (lx, ly) on an hl x wl map."""
-    wf = wl.to(tl.float32)
-    hf = hl.to(tl.float32)
-    x = lx * wf - 0.5
-    y = ly * hf - 0.5
-    # Far-away points would overflow the int conversion; clamped, all corners stay outside.
-    x = tl.minimum(tl.maximum(x, -2.0), wf + 1.0)
-    y = tl.minimum(tl.maximum(y, -2.0), hf + 1.0)
-    x0f = tl.floor(x)
-    y0f = tl.floor(y)
-    return x0f.to(tl.int32), y0f.to(tl.int32), x - x0f, y - y0f
-
-
 @triton.jit
 def _corner(x, y, hl, wl, start, qmask):
     """(pixel index along S as int64, in-bounds mask) of corner (x, y) of one level."""
     valid = qmask & (x >= 0) & (x < wl) & (y >= 0) & (y < hl)
     return start + y.to(tl.int64) * wl + x, valid
+
+
+@triton.jit
+def _corners(lx, ly, hl, wl, start, qmask):
+    """The 4 bilinear corners of points (lx, ly) on level (hl x wl, first pixel ``start``).
+
+    Returns fp32 offsets fx, fy from the top-left corner, then (index, in-bounds mask) of
+    the corners a = (x0, y0), b = (x0 + 1, y0), c = (x0, y0 + 1), d = (x0 + 1, y0 + 1).
+    """
+    px, py, x0f, y0f = bilinear_cell(lx, ly, hl, wl)  # clamped: the int32 casts cannot overflow
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    fx = px - x0f
+    fy = py - y0f
+    ia, ma = _corner(x0, y0, hl, wl, start, qmask)
+    ib, mb = _corner(x0 + 1, y0, hl, wl, start, qmask)
+    ic, mc = _corner(x0, y0 + 1, hl, wl, start, qmask)
+    i_d, md = _corner(x0 + 1, y0 + 1, hl, wl, start, qmask)
+    return fx, fy, ia, ma, ib, mb, ic, mc, i_d, md
 
 
 @triton.jit
@@ -105,11 +111,7 @@ def _fwd_kernel(
             w = tl.load(w_base + lvl * s_wl + p * s_wp, mask=qmask, other=0.0).to(tl.float32)
             if SOFTMAX:
                 w = tl.exp(w - w_max) * w_inv
-            x0, y0, fx, fy = _bilinear_setup(lx, ly, hl, wl)
-            ia, ma = _corner(x0, y0, hl, wl, start, qmask)
-            ib, mb = _corner(x0 + 1, y0, hl, wl, start, qmask)
-            ic, mc = _corner(x0, y0 + 1, hl, wl, start, qmask)
-            i_d, md = _corner(x0 + 1, y0 + 1, hl, wl, start, qmask)
+            fx, fy, ia, ma, ib, mb, ic, mc, i_d, md = _corners(lx, ly, hl, wl, start, qmask)
             gx = 1.0 - fx
             gy = 1.0 - fy
             acc += (w * gx * gy)[:, None] * _gather(v_base, s_vs, ia, ma, dmask)
@@ -186,11 +188,7 @@ def _bwd_kernel(
             w = tl.load(w_base + lvl * s_wl + p * s_wp, mask=qmask, other=0.0).to(tl.float32)
             if SOFTMAX:
                 w = tl.exp(w - w_max) * w_inv
-            x0, y0, fx, fy = _bilinear_setup(lx, ly, hl, wl)
-            ia, ma = _corner(x0, y0, hl, wl, start, qmask)
-            ib, mb = _corner(x0 + 1, y0, hl, wl, start, qmask)
-            ic, mc = _corner(x0, y0 + 1, hl, wl, start, qmask)
-            i_d, md = _corner(x0 + 1, y0 + 1, hl, wl, start, qmask)
+            fx, fy, ia, ma, ib, mb, ic, mc, i_d, md = _corners(lx, ly, hl, wl, start, qmask)
             # <grad_out, value> at each corner: the only reductions over D the gradients need.
             ga = tl.sum(g * _gather(v_base, s_vs, ia, ma, dmask), 1)
             gb = tl.sum(g * _gather(v_base, s_vs, ib, mb, dmask), 1)

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._bilinear import bilinear_cell
+
 
 @dataclasses.dataclass(frozen=True)
 class PointConfig:
@@ -105,11 +107,7 @@ def _taps(cx, cy, H, W):
     tap outside the map has weight 0 and a clamped index, so callers may load every tap
     unmasked (per point) and still get zero padding.
     """
-    # Clamp first so far-away points cannot overflow the int cast; both taps stay outside.
-    ix = tl.minimum(tl.maximum(cx * W - 0.5, -2.0), W + 1.0)
-    iy = tl.minimum(tl.maximum(cy * H - 0.5, -2.0), H + 1.0)
-    fx = tl.floor(ix)
-    fy = tl.floor(iy)
+    ix, iy, fx, fy = bilinear_cell(cx, cy, H, W)  # clamped, so the int casts cannot overflow
     lx = ix - fx
     ly = iy - fy
     x0 = fx.to(tl.int64)
