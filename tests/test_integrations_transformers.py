@@ -51,10 +51,21 @@ PATCHED_NAMES = [n for s in patch.SWITCHES for n in patch._CLASSES[s]] + ["multi
 def assert_same_step(got, want, tol: float, grad_tol: float, what: str) -> None:
     out, loss, grads, _ = got
     ref_out, ref_loss, ref_grads, _ = want
-    assert rel_err(loss, ref_loss) <= tol, f"{what}: loss {loss.item()} vs HF {ref_loss.item()}"
     for name in ("class_queries_logits", "masks_queries_logits"):
         err = rel_err(getattr(out, name), getattr(ref_out, name))
         assert err <= tol, f"{what}: {name} relative error {err:.2e}"
+    try:
+        assert rel_err(loss, ref_loss) <= tol, f"{what}: loss {loss.item()} vs HF {ref_loss.item()}"
+        assert_same_grads(grads, ref_grads, grad_tol, what)
+    except AssertionError as e:
+        raise LossTieSuspected(str(e)) from None
+
+
+class LossTieSuspected(AssertionError):
+    """Outputs agree but the loss or the gradients do not."""
+
+
+def assert_same_grads(grads, ref_grads, grad_tol: float, what: str) -> None:
     assert grads.keys() == ref_grads.keys(), f"{what}: parameters with gradients differ"
     assert len(ref_grads) > 50, f"{what}: too few gradients to compare"
     # analytically-zero gradients (biases before a norm) hold only rounding noise: measure
@@ -67,6 +78,28 @@ def assert_same_step(got, want, tol: float, grad_tol: float, what: str) -> None:
     )
     assert worst[0] <= grad_tol, f"{what}: gradient of {worst[1]} relative error {worst[0]:.2e}"
 
+
+
+def assert_same_step_retrying_ties(step, tol: float, grad_tol: float, what: str) -> None:
+    """``step(seed) -> (got, want)`` must give the same step, retried once with a fresh seed
+    when only the loss / gradients differ.
+
+    HF's loss is discontinuous in the model's outputs: its importance sampling keeps a
+    top-k of -|logit| and its matcher solves an assignment, so outputs equal to ~1e-7 can
+    pick another point or match at a near-tie (seen about once in 300 steps, e.g.
+    masked_attention alone with seed 8801704798272019108: logits within 3e-7, loss 43.000
+    vs 42.936). A wrong kernel fails the outputs check, or both seeds.
+    """
+    seeds = []
+    for attempt in range(2):
+        seeds.append(torch.seed())
+        got, want = step(seeds[-1])
+        try:
+            assert_same_step(got, want, tol, grad_tol, f"{what} (seeds {seeds})")
+            return got
+        except LossTieSuspected:
+            if attempt:
+                raise
 
 @pytest.fixture
 def restore_module():
@@ -90,24 +123,25 @@ def tiny_model(seed=None):
 @pytest.mark.parametrize("switches", SWITCH_CASES, ids=lambda s: "+".join(k for k, v in s.items() if v))
 def test_patched_model_matches_hf(switches):
     """model= patch: same outputs, loss and gradients as HF, and only the chosen ops run."""
-    seed = torch.seed()
-    reference = tiny_model()
-    model = copy.deepcopy(reference)
-    before = {n: type(m) for n, m in model.named_modules()}
-    assert patch.apply_m2f_kernels_to_mask2former(model=model, **switches) is model
-    assert model.state_dict().keys() == reference.state_dict().keys()
-    changed = {n for n, m in model.named_modules() if type(m) is not before[n]}
-    expected = {n for n, m in model.named_modules()
-                if any(isinstance(m, getattr(hf, c)) for s, on in switches.items() if on for c in patch._CLASSES[s])}
-    if switches["masked_attention"]:
-        expected |= {f"{n}.cross_attn" for n, m in model.named_modules()
-                     if isinstance(m, hf.Mask2FormerMaskedAttentionDecoderLayer)}
-    assert changed == expected and changed, f"patched modules {sorted(changed)}, expected {sorted(expected)}"
 
-    batch = make_batch(model.config, 2, 64, "cpu")
-    want = train_step(reference, batch, seed)
-    got = train_step(model, batch, seed, log=True)
-    assert_same_step(got, want, 1e-5, 1e-4, f"switches {switches} (seed {seed})")
+    def step(seed):
+        reference = tiny_model()
+        model = copy.deepcopy(reference)
+        before = {n: type(m) for n, m in model.named_modules()}
+        assert patch.apply_m2f_kernels_to_mask2former(model=model, **switches) is model
+        assert model.state_dict().keys() == reference.state_dict().keys()
+        changed = {n for n, m in model.named_modules() if type(m) is not before[n]}
+        expected = {n for n, m in model.named_modules() if any(
+            isinstance(m, getattr(hf, c)) for s, on in switches.items() if on for c in patch._CLASSES[s])}
+        if switches["masked_attention"]:
+            expected |= {f"{n}.cross_attn" for n, m in model.named_modules()
+                         if isinstance(m, hf.Mask2FormerMaskedAttentionDecoderLayer)}
+        assert changed == expected and changed, f"patched modules {sorted(changed)}, expected {sorted(expected)}"
+        batch = make_batch(model.config, 2, 64, "cpu")
+        want = train_step(reference, batch, seed)
+        return train_step(model, batch, seed, log=True), want
+
+    got = assert_same_step_retrying_ties(step, 1e-5, 1e-4, f"switches {switches}")
     ran = got[3]
     for switch, on in switches.items():
         for op in SWITCH_OPS[switch]:
@@ -115,14 +149,15 @@ def test_patched_model_matches_hf(switches):
 
 
 def test_image_without_targets_matches_hf():
-    seed = torch.seed()
-    reference = tiny_model()
-    model = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(reference))
-    batch = make_batch(model.config, 2, 64, "cpu")
-    batch["mask_labels"][1] = batch["mask_labels"][1][:0]
-    batch["class_labels"][1] = batch["class_labels"][1][:0]
-    assert_same_step(train_step(model, batch, seed), train_step(reference, batch, seed), 1e-5, 1e-4,
-                     f"an image without targets (seed {seed})")
+    def step(seed):
+        reference = tiny_model()
+        model = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(reference))
+        batch = make_batch(model.config, 2, 64, "cpu")
+        batch["mask_labels"][1] = batch["mask_labels"][1][:0]
+        batch["class_labels"][1] = batch["class_labels"][1][:0]
+        return train_step(model, batch, seed), train_step(reference, batch, seed)
+
+    assert_same_step_retrying_ties(step, 1e-5, 1e-4, "an image without targets")
 
 
 def _loss_inputs(batch=3, queries=20, size=16):
@@ -190,7 +225,6 @@ def test_revert_model_restores_hf_classes():
 def test_class_level_patch_and_revert(restore_module):
     """apply() without a model: models built afterwards are fused; revert() restores HF."""
     originals = restore_module
-    seed = torch.seed()
     reference = tiny_model(seed=1234)
     patch.apply_m2f_kernels_to_mask2former()
     for name in PATCHED_NAMES:
@@ -199,9 +233,12 @@ def test_class_level_patch_and_revert(restore_module):
     model = tiny_model(seed=1234)  # the same init draws as the unpatched build
     fused = {type(m).__name__ for m in model.modules() if isinstance(m, (patch._Fused, patch.FusedMultiheadAttention))}
     assert len(fused) == 6, f"fused classes in the model: {sorted(fused)}"
-    batch = make_batch(model.config, 2, 64, "cpu")
-    assert_same_step(train_step(model, batch, seed), train_step(reference, batch, seed), 1e-5, 1e-4,
-                     f"class-level patch (seed {seed})")
+
+    def step(seed):
+        batch = make_batch(model.config, 2, 64, "cpu")
+        return train_step(model, batch, seed), train_step(reference, batch, seed)
+
+    assert_same_step_retrying_ties(step, 1e-5, 1e-4, "class-level patch")
 
     patch.revert_m2f_kernels_to_mask2former()
     for name in PATCHED_NAMES:
