@@ -79,7 +79,6 @@ def make_inputs(dtype, device):
         "bidx": bidx,
         "qidx": qidx,
         "matcher_coords": torch.rand(B, P, 2, device=device),
-        "logits": pred[bidx, qidx],
         "candidates": torch.rand(B * T, OVERSAMPLE * P, 2, device=device),
         "random": torch.rand(B * T, P - k, 2, device=device),
         "k": k,
@@ -100,9 +99,11 @@ def matcher_call(x, config):
 
 
 def sampling_call(x, config):
+    """The matched masks read through (bidx, qidx), as the criterion calls it (the reference gathers them)."""
+    args = (x["pred"], x["candidates"], x["random"], x["k"], x["bidx"], x["qidx"])
     if config is None:
-        return lambda: ref.uncertain_point_coords(x["logits"], x["candidates"], x["random"], x["k"])
-    return lambda: tri.uncertain_point_coords_with(x["logits"], x["candidates"], x["random"], x["k"], config)
+        return lambda: ref.uncertain_point_coords(*args)
+    return lambda: tri.uncertain_point_coords_with(*args, config)
 
 
 def topk_call(x, sorted_):

@@ -100,7 +100,7 @@ def _m2f(backend: str):
 
         def loss(pred):
             with torch.no_grad():
-                coords = sample(pred.detach()[bi, qi], p, OVERSAMPLE, IMPORTANCE, generator=generator)
+                coords = sample(pred.detach(), p, OVERSAMPLE, IMPORTANCE, generator=generator, pred_index=(bi, qi))
             bce, dice = point_loss(pred, targets, coords, num_masks, pred_index=(bi, qi))
             return bce + dice
 

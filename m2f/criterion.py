@@ -64,8 +64,8 @@ class SetCriterion(KernelSwitch, nn.Module):
             target_masks = torch.cat([t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)])
             with torch.no_grad():
                 point_coords = m2f_kernels.uncertain_point_coords(
-                    pred_masks[b_idx, q_idx].detach(), self.num_points, self.oversample_ratio,
-                    self.importance_sample_ratio, generator)
+                    pred_masks.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio,
+                    generator, pred_index=(b_idx, q_idx))
             loss_bce, loss_dice = m2f_kernels.point_mask_loss(pred_masks, target_masks, point_coords, num_masks,
                                                               pred_index=(b_idx, q_idx))
             return {"loss_mask": loss_bce, "loss_dice": loss_dice}

@@ -172,10 +172,49 @@ def point_sample(input, coords) -> None:
     check_dim("coords", coords, 0, input.shape[0], "N, as input")
 
 
-def uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio) -> None:
-    check_tensor("logits", logits, (3,), "[N, H, W]")
+def check_pred_index(pred_name: str, pred: torch.Tensor, pred_index, form: str,
+                     others: Sequence[tuple] = (), n: Optional[int] = None, n_what: str = "") -> int:
+    """``pred`` is 3-D [N, ...] without ``pred_index``, or 4-D ``form`` ([B, Q, H, W]) with
+    ``pred_index`` = (batch_index [N], query_index [N]) integer tensors whose values index
+    its first two dims; ``pred``, the index tensors and ``others`` ((name, tensor) pairs) share
+    one device. ``n`` is the number of matched masks when another argument fixes it
+    (``n_what`` names it, "as target"); None: pred_index[0]'s length (4-D) or pred.shape[0].
+    Returns N.
+    """
+    names, tensors = [name for name, _ in others], [t for _, t in others]
+    if pred.dim() == 4:
+        if pred_index is None:
+            raise ValueError(f"pred_index=(batch_index, query_index) is required when {pred_name} is 4-D {form}")
+        if not isinstance(pred_index, (tuple, list)) or len(pred_index) != 2:
+            raise TypeError("pred_index must be a pair (batch_index, query_index) of int64 tensors")
+        for name, idx in zip(("pred_index[0]", "pred_index[1]"), pred_index):
+            check_tensor(name, idx, (1,), "[N]")
+            if idx.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
+            if n is None:  # the first index tensor fixes N
+                n, n_what = idx.shape[0], "as pred_index[0]"
+            check_dim(name, idx, 0, n, f"matched masks, {n_what}")
+        check_same_device((pred_name, *names, "pred_index[0]", "pred_index[1]"), (pred, *tensors, *pred_index))
+        # index values: checked on the device without a host sync (a CUDA error on the next
+        # sync, a RuntimeError at once on the CPU), so no kernel reads outside pred
+        for name, idx, size in zip(("pred_index[0]", "pred_index[1]"), pred_index, pred.shape[:2]):
+            if idx.numel():
+                torch._assert_async(((idx >= 0) & (idx < size)).all(),
+                                    f"{name} values must be in [0, {size}) ({pred_name} is {tuple(pred.shape)})")
+        return n
+    if pred_index is not None:
+        raise ValueError(f"pred_index is only accepted with a 4-D {pred_name} {form}")
+    if n is not None:
+        check_dim(pred_name, pred, 0, n, f"matched masks, {n_what}")
+    check_same_device((pred_name, *names), (pred, *tensors))
+    return pred.shape[0]
+
+
+def uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio, pred_index=None) -> int:
+    """Returns N, the number of masks to sample points for."""
+    check_tensor("logits", logits, (3, 4), "[N, H, W] or [B, Q, H, W] with pred_index")
     check_float("logits", logits)
-    check_spatial("logits", logits, "[N, H, W]")
+    check_spatial("logits", logits, "[N, H, W] or [B, Q, H, W]")
     if isinstance(num_points, bool) or not isinstance(num_points, int):
         raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
     if num_points < 1:
@@ -184,6 +223,7 @@ def uncertain_point_coords(logits, num_points, oversample_ratio, importance_samp
         raise ValueError(f"oversample_ratio must be a number >= 1, got {oversample_ratio!r}")
     if not isinstance(importance_sample_ratio, (int, float)) or not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio!r}")
+    return check_pred_index("logits", logits, pred_index, "[B, Q, H, W]")
 
 
 def point_mask_loss(pred, target, coords, num_masks, pred_index) -> None:
@@ -196,29 +236,8 @@ def point_mask_loss(pred, target, coords, num_masks, pred_index) -> None:
         raise TypeError(f"target must be bool, uint8 or floating, got {target.dtype}")
     check_coords("coords", coords, 3, "[N, P, 2]")
     n = target.shape[0]
-    if pred.dim() == 4:
-        if pred_index is None:
-            raise ValueError("pred_index=(batch_index, query_index) is required when pred is 4-D [B, Q, Hp, Wp]")
-        if not isinstance(pred_index, (tuple, list)) or len(pred_index) != 2:
-            raise TypeError("pred_index must be a pair (batch_index, query_index) of int64 tensors")
-        for name, idx in zip(("pred_index[0]", "pred_index[1]"), pred_index):
-            check_tensor(name, idx, (1,), "[N]")
-            if idx.dtype not in (torch.int64, torch.int32):
-                raise TypeError(f"{name} must be an integer tensor, got {idx.dtype}")
-            check_dim(name, idx, 0, n, "matched masks, as target")
-        check_same_device(("pred", "target", "coords", "pred_index[0]", "pred_index[1]"),
-                          (pred, target, coords, *pred_index))
-        # index values: checked on the device without a host sync (a CUDA error on the next
-        # sync, a RuntimeError at once on the CPU), so no kernel reads outside pred
-        for name, idx, size in zip(("pred_index[0]", "pred_index[1]"), pred_index, pred.shape[:2]):
-            if idx.numel():
-                torch._assert_async(((idx >= 0) & (idx < size)).all(),
-                                    f"{name} values must be in [0, {size}) (pred is {tuple(pred.shape)})")
-    else:
-        if pred_index is not None:
-            raise ValueError("pred_index is only accepted with a 4-D pred [B, Q, Hp, Wp]")
-        check_dim("pred", pred, 0, n, "matched masks, as target")
-        check_same_device(("pred", "target", "coords"), (pred, target, coords))
+    check_pred_index("pred", pred, pred_index, "[B, Q, Hp, Wp]", (("target", target), ("coords", coords)),
+                     n, "as target")
     check_dim("coords", coords, 0, n, "matched masks, as target")
     if coords.shape[1] < 1:
         raise ValueError(f"coords must hold at least one point per mask [N, P >= 1, 2], got shape {tuple(coords.shape)}")

@@ -63,7 +63,7 @@ def main() -> None:
 
     def loss():
         with torch.no_grad():
-            points = mk.uncertain_point_coords(pred[index], 1568, generator=g)
+            points = mk.uncertain_point_coords(pred, 1568, generator=g, pred_index=index)
             cost_bce, cost_dice = mk.pairwise_mask_cost(pred[0], target[:3], rand(1568, 2))
         bce, dice = mk.point_mask_loss(pred, target, points, 6.0, pred_index=index)
         (bce + dice).backward()

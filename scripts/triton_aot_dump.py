@@ -318,9 +318,11 @@ def point_loss_cases():
         with tag(dt):
             pl.point_sample_fwd(plain.unsqueeze(1), coords)
             pl.point_sample_bwd(torch.zeros(n, 1, p, dtype=dtype), plain.unsqueeze(1), coords)
+        candidates, uniform = torch.full((n, 3 * p, 2), 0.5), torch.full((n, p // 4, 2), 0.5)
         with tag(f"{dt}-uncertainty"):
-            pl.uncertain_point_coords(plain, torch.full((n, 3 * p, 2), 0.5), torch.full((n, p // 4, 2), 0.5),
-                                      3 * p // 4)
+            pl.uncertain_point_coords(plain, candidates, uniform, 3 * p // 4)
+        with tag(f"{dt}-uncertainty-indexed"):
+            pl.uncertain_point_coords(pred, candidates, uniform, 3 * p // 4, bidx, qidx)
         for tname, target in targets.items():
             if tname != "bool" and dtype != torch.float32:
                 continue
@@ -370,6 +372,9 @@ def edge_cases():
             pl.point_mask_loss_fwd(pred, target, coords, 3.0, bidx, qidx)
             pl.point_mask_loss_bwd(torch.ones(()), torch.ones(()), pred, target, coords, 3.0, bidx, qidx)
             pl.pairwise_mask_cost(torch.zeros(5, hp, wp), target, coords[0])
+        with tag(f"edge-{hp}x{wp}-uncertainty-indexed"):
+            pl.uncertain_point_coords(torch.zeros(2, 4, hp, wp, dtype=torch.float16), coords, coords[:, :5], 7,
+                                      torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([3, 0, 2]))
 
 
 CASES = {"ms_deform_attn": ms_deform_attn_cases, "point_loss": point_loss_cases, "edge": edge_cases}

@@ -188,7 +188,7 @@ def test_autocast_casts_each_argument_as_its_rule_says():
         m2f_kernels.masked_attention(*qkv, torch.randn(2, 5, 5, device=DEVICE))
         m2f_kernels.ms_deform_attn(value, shapes, starts, loc.to(LOW), logits.to(LOW))
         m2f_kernels.point_sample(pred, coords[:2])
-        torch.ops.m2f_kernels.uncertain_point_coords(pred[0, :3], coords, coords[:, :4], 8, "reference")
+        torch.ops.m2f_kernels.uncertain_point_coords(pred, coords, coords[:, :4], 8, *index, "reference")
         losses = m2f_kernels.point_mask_loss(pred, target, coords, 3.0, pred_index=index)
         m2f_kernels.pairwise_mask_cost(pred[1], target, coords[0])
     assert spy.seen == {

@@ -19,8 +19,9 @@ from m2f_kernels import _dispatch
 from m2f_kernels import reference as ref
 from .conftest import DEVICE, TOLERANCE, assert_close, poisoned_empty, requires_cuda_backend
 from .test_point_loss_triton import (
-    DTYPES, TARGET_KINDS, _seed, check_importance_points, check_zero_masks, make_coords, make_loss_inputs,
-    make_point_sample_inputs, make_target, rel_scalar, standard_case,
+    DTYPES, TARGET_KINDS, _seed, check_importance_points, check_uncertain_public_indexed, check_zero_masks,
+    make_coords, make_loss_inputs, make_point_sample_inputs, make_target, rel_scalar, standard_case,
+    uncertain_points_indexed_vs_copied,
 )
 
 
@@ -104,6 +105,24 @@ def test_uncertain_point_coords_public(dtype):
     assert torch.equal(out[:, k:], expected[:, k:])
     u = [ref.point_sample_fwd(logits.float().unsqueeze(1), pts[:, :k])[:, 0].abs() for pts in (out, expected)]
     assert (u[0] - u[1]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ("contiguous", "strided"))
+def test_uncertain_point_coords_indexed(dtype, layout):
+    """logits [B, Q, H, W] + (batch, query) index (repeated, out of order; the wrapper
+    gathers them for the 3-D C++ op): the points of the gathered copy, bit for bit."""
+    seed = _seed()
+    out, copied, candidates, random, k = uncertain_points_indexed_vs_copied(cuda_backend(), dtype, layout)
+    clear = check_importance_points(out, copied, candidates, random, k)
+    assert clear.any(), f"no row could be compared exactly (seed {seed})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_uncertain_point_coords_public_indexed(dtype):
+    """Public op with pred_index: the points of logits[batch_index, query_index]; N = 0."""
+    _seed()
+    check_uncertain_public_indexed("cuda", dtype)
 
 
 # ----------------------------------------------------------------------------- point_mask_loss
@@ -218,6 +237,9 @@ def test_standard_shapes():
     logits = case.pred[case.bidx, case.qidx]
     coords = cuda_backend().uncertain_point_coords(logits, case.candidates, case.random, case.k)
     check_importance_points(coords, logits, case.candidates, case.random, case.k)
+    indexed = cuda_backend().uncertain_point_coords(case.pred, case.candidates, case.random, case.k,
+                                                    case.bidx, case.qidx)
+    assert torch.equal(indexed, coords)
 
     num_masks = float(case.b * case.t)
     check_loss(torch.float32, case.pred, case.target, coords, case.bidx, case.qidx, num_masks=num_masks, seed=seed)

@@ -103,7 +103,11 @@ def _opcheck_cases():
         "ms_deform_attn": (ops.ms_deform_attn.default, (value, SHAPES, STARTS, loc, weights, True, False, "reference")),
         "point_sample": (ops.point_sample.default, (x, coords, "reference")),
         "uncertain_point_coords": (ops.uncertain_point_coords.default,
-                                   (torch.randn(3, 8, 8), torch.rand(3, 30, 2), torch.rand(3, 3, 2), 7, "reference")),
+                                   (torch.randn(3, 8, 8), torch.rand(3, 30, 2), torch.rand(3, 3, 2), 7, None, None,
+                                    "reference")),
+        "uncertain_point_coords_indexed": (ops.uncertain_point_coords.default,
+                                           (pred.detach(), torch.rand(3, 30, 2, dtype=F64),
+                                            torch.rand(3, 3, 2, dtype=F64), 7, bi, qi, "reference")),
         "point_mask_loss": (ops.point_mask_loss.default, (pred, target, coords, 2.5, bi, qi, "reference")),
         "point_mask_loss_3d": (ops.point_mask_loss.default,
                                (pred[bi, qi].detach().requires_grad_(), target, coords, 2.5, None, None, "reference")),
@@ -132,14 +136,16 @@ def test_compile_fullgraph_all_ops():
         bce, dice = mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index)
         cost_bce, cost_dice = mk.pairwise_mask_cost(pred[0], target, coords[0])
         points = mk.uncertain_point_coords(pred[1], 5)
-        return a.sum() + b.sum() + c.sum() + bce + dice + cost_bce.sum() + cost_dice.sum(), points
+        indexed_points = mk.uncertain_point_coords(pred, 6, pred_index=index)
+        return a.sum() + b.sum() + c.sum() + bce + dice + cost_bce.sum() + cost_dice.sum(), points, indexed_points
 
     args = (q, k, v, value, loc, weights, pred)
-    eager, eager_points = step(*args)
+    eager, eager_points, eager_indexed = step(*args)
     torch._dynamo.reset()
-    compiled, compiled_points = torch.compile(step, fullgraph=True)(*args)
+    compiled, compiled_points, compiled_indexed = torch.compile(step, fullgraph=True)(*args)
     torch.testing.assert_close(compiled, eager)
     assert compiled_points.shape == eager_points.shape == (4, 5, 2)
+    assert compiled_indexed.shape == eager_indexed.shape == (3, 6, 2)
     grads = torch.autograd.grad(compiled, (q, value, pred))
     eager_grads = torch.autograd.grad(step(*args)[0], (q, value, pred))
     for g, e in zip(grads, eager_grads):

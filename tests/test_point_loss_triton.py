@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import m2f_kernels as mk
-from .conftest import DEVICE, TOLERANCE, assert_close, requires_gpu, requires_triton
+from .conftest import DEVICE, TOLERANCE, assert_close, poisoned_empty, requires_gpu, requires_triton
 from m2f_kernels import reference as ref
 
 pytestmark = [
@@ -195,6 +195,105 @@ def test_uncertain_point_coords_public():
     assert torch.equal(out[:, k:], expected[:, k:])
     u = [ref.point_sample_fwd(logits.unsqueeze(1), pts[:, :k])[:, 0].abs() for pts in (out, expected)]
     assert (u[0] - u[1]).abs().max().item() <= 1e-4
+
+
+def make_indexed_logits(dtype, layout: str, index_dtype=torch.int64):
+    """(logits [B=2, Q=4, 11, 13], batch_index, query_index [5]) with a repeated (1, 3) pair
+    and pairs out of order. layout 'strided': logits a non-contiguous [B, Q, H, W] view
+    (spatial dims outermost, inside a padded tensor)."""
+    b, q, h, w = 2, 4, 11, 13
+    if layout == "strided":
+        logits = (torch.randn(h + 2, w + 3, b, q, device=DEVICE) * 3).to(dtype)[1:h + 1, :w].permute(2, 3, 0, 1)
+    else:
+        logits = (torch.randn(b, q, h, w, device=DEVICE) * 3).to(dtype)
+    bidx = torch.tensor([1, 0, 1, 1, 0], device=DEVICE, dtype=index_dtype)
+    qidx = torch.tensor([3, 2, 0, 3, 1], device=DEVICE, dtype=index_dtype)
+    return logits, bidx, qidx
+
+
+def uncertain_points_indexed_vs_copied(backend_module, dtype, layout, index_dtype=torch.int64):
+    """A backend's indexed importance sampling against the same backend on the gathered copy
+    (bit for bit), both with fresh draws and torch.empty poisoned; returns the gathered
+    logits and the draws for further checks."""
+    logits, bidx, qidx = make_indexed_logits(dtype, layout, index_dtype)
+    n, points = bidx.shape[0], 16
+    s, k = 3 * points, int(0.75 * points)
+    candidates = torch.rand(n, s, 2, device=DEVICE)
+    candidates[1] = candidates[3] = candidates[0]  # rows 0 and 3 read the same mask, row 1 another
+    random = torch.rand(n, points - k, 2, device=DEVICE)
+    copied = logits[bidx, qidx]
+    with poisoned_empty():
+        out = backend_module.uncertain_point_coords(logits, candidates, random, k, bidx, qidx)
+        expected = backend_module.uncertain_point_coords(copied, candidates, random, k)
+    assert out.shape == expected.shape == (n, points, 2) and out.dtype == expected.dtype and out.is_contiguous()
+    assert torch.equal(out, expected), "the indexed form must equal the form on the gathered copy"
+    # not vacuous: on the same candidates, the repeated pair gets the same points, another mask others
+    assert torch.equal(out[0, :k], out[3, :k]) and not torch.equal(out[0, :k], out[1, :k])
+    return out, copied, candidates, random, k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ("contiguous", "strided"))
+def test_uncertain_point_coords_indexed(dtype, layout):
+    """logits [B, Q, H, W] + (batch, query) index: the uncertainty kernel reads the matched
+    masks in place and gives exactly the points of the gathered [N, H, W] copy."""
+    _seed()
+    out, copied, candidates, random, k = uncertain_points_indexed_vs_copied(tri, dtype, layout)
+    check_importance_points(out, copied, candidates, random, k)
+
+
+def test_uncertain_point_coords_indexed_int32_index():
+    _seed()
+    uncertain_points_indexed_vs_copied(tri, torch.float32, "contiguous", torch.int32)
+
+
+def test_uncertain_point_coords_indexed_gathers_nothing():
+    """The triton backend never indexes the logits (no [N, H, W] copy): aten.index is not called."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    logits, bidx, qidx = make_indexed_logits(torch.float32, "contiguous")
+    candidates, random = torch.rand(5, 12, 2, device=DEVICE), torch.rand(5, 3, 2, device=DEVICE)
+    with Ops() as ops:
+        tri.uncertain_point_coords(logits, candidates, random, 4, bidx, qidx)
+    assert not any(name.startswith("aten.index") for name in ops.seen), sorted(ops.seen)
+    with Ops() as ops:  # the check sees a gather where there is one
+        ref.uncertain_point_coords(logits, candidates, random, 4, bidx, qidx)
+    assert any(name.startswith("aten.index") for name in ops.seen), sorted(ops.seen)
+
+
+def check_uncertain_public_indexed(backend: str, dtype):
+    """Public op: pred_index gives the points of logits[batch_index, query_index], bit for
+    bit, from the same generator draws; N = 0 matched masks gives [0, P, 2]."""
+    logits, bidx, qidx = make_indexed_logits(dtype, "contiguous")
+    seed = random.SystemRandom().randrange(2**31)
+
+    def run(x, **kw):
+        gen = torch.Generator(device=DEVICE).manual_seed(seed)
+        return mk.uncertain_point_coords(x, 20, generator=gen, backend=backend, **kw)
+
+    out = run(logits, pred_index=(bidx, qidx))
+    assert out.shape == (5, 20, 2) and out.dtype == torch.float32
+    assert torch.equal(out, run(logits[bidx, qidx])), f"seed {seed}"
+    empty = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    none = run(logits, pred_index=(empty, empty))
+    assert none.shape == (0, 20, 2) and none.dtype == torch.float32
+    assert torch.equal(none, run(logits[empty, empty]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", ("triton", "reference"))
+def test_uncertain_point_coords_public_indexed(backend, dtype):
+    _seed()
+    check_uncertain_public_indexed(backend, dtype)
 
 
 # ----------------------------------------------------------------------------- point_mask_loss
@@ -494,6 +593,8 @@ def test_standard_shapes_gpu(dtype):
     logits = case.pred[case.bidx, case.qidx]
     coords = tri.uncertain_point_coords(logits, case.candidates, case.random, case.k)
     check_importance_points(coords, logits, case.candidates, case.random, case.k)
+    indexed = tri.uncertain_point_coords(case.pred, case.candidates, case.random, case.k, case.bidx, case.qidx)
+    assert torch.equal(indexed, coords)
 
     num_masks = float(case.b * case.t)
     check_mask_loss(dtype, case.pred, case.target, coords, case.bidx, case.qidx, num_masks=num_masks)

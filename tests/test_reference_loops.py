@@ -461,13 +461,23 @@ def loop_uncertain(logits: np.ndarray, candidates: np.ndarray, random: np.ndarra
     return np.stack(rows)
 
 
+@pytest.mark.parametrize("indexed", [False, True], ids=["plain", "indexed"])
 @pytest.mark.parametrize("num_uncertain", [1, 5, 12])
-def test_uncertain_point_coords_op(num_uncertain):
-    logits = torch.randn(3, 5, 6, dtype=torch.float64)
+def test_uncertain_point_coords_op(num_uncertain, indexed):
+    """indexed: logits [B, Q, H, W] with (batch, query) indices, repeated and out of order;
+    the loop reads the same masks out of the numpy array."""
     candidates = torch.rand(3, 12, 2, dtype=torch.float64)
     random = torch.rand(3, 4, 2, dtype=torch.float64)
-    out = torch.ops.m2f_kernels.uncertain_point_coords(logits, candidates, random, num_uncertain, REF)
-    want = loop_uncertain(np64(logits), np64(candidates), np64(random), num_uncertain)
+    if indexed:
+        logits = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+        bi, qi = torch.tensor([1, 0, 1]), torch.tensor([3, 2, 3])
+        out = torch.ops.m2f_kernels.uncertain_point_coords(logits, candidates, random, num_uncertain, bi, qi, REF)
+        masks = np64(logits)[bi.numpy(), qi.numpy()]
+    else:
+        logits = torch.randn(3, 5, 6, dtype=torch.float64)
+        out = torch.ops.m2f_kernels.uncertain_point_coords(logits, candidates, random, num_uncertain, None, None, REF)
+        masks = np64(logits)
+    want = loop_uncertain(masks, np64(candidates), np64(random), num_uncertain)
     assert out.shape == (3, num_uncertain + 4, 2)
     assert torch.equal(out, torch.from_numpy(want))
 

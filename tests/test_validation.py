@@ -26,6 +26,12 @@ def _deform(**change):
                                      args["sampling_locations"], args["attention_weights"])
 
 
+def _uncertain(**change):
+    args = dict(logits=torch.randn(2, 5, 8, 8), kw=dict(pred_index=(torch.tensor([0, 1, 1]), torch.tensor([4, 0, 2]))))
+    args.update(change)
+    return lambda: mk.uncertain_point_coords(args["logits"], 6, **args["kw"])
+
+
 def _loss(**change):
     args = dict(pred=torch.randn(3, 8, 8), target=torch.rand(3, 16, 16) > 0.5, coords=torch.rand(3, 10, 2),
                 num_masks=3.0, kw={})
@@ -87,6 +93,20 @@ CASES = {
                        "importance_sample_ratio"),
     "importance < 0": (lambda: mk.uncertain_point_coords(torch.randn(2, 4, 4), 4, 3.0, -0.1), ValueError,
                        "importance_sample_ratio"),
+    "uncertain 4-D logits without index": (_uncertain(kw={}), ValueError, "pred_index"),
+    "uncertain 5-D logits": (_uncertain(logits=torch.randn(2, 5, 1, 8, 8)), ValueError, "logits"),
+    "uncertain index with 3-D logits": (_uncertain(logits=torch.randn(3, 8, 8)), ValueError, "pred_index"),
+    "uncertain index length": (_uncertain(kw=dict(pred_index=(torch.tensor([0, 1]), torch.tensor([0, 1, 2])))),
+                               ValueError, "pred_index"),
+    "uncertain index float": (_uncertain(kw=dict(pred_index=(torch.zeros(3), torch.zeros(3)))), TypeError,
+                              "pred_index"),
+    "uncertain index not a pair": (_uncertain(kw=dict(pred_index=torch.zeros(2, 3, dtype=torch.long))), TypeError,
+                                   "pred_index"),
+    "uncertain index rank": (_uncertain(kw=dict(pred_index=(torch.zeros(3, 1, dtype=torch.long),) * 2)), ValueError,
+                             "pred_index"),
+    "uncertain index device": (_uncertain(kw=dict(pred_index=(torch.tensor([0, 1, 1]),
+                                                              torch.tensor([4, 0, 2], device="meta")))),
+                               ValueError, "pred_index"),
     # point_mask_loss
     "loss target dtype": (_loss(target=torch.zeros(3, 16, 16, dtype=torch.int32)), TypeError, "target"),
     "loss pred N": (_loss(pred=torch.randn(2, 8, 8)), ValueError, "pred"),
@@ -100,6 +120,8 @@ CASES = {
                      ValueError, "pred_index"),
     "index float": (_loss(pred=torch.randn(2, 5, 8, 8), kw=dict(pred_index=(torch.zeros(3), torch.zeros(3)))),
                     TypeError, "pred_index"),
+    "index with 3-D pred": (_loss(kw=dict(pred_index=(torch.tensor([0, 1, 1]), torch.tensor([0, 1, 2])))),
+                            ValueError, "pred_index"),
     "loss empty target map": (_loss(target=torch.zeros(3, 0, 16, dtype=torch.bool)), ValueError, "target"),
     "loss empty pred map": (_loss(pred=torch.randn(3, 8, 0)), ValueError, "pred"),
     # pairwise_mask_cost
@@ -141,9 +163,43 @@ def test_spatial_layout_is_read_once_per_pair_and_again_after_an_edit(monkeypatc
         mk.ms_deform_attn(torch.randn(2, 17, 2, 4), shapes, starts, loc, weights)
 
 
-def test_pred_index_out_of_range_is_an_error_naming_it():
+@pytest.mark.parametrize("op", ["point_mask_loss", "uncertain_point_coords"])
+def test_pred_index_out_of_range_is_an_error_naming_it(op):
     pred, target, coords = torch.randn(2, 5, 8, 8), torch.rand(3, 16, 16) > 0.5, torch.rand(3, 10, 2)
+    if op == "point_mask_loss":
+        call = lambda index: mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index)  # noqa: E731
+    else:
+        call = lambda index: mk.uncertain_point_coords(pred, 10, pred_index=index)  # noqa: E731
     with pytest.raises(RuntimeError, match=r"pred_index\[1\]"):
-        mk.point_mask_loss(pred, target, coords, 3.0, pred_index=(torch.tensor([0, 1, 1]), torch.tensor([0, 5, 2])))
+        call((torch.tensor([0, 1, 1]), torch.tensor([0, 5, 2])))
     with pytest.raises(RuntimeError, match=r"pred_index\[0\]"):
-        mk.point_mask_loss(pred, target, coords, 3.0, pred_index=(torch.tensor([0, -1, 1]), torch.tensor([0, 1, 2])))
+        call((torch.tensor([0, -1, 1]), torch.tensor([0, 1, 2])))
+    with pytest.raises(RuntimeError, match=r"pred_index\[0\]"):
+        call((torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)))
+
+
+_BAD_INDEX = {
+    "missing": None,
+    "not a pair": (torch.tensor([0, 1, 1]),),
+    "float": (torch.zeros(3), torch.zeros(3)),
+    "rank": (torch.zeros(3, 1, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long)),
+    "length": (torch.tensor([0, 1, 1]), torch.tensor([0, 1])),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INDEX))
+def test_pred_index_errors_are_the_same_for_both_ops(case):
+    """One validation helper: uncertain_point_coords rejects a bad pred_index exactly as
+    point_mask_loss does (same type, same message up to the argument's name)."""
+    pred, index = torch.randn(2, 5, 8, 8), _BAD_INDEX[case]
+    target, coords = torch.rand(3, 16, 16) > 0.5, torch.rand(3, 10, 2)
+    errors = []
+    for call in (lambda: mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index),
+                 lambda: mk.uncertain_point_coords(pred, 10, pred_index=index)):
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        errors.append((type(info.value), str(info.value)))
+    (loss_type, loss_msg), (unc_type, unc_msg) = errors
+    assert loss_type is unc_type and "pred_index" in loss_msg
+    normalised = loss_msg.replace("pred is", "logits is").replace("[B, Q, Hp, Wp]", "[B, Q, H, W]")
+    assert unc_msg == normalised.replace("as target", "as pred_index[0]"), (loss_msg, unc_msg)

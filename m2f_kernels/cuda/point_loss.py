@@ -2,7 +2,8 @@
 
 Coordinates are (x, y) in [0, 1], sampled bilinearly with zero padding in the
 ``grid_sample(align_corners=False)`` convention. The kernels read maps (input, logits,
-pred, target) through their strides, so no map is copied; this module hands them
+pred, target) through their strides, so no map is copied (except the matched logits of
+an indexed uncertain_point_coords, gathered here for the 3-D C++ op); this module hands them
 coordinates as float32 contiguous, bool targets viewed as uint8 (read as bytes, never
 converted) and index tensors as int64 on pred's device. Shapes and dtypes follow the
 backend contract (``m2f_kernels.reference.point_loss``).
@@ -46,13 +47,22 @@ def point_sample_bwd(grad_out, input, coords):
     return torch.ops.m2f_kernels_C.point_sample_bwd(grad_out.contiguous(), input, _coords(coords))
 
 
-def uncertain_point_coords(logits, candidates, random, num_uncertain: int):
-    """logits [N, H, W], candidates [N, S, 2], random [N, R, 2] -> [N, num_uncertain + R, 2].
+def uncertain_point_coords(logits, candidates, random, num_uncertain: int,
+                           batch_index: Optional[torch.Tensor] = None,
+                           query_index: Optional[torch.Tensor] = None):
+    """logits [N, H, W] (or [B, Q, H, W] with batch_index / query_index [N]), candidates
+    [N, S, 2], random [N, R, 2] -> [N, num_uncertain + R, 2].
 
     The ``num_uncertain`` candidates of largest -|logit| (top-k order), then the random
     points, in candidates.dtype.
     """
-    _check_device("uncertain_point_coords", logits, candidates=candidates, random=random)
+    _check_device("uncertain_point_coords", logits, candidates=candidates, random=random,
+                  batch_index=batch_index, query_index=query_index)
+    if batch_index is not None:
+        # The C++ op takes a 3-D logits [N, H, W] only: this backend gathers the matched
+        # masks here (a copy of N maps, as the callers made before pred_index existed) and
+        # runs the op unchanged. The triton backend reads them in place.
+        logits = logits[batch_index, query_index]
     return torch.ops.m2f_kernels_C.uncertain_point_coords(logits, candidates.contiguous(), random.contiguous(),
                                                           int(num_uncertain))
 

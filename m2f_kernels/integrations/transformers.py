@@ -22,7 +22,7 @@ Three switches, each independent:
 - ``point_loss``: ``Mask2FormerHungarianMatcher`` takes its mask costs from
   :func:`m2f_kernels.pairwise_mask_cost` and ``Mask2FormerLoss.loss_masks`` from
   :func:`m2f_kernels.uncertain_point_coords` + :func:`m2f_kernels.point_mask_loss`, which
-  reads the matched masks of the [B, Q, H, W] logits in place. ``sample_point``,
+  both take the [B, Q, H, W] logits with the matched indices (``pred_index``). ``sample_point``,
   ``pair_wise_*`` and ``sample_points_using_uncertainty`` are then no longer called.
 
 Patched modules are instances of fused subclasses of the HF classes: parameters,
@@ -190,8 +190,8 @@ class _FusedLoss(_Fused):
         target_masks, _ = self._pad_images_to_max_in_batch(mask_labels)
         target_masks = target_masks[self._get_targets_permutation_indices(indices)]
         with torch.no_grad():
-            coords = uncertain_point_coords(masks_queries_logits[src_idx], self.num_points, self.oversample_ratio,
-                                            self.importance_sample_ratio)
+            coords = uncertain_point_coords(masks_queries_logits, self.num_points, self.oversample_ratio,
+                                            self.importance_sample_ratio, pred_index=src_idx)
         loss_mask, loss_dice = point_mask_loss(masks_queries_logits, target_masks, coords, float(num_masks),
                                                pred_index=src_idx)
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}

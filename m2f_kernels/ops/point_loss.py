@@ -87,21 +87,24 @@ def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None
 # --- uncertain_point_coords -----------------------------------------------------------------
 
 
-def _uncertain_point_coords(logits, candidates, random, num_uncertain, backend):
-    if logits.shape[0] == 0 or num_uncertain == 0:
+def _uncertain_point_coords(logits, candidates, random, num_uncertain, batch_index, query_index, backend):
+    if candidates.shape[0] == 0 or num_uncertain == 0:
         return torch.cat([candidates[:, :num_uncertain], random.to(candidates.dtype)], dim=1).contiguous()
-    return implementation(backend, "uncertain_point_coords")(logits, candidates, random, num_uncertain)
+    return implementation(backend, "uncertain_point_coords")(
+        logits, candidates, random, num_uncertain, batch_index, query_index
+    )
 
 
 @torch.library.custom_op("m2f_kernels::uncertain_point_coords", mutates_args=())
 def uncertain_point_coords_op(logits: Tensor, candidates: Tensor, random: Tensor, num_uncertain: int,
+                              batch_index: Optional[Tensor], query_index: Optional[Tensor],
                               backend: str) -> Tensor:
     """[N, num_uncertain + R, 2]: most uncertain candidates, then the random points."""
-    return _uncertain_point_coords(logits, candidates, random, num_uncertain, backend)
+    return _uncertain_point_coords(logits, candidates, random, num_uncertain, batch_index, query_index, backend)
 
 
 @uncertain_point_coords_op.register_fake
-def _(logits, candidates, random, num_uncertain, backend):
+def _(logits, candidates, random, num_uncertain, batch_index, query_index, backend):
     return candidates.new_empty(candidates.shape[0], num_uncertain + random.shape[1], 2)
 
 
@@ -115,6 +118,7 @@ torch.library.register_autograd(
 def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: float = 3.0,
                            importance_sample_ratio: float = 0.75,
                            generator: Optional[torch.Generator] = None, *,
+                           pred_index: Optional[Sequence[Tensor]] = None,
                            backend: Optional[str] = None) -> Tensor:
     """The official importance sampling of point coordinates (PointRend / Mask2Former).
 
@@ -123,14 +127,18 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
     the rest with fresh uniform points.
 
     Args:
-        logits: [N, H, W] mask logits.
+        logits: [N, H, W] mask logits, or [B, Q, H, W] with ``pred_index``.
         generator: a torch.Generator on logits' device, for reproducible points.
+        pred_index: (batch_index [N], query_index [N]) picking the matched masks out of a
+            4-D logits without copying them (as in :func:`point_mask_loss`). The draws are
+            those of ``logits[batch_index, query_index]``, so both forms give the same points.
     Returns:
         [N, num_points, 2] (x, y) in [0, 1], float32 (float64 for float64 logits).
         Not differentiable: logits are detached.
     """
-    _validation.uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio)
-    n = logits.shape[0]
+    n = _validation.uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio,
+                                           pred_index)
+    batch_index, query_index = (None, None) if pred_index is None else pred_index
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     dtype = accumulate_dtype(logits)
@@ -141,7 +149,7 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
     logits = logits.detach()
     # no gradient, so the eager fast path is the backend call itself
     return call_op("uncertain_point_coords", _uncertain_point_coords, uncertain_point_coords_op,
-                   logits, candidates, random, num_uncertain, chosen)
+                   logits, candidates, random, num_uncertain, batch_index, query_index, chosen)
 
 
 # --- point_mask_loss ------------------------------------------------------------------------

@@ -31,14 +31,18 @@ def point_sample_bwd(grad_out, input, coords):
     return gi.to(input.dtype)
 
 
-def uncertain_point_coords(logits, candidates, random, num_uncertain: int):
+def uncertain_point_coords(logits, candidates, random, num_uncertain: int,
+                           batch_index: Optional[torch.Tensor] = None,
+                           query_index: Optional[torch.Tensor] = None):
     """The official importance sampling, given its random draws.
 
-    logits [N, H, W]; candidates [N, S, 2] uniform points (S = oversample * P);
+    logits [N, H, W], or [B, Q, H, W] with batch_index / query_index [N] (the matched
+    masks, gathered here); candidates [N, S, 2] uniform points (S = oversample * P);
     random [N, R, 2] uniform points. Returns [N, num_uncertain + R, 2]: the
     ``num_uncertain`` candidates with the smallest |logit| (top-k of -|logit|, in
     top-k order), then the random points.
     """
+    logits = _selected(logits, batch_index, query_index)
     ct = compute_dtype(logits)
     uncertainty = -_sample(logits.unsqueeze(1), candidates, ct)[:, 0].abs()  # [N, S]
     idx = torch.topk(uncertainty, k=num_uncertain, dim=1).indices

@@ -5,7 +5,8 @@ convention (pixel = coord * size - 0.5), computes in fp32 and returns contiguous
 Shapes follow the backend contract (see ``m2f_kernels.reference.point_loss``):
 
 - ``point_sample_fwd(input [N, C, H, W], coords [N, P, 2]) -> [N, C, P]``
-- ``uncertain_point_coords(logits [N, H, W], candidates [N, S, 2], random [N, R, 2], k)``
+- ``uncertain_point_coords(logits [N, H, W], candidates [N, S, 2], random [N, R, 2], k)``;
+  logits may be [B, Q, H, W] + (batch, query) index [N], as pred of the loss
 - ``point_mask_loss_fwd/bwd``: pred [N, Hp, Wp], or [B, Q, Hp, Wp] + (batch, query) index
   [N]; target [N, Ht, Wt] bool/uint8/float; coords [N, P, 2]
 - ``pairwise_mask_cost(pred [Q, Hp, Wp], target [T, Ht, Wt], coords [P, 2])``
@@ -100,6 +101,16 @@ def _load_coords(ptr, offs, stride_p, stride_xy, mask):
 
 
 @triton.jit
+def _pred_base(bidx, qidx, n, s_b, s_q, INDEXED: tl.constexpr):
+    """Element offset of matched mask n in a [B, Q, ...] map ([N, ...] is B=1, Q=N)."""
+    if INDEXED:
+        base = tl.load(bidx + n).to(tl.int64) * s_b + tl.load(qidx + n).to(tl.int64) * s_q
+    else:
+        base = n * s_q
+    return base
+
+
+@triton.jit
 def _taps(cx, cy, H, W):
     """Bilinear taps of points (cx, cy) in [0, 1] on an H x W map.
 
@@ -163,15 +174,20 @@ def _scatter(ptr, stride_h, stride_w, g, x0, x1, y0, y1, wx0, wx1, wy0, wy1, mas
 def _point_sample_fwd_kernel(
     inp, coords, out, C, P, H, W,
     s_in, s_ic, s_ih, s_iw, s_cn, s_cp, s_cxy,
-    NEG_ABS: tl.constexpr, BLOCK_P: tl.constexpr,
+    bidx, qidx, s_ib,
+    NEG_ABS: tl.constexpr, INDEXED: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Grid (N, cdiv(P, BLOCK_P)); out [N, C, P] contiguous (-|value| when NEG_ABS)."""
+    """Grid (N, cdiv(P, BLOCK_P)); out [N, C, P] contiguous (-|value| when NEG_ABS).
+
+    INDEXED: inp is [B, Q, C, H, W] (s_ib its batch stride, s_in its query stride) and row n
+    samples map (bidx[n], qidx[n]); else inp is [N, C, H, W] and bidx, qidx, s_ib are None.
+    """
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = offs < P
     cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
     x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, H, W)
-    src = inp + n * s_in
+    src = inp + _pred_base(bidx, qidx, n, s_ib, s_in, INDEXED)
     dst = out + n * C * P + offs
     for _ in range(C):
         v = _gather(src, s_ih, s_iw, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
@@ -203,14 +219,27 @@ def _point_sample_bwd_kernel(
         dst += H * W
 
 
-def _launch_point_sample(input, coords, out, neg_abs: bool, config: PointConfig) -> None:
-    """Sample input [N, C, H, W] at coords [N, P, 2] into out [N, C, P] (contiguous)."""
-    n, c, h, w = input.shape
-    p = coords.shape[1]
+def _launch_point_sample(input, coords, out, neg_abs: bool, config: PointConfig,
+                         batch_index: Optional[torch.Tensor] = None,
+                         query_index: Optional[torch.Tensor] = None) -> None:
+    """Sample input [N, C, H, W] at coords [N, P, 2] into out [N, C, P] (contiguous).
+
+    With batch_index / query_index [N], input is [B, Q, C, H, W] and row n samples the map
+    (batch_index[n], query_index[n]) in place: no gather copy. The plain launch passes None
+    for the index arguments (constexpr None), so its compiled code is the INDEXED=False one.
+    """
+    c, h, w = input.shape[-3:]
+    n, p = coords.shape[:2]
+    if batch_index is None:
+        index_args = (None, None, None)
+        strides = input.stride()
+    else:
+        s_b, *strides = input.stride()
+        index_args = (batch_index.contiguous(), query_index.contiguous(), s_b)
     _point_sample_fwd_kernel[(n, triton.cdiv(p, config.block_p))](
         input, coords, out, c, p, h, w,
-        *input.stride(), *coords.stride(),
-        NEG_ABS=neg_abs, BLOCK_P=config.block_p, num_warps=config.num_warps,
+        *strides, *coords.stride(), *index_args,
+        NEG_ABS=neg_abs, INDEXED=batch_index is not None, BLOCK_P=config.block_p, num_warps=config.num_warps,
     )
 
 
@@ -239,21 +268,27 @@ def point_sample_bwd(grad_out, input, coords):
 # ----------------------------------------------------------------------------- importance sampling
 
 
-def uncertain_point_coords(logits, candidates, random, num_uncertain: int):
+def uncertain_point_coords(logits, candidates, random, num_uncertain: int,
+                           batch_index: Optional[torch.Tensor] = None,
+                           query_index: Optional[torch.Tensor] = None):
     """The official importance sampling given its draws: [N, num_uncertain + R, 2].
 
-    logits [N, H, W]; candidates [N, S, 2]; random [N, R, 2]. The only float
-    intermediate is the uncertainty -|logit| [N, S] (fp32) that top-k reads; the
-    chosen candidates come in top-k order, then the random points.
+    logits [N, H, W], or [B, Q, H, W] with batch_index / query_index [N] (the matched
+    masks are read in place, never gathered); candidates [N, S, 2]; random [N, R, 2].
+    The only float intermediate is the uncertainty -|logit| [N, S] (fp32) that top-k
+    reads; the chosen candidates come in top-k order, then the random points.
     """
-    return uncertain_point_coords_with(logits, candidates, random, num_uncertain, POINT_CONFIG)
+    return uncertain_point_coords_with(logits, candidates, random, num_uncertain, batch_index, query_index,
+                                       POINT_CONFIG)
 
 
-def uncertain_point_coords_with(logits, candidates, random, num_uncertain: int, config: PointConfig):
+def uncertain_point_coords_with(logits, candidates, random, num_uncertain: int, batch_index, query_index,
+                                config: PointConfig):
     """:func:`uncertain_point_coords` with an explicit launch config (for the sweep)."""
     n, s = candidates.shape[:2]
     uncertainty = torch.empty((n, 1, s), dtype=torch.float32, device=logits.device)
-    _launch_point_sample(logits.unsqueeze(1), candidates, uncertainty, True, config)
+    # a channel dim of 1: [N, 1, H, W], or [B, Q, 1, H, W] for the indexed launch
+    _launch_point_sample(logits.unsqueeze(-3), candidates, uncertainty, True, config, batch_index, query_index)
     # sorted=True: the reference's (official) point order. The loss does not depend on the
     # order; sorted=False would skip a segmented sort of [N, k] (see bench/notes/point_loss.md).
     idx = torch.topk(uncertainty[:, 0], k=num_uncertain, dim=1).indices
@@ -265,16 +300,6 @@ def uncertain_point_coords_with(logits, candidates, random, num_uncertain: int, 
 
 
 # ----------------------------------------------------------------------------- point_mask_loss
-
-
-@triton.jit
-def _pred_base(bidx, qidx, n, s_b, s_q, INDEXED: tl.constexpr):
-    """Element offset of matched mask n in a [B, Q, ...] map ([N, ...] is B=1, Q=N)."""
-    if INDEXED:
-        base = tl.load(bidx + n).to(tl.int64) * s_b + tl.load(qidx + n).to(tl.int64) * s_q
-    else:
-        base = n * s_q
-    return base
 
 
 @triton.jit
