@@ -5,6 +5,7 @@
 # torch's extension build uses; csrc/**/*.cpp goes through the host compiler with
 # -fsyntax-only. One line per file; exit status non-zero if any file fails.
 # Usage: scripts/cuda_compile_check.sh   (in the project's Python environment)
+# CUDA_CHECK_OBJ_DIR=DIR keeps the objects there (<file>.cu.o), e.g. for scripts/cuda_sass_dump.sh.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -46,6 +47,8 @@ NVCC_FLAGS=(-O3 --use_fast_math --expt-relaxed-constexpr -D__CUDA_NO_HALF_OPERAT
 
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
+OBJ_DIR="${CUDA_CHECK_OBJ_DIR:-$TMP}"
+mkdir -p "$OBJ_DIR"
 status=0
 check() {  # check LABEL FILE COMMAND...: run COMMAND, print one line, keep the log on failure
   local label="$1" file="$2"; shift 2
@@ -61,7 +64,7 @@ check() {  # check LABEL FILE COMMAND...: run COMMAND, print one line, keep the 
 
 shopt -s globstar nullglob
 for f in "$ROOT"/csrc/**/*.cu; do
-  check "nvcc sm_80,sm_90" "$f" "$NVCC" "${COMMON[@]}" "${NVCC_FLAGS[@]}" -c "$f" -o "$TMP/$(basename "$f").o"
+  check "nvcc sm_80,sm_90" "$f" "$NVCC" "${COMMON[@]}" "${NVCC_FLAGS[@]}" -c "$f" -o "$OBJ_DIR/$(basename "$f").o"
 done
 for f in "$ROOT"/csrc/**/*.cpp; do
   check "$CXX -fsyntax-only" "$f" "$CXX" "${COMMON[@]}" -fPIC -fsyntax-only "$f"

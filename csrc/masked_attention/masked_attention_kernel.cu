@@ -29,11 +29,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "common/warp.cuh"
+
 namespace m2f_kernels {
 namespace {
 
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kTile = 32;     // keys per shared-memory tile (= lanes of a warp)
 constexpr int kRows = 8;      // query rows per block (one per warp)
 constexpr int kThreads = kWarp * kRows;
@@ -67,18 +67,6 @@ struct MaskArgs {
   int64_t heads;           // Hm: 1 for a shared mask, else H
 };
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
-  return x;
-}
-
 // Index of row (b, h, qi) in the [B, Hm, Q] flags.
 __device__ __forceinline__ int64_t flag_index(const MaskArgs& m, int64_t b, int64_t h, int64_t qi, int64_t Q) {
   return (b * m.heads + (m.heads > 1 ? h : 0)) * Q + qi;
@@ -95,6 +83,33 @@ __device__ __forceinline__ void load_tile(const scalar_t* __restrict__ src, int6
     const int d = e - j * dim;
     const int64_t n = n0 + j;
     dst[j * stride + d] = n < N ? static_cast<float>(src[n * dim + d]) : 0.0f;
+  }
+}
+
+// Stages keys / values [n0, n0 + kTile) in Ks / Vs between two barriers (every thread of
+// the block takes part), for the forward and dQ kernels' key loop.
+template <typename scalar_t>
+__device__ __forceinline__ void stage_kv_tile(const scalar_t* kbh, const scalar_t* vbh, int64_t n0, int64_t N, int D,
+                                              int Dv, float* Ks, float* Vs) {
+  __syncthreads();  // the previous tile is no longer read (and the query rows are written, first time)
+  load_tile(kbh, n0, N, D, Ks);
+  load_tile(vbh, n0, N, Dv, Vs);
+  __syncthreads();
+}
+
+// acc[c] += w_j * row_j[lane + c * kWarp] over the kTile rows row_j = rows + j * (dim + 1)
+// of a staged tile, w_j = lane j's w (a broadcast: rows with w_j = 0 are skipped, warp-uniformly).
+__device__ __forceinline__ void accumulate_rows(float (&acc)[kMaxChunks], float w, const float* rows, int dim,
+                                                int lane) {
+  for (int j = 0; j < kTile; ++j) {
+    const float wj = __shfl_sync(kFullMask, w, j);
+    if (wj == 0.0f) continue;  // warp-uniform: a broadcast value
+    const float* row = rows + j * (dim + 1);
+#pragma unroll
+    for (int c = 0; c < kMaxChunks; ++c) {
+      const int d = lane + c * kWarp;
+      if (d < dim) acc[c] += wj * row[d];
+    }
   }
 }
 
@@ -171,10 +186,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = 0; c < kMaxChunks; ++c) acc[c] = 0.0f;
 
   for (int64_t n0 = 0; n0 < N; n0 += kTile) {
-    __syncthreads();  // the previous tile is no longer read (and qrow is written, first time)
-    load_tile(kbh, n0, N, D, Ks);
-    load_tile(vbh, n0, N, Dv, Vs);
-    __syncthreads();
+    stage_kv_tile(kbh, vbh, n0, N, D, Dv, Ks, Vs);
     if (!row_ok) continue;
     const int64_t n = n0 + lane;
     const bool used = n < N && (use_all || !key_blocked(m.ptr, mbase + n * m.sn, m.type));
@@ -193,16 +205,7 @@ __global__ void __launch_bounds__(kThreads)
     l_i = l_i * alpha + warp_sum(p);
 #pragma unroll
     for (int c = 0; c < kMaxChunks; ++c) acc[c] *= alpha;
-    for (int j = 0; j < kTile; ++j) {
-      const float pj = __shfl_sync(kFullMask, p, j);
-      if (pj == 0.0f) continue;  // warp-uniform: a broadcast value
-      const float* vrow = Vs + j * (Dv + 1);
-#pragma unroll
-      for (int c = 0; c < kMaxChunks; ++c) {
-        const int d = lane + c * kWarp;
-        if (d < Dv) acc[c] += pj * vrow[d];
-      }
-    }
+    accumulate_rows(acc, p, Vs, Dv, lane);
     m_i = m_new;
   }
   if (!row_ok) return;
@@ -384,10 +387,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int c = 0; c < kMaxChunks; ++c) acc[c] = 0.0f;
 
   for (int64_t n0 = 0; n0 < N; n0 += kTile) {
-    __syncthreads();
-    load_tile(kbh, n0, N, D, Ks);
-    load_tile(vbh, n0, N, Dv, Vs);
-    __syncthreads();
+    stage_kv_tile(kbh, vbh, n0, N, D, Dv, Ks, Vs);
     if (!row_ok) continue;
     const int64_t n = n0 + lane;
     const bool used = n < N && (use_all || !key_blocked(m.ptr, mbase + n * m.sn, m.type));
@@ -403,16 +403,7 @@ __global__ void __launch_bounds__(kThreads)
       ds = p * (dp - delta_i) * scale;
     }
     if (!__any_sync(kFullMask, used)) continue;
-    for (int j = 0; j < kTile; ++j) {
-      const float dsj = __shfl_sync(kFullMask, ds, j);
-      if (dsj == 0.0f) continue;  // warp-uniform
-      const float* krow = Ks + j * (D + 1);
-#pragma unroll
-      for (int c = 0; c < kMaxChunks; ++c) {
-        const int d = lane + c * kWarp;
-        if (d < D) acc[c] += dsj * krow[d];
-      }
-    }
+    accumulate_rows(acc, ds, Ks, D, lane);
   }
   if (!row_ok) return;
 #pragma unroll

@@ -26,12 +26,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "common/warp.cuh"
+
 namespace m2f_kernels {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kWarpsPerBlock = 8;
-constexpr unsigned kFullMask = 0xffffffffu;
 // |grad_value sum| * scale stays below 2**kFixedPointBits < 2**63; the margin covers log2 rounding.
 constexpr double kFixedPointBits = 60.0;
 
@@ -70,18 +70,6 @@ __device__ __forceinline__ void store_vec(scalar_t* p, const float (&in)[VEC]) {
   *reinterpret_cast<Pack<scalar_t, VEC>*>(p) = pk;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
-  return x;
-}
-
 // The four corners of one bilinear sample: (x0, y0), (x0+1, y0), (x0, y0+1), (x0+1, y0+1).
 struct Bilinear {
   int64_t idx[4];  // pixel index along S
@@ -115,6 +103,13 @@ __device__ __forceinline__ Bilinear bilinear(float lx, float ly, int64_t hl, int
     b.coef[k] = coef[k];
   }
   return b;
+}
+
+// The corners of sampling point j, at (x, y) = (loc[2j], loc[2j + 1]), on a level of hl x wl
+// pixels that starts at pixel `start` along S.
+__device__ __forceinline__ Bilinear point_bilinear(const void* loc, AuxType loc_t, int64_t j, int64_t hl, int64_t wl,
+                                                   int64_t start) {
+  return bilinear(load_aux(loc, 2 * j, loc_t), load_aux(loc, 2 * j + 1, loc_t), hl, wl, start);
 }
 
 struct SoftmaxStats {
@@ -168,7 +163,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       for (int p = 0; p < P; ++p) {
         const int64_t j = aux0 + l * P + p;
         const float w = attention_weight(attw, w_t, j, softmax, st);
-        const Bilinear bl = bilinear(load_aux(loc, 2 * j, loc_t), load_aux(loc, 2 * j + 1, loc_t), hl, wl, start);
+        const Bilinear bl = point_bilinear(loc, loc_t, j, hl, wl, start);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (!bl.valid[k]) continue;
@@ -217,7 +212,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     for (int p = 0; p < P; ++p) {
       const int64_t j = aux0 + l * P + p;
       const float w = attention_weight(attw, w_t, j, softmax, st);
-      const Bilinear bl = bilinear(load_aux(loc, 2 * j, loc_t), load_aux(loc, 2 * j + 1, loc_t), hl, wl, start);
+      const Bilinear bl = point_bilinear(loc, loc_t, j, hl, wl, start);
       float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // this lane's part of <grad_out, value at corner k>
       for (int c0 = lane * VEC; c0 < D; c0 += kWarp * VEC) {
         float g[VEC];

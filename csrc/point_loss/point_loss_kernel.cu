@@ -29,12 +29,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "common/warp.cuh"
+
 namespace m2f_kernels {
 namespace {
 
 constexpr int kThreads = 256;  // threads per block of every 1-D kernel here
-constexpr int kWarp = 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride loops cover the rest
 constexpr int kTile = 16;                // pairwise cost tile: 16 x 16 outputs, 16 points per step
 
@@ -136,12 +136,6 @@ __device__ __forceinline__ float sigmoid(float x) {
 }
 
 __device__ __forceinline__ float softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
-
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = kWarp / 2; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
-  return x;
-}
 
 // Sum over a kThreads block in a fixed order; every thread gets the result. Every thread
 // of the block must call it (it synchronises); smem holds kThreads / kWarp floats.
