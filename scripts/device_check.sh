@@ -13,6 +13,7 @@
 #   train-start  start the fused and the reference `--preset small` training runs in the
 #                background (issue 7; TRAIN_STEPS, TRAIN_LIMIT); `train-wait` waits for them
 #   cuda-tests   the cuda backend's tests, then compute-sanitizer memcheck + racecheck on a subset
+#                (SANITIZER_FILTER / SANITIZER_LIMIT; RACECHECK_FILTER / RACECHECK_LIMIT override them)
 #   toolchain    what built and what loads the extension (compiler versions, libstdc++ / libgcc_s,
 #                unwind tables): the record for a TORCH_CHECK that crashes instead of raising
 #   collect      pack runs/ (without checkpoints), logs and new bench results into $OUT
@@ -101,9 +102,11 @@ for stage in $stages; do
       if [ -n "$sanitizer" ]; then
         for tool in memcheck racecheck; do
           stamp "compute-sanitizer $tool"
-          timeout "$SANITIZER_LIMIT" "$sanitizer" --tool "$tool" --error-exitcode 99 \
+          filter=${SANITIZER_FILTER:-float32 and not standard and not int64}; limit=$SANITIZER_LIMIT
+          [ "$tool" = racecheck ] && filter=${RACECHECK_FILTER:-$filter} limit=${RACECHECK_LIMIT:-$limit}
+          timeout "$limit" "$sanitizer" --tool "$tool" --error-exitcode 99 \
             python3 -m pytest tests/test_cuda_backend.py tests/test_cuda_*.py -q -p no:cacheprovider -x \
-            -k "${SANITIZER_FILTER:-float32 and not standard and not int64}" > "$LOGS/sanitizer-$tool.log" 2>&1
+            -k "$filter" > "$LOGS/sanitizer-$tool.log" 2>&1
           echo "$tool exit: $? (99 = errors found, 124 = time limit)"
           grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOGS/sanitizer-$tool.log" | tail -3
         done
