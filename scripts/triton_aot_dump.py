@@ -35,6 +35,10 @@ baseline of a commit without uncommitted changes needs no stash:
     python /tmp/base/scripts/triton_aot_dump.py dump /tmp/before && python scripts/triton_aot_dump.py dump /tmp/after
     python scripts/triton_aot_dump.py diff /tmp/before /tmp/after
 
+From Python (the repo root on sys.path): ``import scripts.triton_aot_dump as aot`` and
+``aot.compile_launches(cases, archs, kernels=...)`` returns the index.json entries without
+writing files (tests/test_point_loss_triton.py checks the matcher's resources this way).
+
 Runs with TRITON_INTERPRET unset (it is removed from the environment when the script
 starts); ~2 min for the default cases on 2 CPU cores. Triton's cache is used as usual.
 """
@@ -128,8 +132,8 @@ def capture(cases, archs):
 
 # ----------------------------------------------------------------------------- compile
 
-_ENTRIES: list = []
-_OUT = [""]
+_ENTRIES: list = []  # what the forked compile workers read
+_OUT = [None]
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -140,22 +144,25 @@ def _tool(name, *args):
     return subprocess.run([path, *args], capture_output=True, text=True, check=True).stdout
 
 
-def _compile_one(i):
-    e = _ENTRIES[i]
+def compile_entry(e, out=None):
+    """Compile one captured launch ``e`` (an entry of :func:`capture`) and read its resources:
+    the index.json entry. With ``out``, its ``.ptx`` and ``.sass`` are written there too."""
     t0 = time.time()
     src = ASTSource(fn=e["kernel"], signature=e["signature"], constexprs=e["constexprs"], attrs=e["attrs"])
     compiled = triton.compile(src, target=GPUTarget("cuda", e["arch"], 32), options=e["options"])
-    stem = os.path.join(_OUT[0], f"{e['name']}.sm{e['arch']}")
-    with open(stem + ".ptx", "w") as f:
-        f.write(compiled.asm["ptx"])
     usage = sass = ""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = _tool("cuobjdump", "-res-usage", f.name)
-        sass = _tool("cuobjdump", "-sass", f.name)
-    with open(stem + ".sass", "w") as f:
-        f.write(sass)
+        if out:
+            sass = _tool("cuobjdump", "-sass", f.name)
+    if out:
+        stem = os.path.join(out, f"{e['name']}.sm{e['arch']}")
+        with open(stem + ".ptx", "w") as f:
+            f.write(compiled.asm["ptx"])
+        with open(stem + ".sass", "w") as f:
+            f.write(sass)
     m = _RES.search(usage)
     res = dict(zip(("regs", "stack", "cubin_shared", "local"), map(int, m.groups()))) if m else {}
     res["shared"] = compiled.metadata.shared
@@ -168,17 +175,44 @@ def _compile_one(i):
     }
 
 
+def _compile_one(i):
+    return compile_entry(_ENTRIES[i], _OUT[0])
+
+
+def compile_entries(entries, jobs=1, out=None):
+    """:func:`compile_entry` for every entry, ``jobs`` processes (fork) in parallel."""
+    _ENTRIES[:] = entries
+    _OUT[0] = out
+    try:
+        if jobs > 1 and len(entries) > 1:
+            with multiprocessing.get_context("fork").Pool(min(jobs, len(entries))) as pool:
+                return pool.map(_compile_one, range(len(entries)), chunksize=1)
+        return [_compile_one(i) for i in range(len(entries))]
+    finally:
+        _ENTRIES[:] = []
+
+
+def compile_launches(cases, archs, kernels=None, jobs=1):
+    """The compile requests of the launches the case functions make (see :func:`capture`),
+    compiled for each arch without a GPU: their index.json entries, resources included
+    (``regs``, ``stack``, ``local`` from cuobjdump where Triton bundles it, ``shared`` always).
+    ``kernels``: keep only the launches of kernels with these function names.
+
+    Call it in a process where TRITON_INTERPRET was never set (importing this module
+    removes it, so import it before anything defines a kernel): under the interpreter
+    kernels are not JITFunctions and nothing is recorded."""
+    entries = capture(cases, archs)
+    if kernels is not None:
+        entries = [e for e in entries if e["kernel"].fn.__name__ in kernels]
+    return compile_entries(entries, jobs)
+
+
 def dump(out, cases, archs, jobs):
     os.makedirs(out, exist_ok=True)
-    _ENTRIES[:] = capture(cases, archs)
-    _OUT[0] = out
-    print(f"{len(_ENTRIES)} compiles ({len({e['name'] for e in _ENTRIES})} kernels x {len(archs)} archs)", flush=True)
-    if jobs > 1:
-        with multiprocessing.get_context("fork").Pool(jobs) as pool:
-            results = pool.map(_compile_one, range(len(_ENTRIES)), chunksize=1)
-    else:
-        results = [_compile_one(i) for i in range(len(_ENTRIES))]
-    sources = sorted({e["kernel"].fn.__module__ for e in _ENTRIES})
+    entries = capture(cases, archs)
+    print(f"{len(entries)} compiles ({len({e['name'] for e in entries})} kernels x {len(archs)} archs)", flush=True)
+    results = compile_entries(entries, jobs, out)
+    sources = sorted({e["kernel"].fn.__module__ for e in entries})
     sources = {mod: sys.modules[mod].__file__ for mod in sources}
     print("kernel sources:", ", ".join(sources.values()))
     with open(os.path.join(out, "index.json"), "w") as f:

@@ -10,6 +10,7 @@ import types
 
 import json
 import os
+import pathlib
 import random
 import subprocess
 import sys
@@ -505,58 +506,69 @@ def test_pairwise_configs_fit_shared_memory():
         assert config.block_p & (config.block_p - 1) == 0
 
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # scripts/ (a namespace package) lives here
+
+# Runs in a fresh interpreter without TRITON_INTERPRET (this process's kernels are
+# interpreted, not JITFunctions): scripts/triton_aot_dump.py records the launches that the
+# real backend wrapper makes on CPU tensors, so each compile request carries the
+# specialisation of a GPU launch (pointer dtypes, bool targets as u8, unit strides as
+# constexpr 1, 16-divisible ints, num_warps / num_stages), not a hand-written signature.
 _COMPILE = r"""
-import json, os, subprocess, sys, tempfile
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import scripts.triton_aot_dump as aot  # first: it unsets TRITON_INTERPRET before any kernel exists
+import torch
 from m2f_kernels.triton import point_loss as pl
 
-kernel = pl._pairwise_partial_kernel
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-results = []
-for config in dict.fromkeys(pl.PAIRWISE_CONFIGS.values()):
-    constexprs = {"BLOCK_Q": config.block_q, "BLOCK_T": config.block_t, "BLOCK_P": config.block_p,
-                  "PRECISION": config.precision}
-    signature = {p.name: "constexpr" if p.is_constexpr else ("*fp32" if p.name in ("pred", "target", "coords", "part") else "i32")
-                 for p in kernel.params}
-    for arch in json.loads(sys.argv[1]):
-        src = ASTSource(fn=kernel, signature=signature,
-                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-        usage = ""
-        if os.path.exists(cuobjdump):
-            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-                f.write(compiled.asm["cubin"])
-                f.flush()
-                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        results.append({"config": repr(config), "arch": arch, "shared": compiled.metadata.shared,
-                        "estimate": pl.pairwise_smem_bytes(config, 4, 4), "usage": usage})
-print(json.dumps(results))
+launches = {}
+
+
+def matcher_calls():
+    # the matcher's call per image at the DESIGN.md shape: pred [Q=100, 256, 256] in each
+    # dtype of the config table, 30 bool targets at 1024^2 (and fp32 targets, the largest
+    # gathered tiles, for fp32 pred), P = 12544 shared points
+    q, t, hp, ht, p = 100, 30, 256, 1024, 12544
+    coords = torch.empty(p, 2)
+    for dtype, config in pl.PAIRWISE_CONFIGS.items():
+        for target_dtype in (torch.bool, torch.float32) if dtype == torch.float32 else (torch.bool,):
+            name = f"{dtype}-{target_dtype}".replace("torch.", "")
+            pred, target = torch.empty(q, hp, hp, dtype=dtype), torch.empty(t, ht, ht, dtype=target_dtype)
+            launches["_pairwise_partial_kernel." + name] = {
+                "config": repr(config), "num_warps": config.num_warps, "num_stages": config.num_stages,
+                "estimate": pl.pairwise_smem_bytes(config, pred.element_size(), target.element_size())}
+            with aot.tag(name):
+                pl.pairwise_mask_cost(pred, target, coords)
+
+
+results = aot.compile_launches([matcher_calls], json.loads(sys.argv[2]), kernels={"_pairwise_partial_kernel"}, jobs=2)
+print(json.dumps([dict(r, **launches[r["name"]]) for r in results]))
 """
 
 
 @pytest.mark.slow
 def test_pairwise_default_compiles_within_shared_memory():
-    """Compile the default matcher kernel for sm_80 and sm_90 (no GPU needed; fp32 pred and
-    targets, the largest tiles): shared memory within the estimate and the limit, and no
+    """Compile the default matcher kernel for sm_80 and sm_90 (no GPU needed) exactly as the
+    matcher launches it (scripts/triton_aot_dump.py; every pred dtype with bool targets, fp32
+    pred with fp32 targets): shared memory within the estimate and the limit, and no
     register spills (the first GPU run's config spilled 2.6 KB per thread)."""
     pytest.importorskip("triton.backends.nvidia", reason="Triton's NVIDIA backend is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     archs = (80, 90)
-    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(archs)], env=env,
+    run = subprocess.run([sys.executable, "-c", _COMPILE, str(ROOT), json.dumps(archs)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == len(set(tri.PAIRWISE_CONFIGS.values())) * len(archs)
+    # one compile per (pred dtype, target dtype, arch): a recorder that caught nothing fails here
+    assert len(results) == (len(tri.PAIRWISE_CONFIGS) + 1) * len(archs), [r["name"] for r in results]
     for r in results:
-        what = f"{r['config']} on sm_{r['arch']}"
-        limit = SMEM_LIMITS[r["arch"]]
-        assert 0 < r["shared"] <= r["estimate"] <= limit, \
-            f"{what}: {r['shared']} B shared, estimate {r['estimate']}, limit {limit}"
-        if r["usage"]:
-            assert "STACK:0 " in r["usage"] and "LOCAL:0 " in r["usage"], f"{what} spills registers: {r['usage']}"
+        what = f"{r['name']} ({r['config']}) on sm_{r['arch']}"
+        res, limit = r["resources"], SMEM_LIMITS[r["arch"]]
+        assert (r["options"]["num_warps"], r["options"]["num_stages"]) == (r["num_warps"], r["num_stages"]), what
+        assert 0 < res["shared"] <= r["estimate"] <= limit, \
+            f"{what}: {res['shared']} B shared, estimate {r['estimate']}, limit {limit}"
+        if "regs" in res:  # cuobjdump ships with Triton's NVIDIA backend
+            assert res["stack"] == 0 and res["local"] == 0, \
+                f"{what} spills registers: {res['regs']} registers, {res['stack']} B stack, {res['local']} B local"
 
 
 # ----------------------------------------------------------------------------- standard shapes (GPU)

@@ -58,8 +58,10 @@ class PairwiseConfig:
 # Defaults; bench/sweep_point_loss.py times the alternatives. Every pairwise entry must fit
 # the shared memory of sm_80, sm_86 and sm_90 for every pred/target dtype
 # (tests/test_point_loss_triton.py checks the estimate, and a compile for sm_80 and sm_90).
-# The pairwise default compiles (sm_90, fp32) to 127 registers, no spills, 10 KiB shared:
-# two 8-warp programs per SM, and the ~224 programs of the standard shape in one wave.
+# The pairwise default compiles (real launch specialisation, fp32 pred, bool targets) to
+# 149 registers on sm_90 (128 on sm_80), no spills, 10 KiB shared: on sm_90 one 8-warp
+# program per SM by registers, so the ~224 programs of the standard shape take two waves
+# (a candidate for the GPU sweep: bench/notes/point_loss.md).
 POINT_CONFIG = PointConfig()  # point_sample and the importance-sampling uncertainty
 LOSS_CONFIG = PointConfig()  # point_mask_loss stats and gradient kernels
 PAIRWISE_CONFIGS = {
