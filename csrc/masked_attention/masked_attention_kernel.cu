@@ -29,6 +29,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "common/dispatch.h"
 #include "common/warp.cuh"
 
 namespace m2f_kernels {
@@ -414,11 +415,6 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ----------------------------------------------------------------------------- host side
-#define M2F_MA_DISPATCH_FLOATING(TYPE, NAME, ...)                        \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                         \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
 
 size_t fwd_smem(int64_t D, int64_t Dv) {
   return sizeof(float) * static_cast<size_t>(kTile * (D + 1) + kTile * (Dv + 1) + kRows * D);
@@ -542,7 +538,7 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_fwd(const at::Tensor& q, con
   const at::Tensor flags = row_flags(m, B, Q, N, q.options(), stream);
   const dim3 grid(static_cast<unsigned int>((Q + kRows - 1) / kRows), static_cast<unsigned int>(H),
                   static_cast<unsigned int>(B));
-  M2F_MA_DISPATCH_FLOATING(q.scalar_type(), "masked_attention_fwd", [&] {
+  M2F_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "masked_attention_fwd", [&] {
     ma_fwd_kernel<scalar_t><<<grid, kThreads, fwd_smem(D, Dv), stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), m, flags.data_ptr<int>(),
         out.data_ptr<scalar_t>(), lse.data_ptr<float>(), H, Q, N, static_cast<int>(D), static_cast<int>(Dv),
@@ -580,7 +576,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_bwd(
                     static_cast<unsigned int>(B));
   const dim3 grid_k(static_cast<unsigned int>((N + kTile - 1) / kTile), static_cast<unsigned int>(H),
                     static_cast<unsigned int>(B));
-  M2F_MA_DISPATCH_FLOATING(q.scalar_type(), "masked_attention_bwd", [&] {
+  M2F_DISPATCH_FLOAT_HALF_BF16(q.scalar_type(), "masked_attention_bwd", [&] {
     delta_kernel<scalar_t><<<warp_row_blocks(rows), kWarp * kFlagWarpsPerBlock, 0, stream>>>(
         grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), delta.data_ptr<float>(), rows,
         static_cast<int>(Dv));

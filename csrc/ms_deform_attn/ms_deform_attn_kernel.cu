@@ -26,6 +26,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "common/dispatch.h"
 #include "common/warp.cuh"
 
 namespace m2f_kernels {
@@ -337,12 +338,6 @@ unsigned int num_blocks(int64_t rows) {
   return static_cast<unsigned int>(blocks);
 }
 
-#define M2F_DISPATCH_FLOATING(TYPE, NAME, ...)                     \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                   \
-                     AT_DISPATCH_CASE(at::ScalarType::Float, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::ScalarType::Half, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::ScalarType::BFloat16, __VA_ARGS__))
-
 // (scale, 1/scale): 0-dim fp32 powers of two computed on the device (no host sync).
 // Every value pixel's gradient is a sum of w * bilinear_weight * grad_out terms, so
 // |grad_value| <= Lq * max over rows of sum |w| * max |grad_out| (sum w = 1 with the
@@ -378,7 +373,7 @@ at::Tensor ms_deform_attn_fwd(const at::Tensor& value, const at::Tensor& spatial
   if (rows == 0 || D == 0) return out.zero_();
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
-  M2F_DISPATCH_FLOATING(value.scalar_type(), "ms_deform_attn_fwd", [&] {
+  M2F_DISPATCH_FLOAT_HALF_BF16(value.scalar_type(), "ms_deform_attn_fwd", [&] {
     const int vec = pick_vec(D, sizeof(scalar_t), {value.data_ptr(), out.data_ptr()});
     dispatch_vec<scalar_t>(vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
@@ -419,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_bwd(
   if (deterministic) std::tie(scale, inv_scale) = fixed_point_scales(grad_out, attention_weights, softmax);
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
-  M2F_DISPATCH_FLOATING(value.scalar_type(), "ms_deform_attn_bwd", [&] {
+  M2F_DISPATCH_FLOAT_HALF_BF16(value.scalar_type(), "ms_deform_attn_bwd", [&] {
     const int vec = pick_vec(D, sizeof(scalar_t), {value.data_ptr(), grad_out.data_ptr()});
     dispatch_vec<scalar_t>(vec, [&](auto vec_c) {
       constexpr int VEC = decltype(vec_c)::value;
