@@ -309,6 +309,20 @@ def _patch_module(mod, switch: str, fused: bool) -> None:
             setattr(mod, name, _ORIGINAL_FUNCTIONS.pop(name))
 
 
+def _set_fused(model: Optional[nn.Module], switches, fused: bool) -> Optional[nn.Module]:
+    """Patch (fused=True, after the version check) or restore the switches, in ``model``
+    or, with model=None, in the modeling module. Returns ``model``."""
+    mod = _modeling()
+    if fused:
+        _check_supported(mod, switches)
+    if model is None:
+        for s in switches:
+            _patch_module(mod, s, fused)
+    else:
+        _patch_instance(model, mod, switches, fused)
+    return model
+
+
 def _patch_instance(model: nn.Module, mod, switches, fused: bool) -> None:
     mixins = {_base_of(getattr(mod, name)): mixin for s in switches for name, mixin in _CLASSES[s].items()}
     found = False
@@ -346,15 +360,7 @@ def apply_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_defor
         UnsupportedTransformersError: transformers is missing or its Mask2Former differs
             from the tested versions where the patch relies on it.
     """
-    mod = _modeling()
-    switches = _selected(ms_deform_attn, masked_attention, point_loss)
-    _check_supported(mod, switches)
-    if model is None:
-        for s in switches:
-            _patch_module(mod, s, fused=True)
-    else:
-        _patch_instance(model, mod, switches, fused=True)
-    return model
+    return _set_fused(model, _selected(ms_deform_attn, masked_attention, point_loss), fused=True)
 
 
 def revert_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_deform_attn: bool = True,
@@ -364,11 +370,4 @@ def revert_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_defo
     ``model=None`` restores the module's classes and functions (models built while it was
     patched stay fused: pass them as ``model`` to restore them). Returns ``model``.
     """
-    mod = _modeling()
-    switches = _selected(ms_deform_attn, masked_attention, point_loss)
-    if model is None:
-        for s in switches:
-            _patch_module(mod, s, fused=False)
-    else:
-        _patch_instance(model, mod, switches, fused=False)
-    return model
+    return _set_fused(model, _selected(ms_deform_attn, masked_attention, point_loss), fused=False)
