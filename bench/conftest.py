@@ -38,7 +38,7 @@ def pytest_addoption(parser):
     group.addoption("--benchmark", action="store_true", default=False,
                     help="run the GPU benchmark suite in bench/ (without it every bench test skips)")
     group.addoption("--benchmark-scope", choices=harness.SCOPES, default="default",
-                    help="quick: one shape per table, few rounds; default: the DESIGN.md shapes "
+                    help="quick: one shape per table, few rounds; default: the standard shapes "
                          "(about 5 minutes on an H100); full: every provider at every shape, more rounds")
     group.addoption("--benchmark-quick", action="store_true", default=False,
                     help="same as --benchmark-scope=quick")

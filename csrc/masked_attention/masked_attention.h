@@ -1,6 +1,6 @@
 // Masked cross-attention (Mask2Former decoder) on CUDA: host entry points.
 //
-// Shapes (DESIGN.md): q [B, H, Q, D], k [B, H, N, D], v [B, H, N, Dv], D and Dv <= 128;
+// Shapes (docs/ops.md): q [B, H, Q, D], k [B, H, N, D], v [B, H, N, Dv], D and Dv <= 128;
 // mask [B, Q, N] (shared by the heads, read with head stride 0) or [B, H, Q, N], any
 // strides: bool / uint8 (non-zero = blocked) or floating logits (blocked where < 0, NaN
 // visible). A row whose keys are all blocked attends to all keys (the empty-row rule).

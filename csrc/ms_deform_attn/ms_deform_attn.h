@@ -1,6 +1,6 @@
 // Multi-scale deformable attention (MSDeformAttn) on CUDA: host entry points.
 //
-// Shapes (DESIGN.md): value [B, S, H, D]; spatial_shapes [L, 2] int64 (H_l, W_l);
+// Shapes (docs/ops.md): value [B, S, H, D]; spatial_shapes [L, 2] int64 (H_l, W_l);
 // level_start_index [L] int64; sampling_locations [B, Lq, H, L, P, 2] as (x, y) in
 // [0, 1]; attention_weights [B, Lq, H, L, P] (logits over the L*P entries when
 // `softmax`); out [B, Lq, H*D]. value is fp32/fp16/bf16; locations and weights are
