@@ -9,14 +9,9 @@ Every op takes ``backend=`` ('auto', 'reference', 'triton', 'cuda'); see
 :func:`set_backend`, :func:`use_backend` and the ``M2F_KERNELS_BACKEND`` variable.
 """
 from ._dispatch import BACKENDS, BackendUnavailableError, get_backend, set_backend, use_backend
-from .ops import (
-    masked_attention,
-    ms_deform_attn,
-    pairwise_mask_cost,
-    point_mask_loss,
-    point_sample,
-    uncertain_point_coords,
-)
+from .ops.masked_attention import masked_attention
+from .ops.ms_deform_attn import ms_deform_attn
+from .ops.point_loss import pairwise_mask_cost, point_mask_loss, point_sample, uncertain_point_coords
 
 __version__ = "0.1.0"
 

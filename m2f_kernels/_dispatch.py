@@ -1,9 +1,19 @@
 """Backend selection: the one place that decides which implementation runs.
 
-Backends are Python modules that export functions named after the ops
-(``masked_attention_fwd``, ``ms_deform_attn_bwd``, ...; see ``BACKEND_FUNCTIONS``).
-They never import each other; this module imports them lazily, so a missing
-Triton or an unbuilt CUDA extension costs nothing until that backend is asked for.
+A backend is a package ``m2f_kernels.<backend>`` (reference, triton, cuda) that declares:
+
+- ``device_unavailable_reason(device) -> str | None``: why it cannot run on ``device`` at all;
+- ``DTYPES``: the floating input dtypes its ops accept;
+- per op, in its module ``m2f_kernels.<backend>.<op module>``: the functions the op's
+  declaration names (``masked_attention_fwd``, ``masked_attention_bwd``, ...), and optionally
+  ``LIMITS = {op: Limit(...)}``, what else it cannot do (a head dim, a size).
+
+Ops declare themselves with :func:`register` (``m2f_kernels.ops._define`` does it). Nothing
+here lists ops or functions: a new op or a backend that gains one changes no table.
+Backends never import each other; this module imports them lazily, so a missing Triton or
+an unbuilt CUDA extension costs nothing until that backend is asked for. Every refusal is a
+:class:`BackendUnavailableError` whose message says why, and ``python -m m2f_kernels.info``
+prints the same reasons.
 
 Precedence for the backend of one call: the call's ``backend=`` argument, else the
 innermost :func:`use_backend` scope, else :func:`set_backend`, else the environment
@@ -12,10 +22,11 @@ variable ``M2F_KERNELS_BACKEND``, else ``'auto'``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 import threading
-from typing import Iterator, Optional
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -23,54 +34,69 @@ BACKENDS = ("reference", "triton", "cuda")
 CHOICES = ("auto",) + BACKENDS
 ENV_VAR = "M2F_KERNELS_BACKEND"
 
-# The functions a backend module may export. A backend that lacks one of them
-# simply does not implement that op (yet); dispatch reports it by name.
-BACKEND_FUNCTIONS = {
-    "masked_attention": ("masked_attention_fwd", "masked_attention_bwd"),
-    "ms_deform_attn": ("ms_deform_attn_fwd", "ms_deform_attn_bwd"),
-    "point_sample": ("point_sample_fwd", "point_sample_bwd"),
-    "uncertain_point_coords": ("uncertain_point_coords",),
-    "point_mask_loss": ("point_mask_loss_fwd", "point_mask_loss_bwd"),
-    "pairwise_mask_cost": ("pairwise_mask_cost",),
-}
-
-_MODULES = {
-    "reference": "m2f_kernels.reference",
-    "triton": "m2f_kernels.triton",
-    "cuda": "m2f_kernels.cuda",
-}
-
-# dtypes each compiled backend accepts for its floating inputs.
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# 'auto' on a CUDA tensor: per (op, dtype class) the backends to try, fastest measured
-# first; an unavailable one (e.g. the extension not built) is passed over. The one table of
-# that choice. Measured at the standard shapes (DESIGN.md) in
-# bench/results/nvidia-h200-2026-11-27-3.json (H200, milliseconds, medians):
-#   masked_attention      bf16 Q200 N16384 fwd: triton 0.24, cuda 3.44; fwd+bwd: 0.94 vs 10.1
-#   pairwise_mask_cost    matcher, 10 predictions: fp32 triton 3.6, cuda 10.4; bf16 4.7 vs 10.5
-#   point_mask_loss and   loss (importance sampling + loss), 10 predictions, fp32:
-#   uncertain_point_coords  fwd triton 8.2, cuda 6.4; fwd+bwd 15.8 vs 12.8 (host-bound: the
-#                         C++ ops launch with less host time than Triton's launcher)
-# Not yet measured with cuda, so Triton first: ms_deform_attn, point_sample, the 16-bit loss.
+TRITON_FIRST = ("triton", "cuda", "reference")
+CUDA_FIRST = ("cuda", "triton", "reference")
+# Where the per-op 'auto' orders (OpDispatch.auto_order_cuda) were measured.
 AUTO_TABLE_SOURCE = "bench/results/nvidia-h200-2026-11-27-3.json"
-_TRITON_FIRST = ("triton", "cuda", "reference")
-_CUDA_FIRST = ("cuda", "triton", "reference")
-AUTO_ORDER_CUDA = {
-    ("point_mask_loss", "fp32"): _CUDA_FIRST,
-    ("uncertain_point_coords", "fp32"): _CUDA_FIRST,
+
+_IMPORT_HINTS = {
+    "triton": "Triton is not installed (pip install triton)",
+    "cuda": "the CUDA extension m2f_kernels._C is not built (pip install --no-build-isolation -e . with a CUDA torch and nvcc)",
 }
-
-
-def auto_order(op: str, dtype: torch.dtype) -> tuple:
-    """The backends 'auto' tries for ``op`` on a CUDA tensor of ``dtype``, in order."""
-    dtype_class = "fp32" if dtype == torch.float32 else "16bit"
-    return AUTO_ORDER_CUDA.get((op, dtype_class), _TRITON_FIRST)
 
 
 class BackendUnavailableError(RuntimeError):
     """A backend was asked for explicitly and cannot run this call; the message says why."""
 
+
+@dataclasses.dataclass(frozen=True)
+class Limit:
+    """A backend's limit on one op beyond device and dtype.
+
+    ``text`` is what ``info`` prints; ``reason(*args)`` gets the op's custom-op arguments
+    (without ``backend``) and returns why these exceed the limit, or None. It may read
+    shapes, dtypes and Python values only (it runs under torch.compile too).
+    """
+    text: str
+    reason: Callable[..., Optional[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDispatch:
+    """What dispatch knows of an op: where its backends implement it and who 'auto' tries.
+
+    ``module``: the module name inside each backend package (``point_loss`` for
+    ``m2f_kernels.triton.point_loss``); ``functions``: {kind: function name} it needs there
+    (kinds such as 'fwd', 'bwd'); ``auto_order_cuda``: {'fp32' | '16bit': backend order}
+    where the measured order on a CUDA tensor is not :data:`TRITON_FIRST`.
+    """
+    name: str
+    module: str
+    functions: Dict[str, str]
+    auto_order_cuda: Dict[str, Tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+
+OPS: Dict[str, OpDispatch] = {}
+
+
+def register(op: OpDispatch) -> None:
+    """Make ``op`` known to dispatch (one registration per name)."""
+    if op.name in OPS:
+        raise RuntimeError(f"m2f_kernels op {op.name!r} is registered twice")
+    for dtype_class, order in op.auto_order_cuda.items():
+        if dtype_class not in ("fp32", "16bit") or sorted(order) != sorted(BACKENDS) or order[-1] != "reference":
+            raise ValueError(f"{op.name}: auto order for {dtype_class!r} must list every backend, "
+                             f"reference last; got {order}")
+    OPS[op.name] = op
+
+
+def auto_order(op: str, dtype: torch.dtype) -> tuple:
+    """The backends 'auto' tries for ``op`` on a CUDA tensor of ``dtype``, in order."""
+    dtype_class = "fp32" if dtype == torch.float32 else "16bit"
+    return OPS[op].auto_order_cuda.get(dtype_class, TRITON_FIRST)
+
+
+# --- the default backend ----------------------------------------------------------------------
 
 def _check_choice(name: str, argname: str) -> str:
     if not isinstance(name, str) or name.lower() not in CHOICES:
@@ -120,11 +146,12 @@ def use_backend(name: str) -> Iterator[None]:
         _state.scopes.pop()
 
 
+# --- what a backend can do --------------------------------------------------------------------
 
-def _load(backend: str):
-    """Import a backend module; returns (module, None) or (None, reason)."""
+def _load(module_name: str, backend: str):
+    """Import ``module_name``; returns (module, None) or (None, reason)."""
     try:
-        return importlib.import_module(_MODULES[backend]), None
+        return importlib.import_module(module_name), None
     except ImportError as exc:  # triton not installed, extension not built, ...
         hint = _IMPORT_HINTS.get(backend, "it could not be imported")
         # a missing module is the common case; anything else (a broken build) shows its error
@@ -133,64 +160,118 @@ def _load(backend: str):
 
 def backend_status(backend: str, device: Optional[torch.device] = None) -> Optional[str]:
     """Why ``backend`` cannot run on ``device`` at all, or None if it can (for some ops)."""
-    if backend == "reference":
-        return None
-    module, reason = _load(backend)
-    if module is None:
+    package, reason = _load(f"m2f_kernels.{backend}", backend)
+    if package is None:
         return f"backend {backend!r} is not available: {reason}"
-    device_reason = module.device_unavailable_reason(device)
+    device_reason = package.device_unavailable_reason(device)
     if device_reason is not None:
         return f"backend {backend!r} cannot run here: {device_reason}"
     return None
 
 
-def _why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
-    """Why ``backend`` cannot run ``op`` on ``device`` with floating inputs of ``dtype``, or None."""
+_MISSING = object()
+_op_modules: dict = {}  # (backend, op) -> module, or _MISSING when the backend lacks the op
+
+
+def _op_module(backend: str, op: str):
+    """The backend's module for ``op`` (it exports every function the op names), or None."""
+    key = (backend, op)
+    module = _op_modules.get(key)
+    if module is None:
+        info = OPS[op]
+        name = f"m2f_kernels.{backend}.{info.module}"
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            module = _MISSING
+        if module is not _MISSING and any(not hasattr(module, f) for f in info.functions.values()):
+            module = _MISSING
+        _op_modules[key] = module
+    return None if module is _MISSING else module
+
+
+def why_not(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on ``device`` with floating inputs of ``dtype``, or None.
+
+    Argument limits (:class:`Limit`) are not checked here; :func:`limit_reason` does.
+    """
     status = backend_status(backend, device)
     if status is not None:
         return status
-    if backend == "reference":
-        return None
-    if dtype not in _KERNEL_DTYPES:
-        return (
-            f"backend {backend!r} supports {', '.join(str(d) for d in _KERNEL_DTYPES)} "
-            f"for {op}, got {dtype} (use backend='reference' for float64)"
-        )
-    module, _ = _load(backend)
-    if any(not hasattr(module, f) for f in BACKEND_FUNCTIONS[op]):
+    dtypes = importlib.import_module(f"m2f_kernels.{backend}").DTYPES
+    if dtype not in dtypes:
+        hint = " (use backend='reference' for float64)" if dtype == torch.float64 else ""
+        return f"backend {backend!r} supports {', '.join(str(d) for d in dtypes)} for {op}, got {dtype}{hint}"
+    if _op_module(backend, op) is None:
         return f"backend {backend!r} does not implement {op} yet"
     return None
 
 
-def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
-    """The concrete backend that runs ``op`` on ``device`` with floating inputs of ``dtype``.
+def limits(backend: str, op: str) -> Optional[Limit]:
+    """The backend's declared :class:`Limit` on ``op`` (None: none, or the op is missing)."""
+    module = _op_module(backend, op)
+    return None if module is None else getattr(module, "LIMITS", {}).get(op)
 
-    ``backend`` None means the current default. 'auto' never fails (it falls back to
-    'reference'); an explicit backend that cannot run raises BackendUnavailableError.
+
+def limit_reason(backend: str, op: str, args: tuple) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on these arguments although it runs the op, or None."""
+    limit = limits(backend, op)
+    if limit is None:
+        return None
+    reason = limit.reason(*args)
+    return None if reason is None else f"backend {backend!r} limits {op} to {limit.text}: {reason}"
+
+
+def candidates(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> tuple:
+    """The backends that may run ``op`` on ``device`` with floating inputs of ``dtype``, in order.
+
+    ``backend`` None means the current default. An explicit backend that cannot run raises
+    BackendUnavailableError; 'auto' lists those that can, ending on 'reference'.
     """
     requested = get_backend() if backend is None else _check_choice(backend, "backend")
     if requested != "auto":
-        reason = _why_not(requested, op, device, dtype)
+        reason = why_not(requested, op, device, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"m2f_kernels.{op}: {reason}")
-        return requested
+        return (requested,)
     if device.type != "cuda":
-        return "reference"
-    for candidate in auto_order(op, dtype):
-        if _why_not(candidate, op, device, dtype) is None:
+        return ("reference",)
+    return tuple(c for c in auto_order(op, dtype) if c == "reference" or why_not(c, op, device, dtype) is None)
+
+
+def first_within_limits(op: str, chosen: tuple, args: tuple) -> str:
+    """The first of ``chosen`` (from :func:`candidates`) whose :class:`Limit` on ``op`` these
+    arguments (the custom op's, without ``backend``) keep; raises when none does."""
+    reasons = []
+    for candidate in chosen:
+        reason = limit_reason(candidate, op, args)
+        if reason is None:
             return candidate
-    return "reference"
+        reasons.append(reason)
+    raise BackendUnavailableError(f"m2f_kernels.{op}: {'; '.join(reasons)}")
 
 
-def implementation(backend: str, function: str):
-    """The backend's function object (``backend`` already resolved)."""
-    module, reason = _load(backend)
-    if module is None:  # resolve() already checked; keep the message if called directly
-        raise BackendUnavailableError(f"backend {backend!r} is not available: {reason}")
-    return getattr(module, function)
+def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+            args: Optional[tuple] = None) -> str:
+    """The concrete backend that runs ``op``; with ``args`` (the custom op's arguments without
+    ``backend``) the backends' :class:`Limit` checks apply too: 'auto' passes over a backend
+    whose limit the arguments exceed, an explicit backend raises."""
+    chosen = candidates(op, device, dtype, backend)
+    return chosen[0] if args is None else first_within_limits(op, chosen, args)
 
 
-_IMPORT_HINTS = {
-    "triton": "Triton is not installed (pip install triton)",
-    "cuda": "the CUDA extension m2f_kernels._C is not built (pip install --no-build-isolation -e . with a CUDA torch and nvcc)",
-}
+_functions: dict = {}  # (backend, op, kind) -> function
+
+
+def implementation(backend: str, op: str, kind: str):
+    """The backend's function of ``kind`` for ``op`` (``backend`` already resolved)."""
+    key = (backend, op, kind)
+    fn = _functions.get(key)
+    if fn is None:
+        module = _op_module(backend, op)
+        if module is None:  # resolve() already refused; keep the reason if called directly
+            raise BackendUnavailableError(f"m2f_kernels.{op}: {why_not(backend, op, torch.device('cpu'), torch.float32)}")
+        fn = _functions[key] = getattr(module, OPS[op].functions[kind])
+    return fn

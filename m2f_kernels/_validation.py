@@ -1,8 +1,9 @@
-"""Input checks shared by the public ops. Each failure names the argument and what was expected.
+"""Input checks the ops' own checks are built from. Each failure names the argument and
+what was expected.
 
-Checks run once, in Python, before any kernel. They read shapes, dtypes and devices
-only, except where noted (spatial_shapes / level_start_index values are small and
-read on the host).
+Each op checks its arguments in its module (``m2f_kernels/ops/<op>.py``), once, in Python,
+before any kernel. Checks read shapes, dtypes and devices only, except where noted
+(spatial_shapes / level_start_index values are small and read on the host).
 """
 from __future__ import annotations
 
@@ -60,39 +61,6 @@ def check_coords(name: str, coords: torch.Tensor, ndim: int, shape_desc: str) ->
         raise ValueError(f"{name} must end in 2 (x, y) {shape_desc}, got shape {tuple(coords.shape)}")
 
 
-# --- per-op checks --------------------------------------------------------------------------
-
-
-def masked_attention(q, k, v, mask, scale) -> None:
-    check_tensor("q", q, (4,), "[B, H, Q, D]")
-    check_tensor("k", k, (4,), "[B, H, N, D]")
-    check_tensor("v", v, (4,), "[B, H, N, Dv]")
-    check_tensor("mask", mask, (3, 4), "[B, Q, N] or [B, H, Q, N]")
-    check_float("q", q)
-    if q.shape[-1] < 1 or v.shape[-1] < 1:
-        raise ValueError(f"q and v need a head dim >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
-    check_same_dtype(("q", "k", "v"), (q, k, v))
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise TypeError(f"mask must be bool (True = blocked) or floating mask logits, got {mask.dtype}")
-    check_same_device(("q", "k", "v", "mask"), (q, k, v, mask))
-    b, h, nq, d = q.shape
-    n = k.shape[2]
-    check_dim("k", k, 0, b, "batch, as q")
-    check_dim("k", k, 1, h, "heads, as q")
-    check_dim("k", k, 3, d, "head dim, as q")
-    check_dim("v", v, 0, b, "batch, as q")
-    check_dim("v", v, 1, h, "heads, as q")
-    check_dim("v", v, 2, n, "keys, as k")
-    if n < 1:
-        raise ValueError(f"k must have at least one key (N >= 1), got shape {tuple(k.shape)}")
-    expected = (b, nq, n) if mask.dim() == 3 else (b, h, nq, n)
-    if tuple(mask.shape) != expected:
-        form = "[B, Q, N]" if mask.dim() == 3 else "[B, H, Q, N]"
-        raise ValueError(f"mask must be {form} = {expected} for these q, k, got shape {tuple(mask.shape)}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-
-
 def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     """value [B, S, H, D] against spatial_shapes [L, 2] and level_start_index [L] (host read)."""
     check_tensor("spatial_shapes", spatial_shapes, (2,), "[L, 2]")
@@ -133,45 +101,6 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     spatial_shapes._m2f_kernels_checked = stamp
 
 
-def ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
-    check_tensor("value", value, (4,), "[B, S, H, D]")
-    check_tensor("sampling_locations", sampling_locations, (6,), "[B, Lq, H, L, P, 2]")
-    check_tensor("attention_weights", attention_weights, (5,), "[B, Lq, H, L, P]")
-    check_float("value", value)
-    check_float("sampling_locations", sampling_locations)
-    check_float("attention_weights", attention_weights)
-    check_same_device(("value", "sampling_locations", "attention_weights"),
-                      (value, sampling_locations, attention_weights))
-    for name, t in (("spatial_shapes", spatial_shapes), ("level_start_index", level_start_index)):
-        if isinstance(t, torch.Tensor) and t.device not in (value.device, torch.device("cpu")):
-            raise ValueError(f"{name} must be on the CPU or on value's device ({value.device}), got {t.device}")
-    spatial_layout(value, spatial_shapes, level_start_index)
-    b, _, h, _ = value.shape
-    num_levels = spatial_shapes.shape[0]
-    loc = sampling_locations
-    if loc.shape[-1] != 2:
-        raise ValueError(f"sampling_locations must end in 2 (x, y) [B, Lq, H, L, P, 2], got shape {tuple(loc.shape)}")
-    check_dim("sampling_locations", loc, 0, b, "batch, as value")
-    check_dim("sampling_locations", loc, 2, h, "heads, as value")
-    check_dim("sampling_locations", loc, 3, num_levels, "levels, as spatial_shapes")
-    if loc.shape[4] < 1:
-        raise ValueError(f"sampling_locations must have at least one point per level, got shape {tuple(loc.shape)}")
-    if tuple(attention_weights.shape) != tuple(loc.shape[:5]):
-        raise ValueError(
-            f"attention_weights must be [B, Lq, H, L, P] = {tuple(loc.shape[:5])} to match sampling_locations, "
-            f"got shape {tuple(attention_weights.shape)}"
-        )
-
-
-def point_sample(input, coords) -> None:
-    check_tensor("input", input, (4,), "[N, C, H, W]")
-    check_float("input", input)
-    check_spatial("input", input, "[N, C, H, W]")
-    check_coords("coords", coords, 3, "[N, P, 2]")
-    check_same_device(("input", "coords"), (input, coords))
-    check_dim("coords", coords, 0, input.shape[0], "N, as input")
-
-
 def check_pred_index(pred_name: str, pred: torch.Tensor, pred_index, form: str,
                      others: Sequence[tuple] = (), n: Optional[int] = None, n_what: str = "") -> int:
     """``pred`` is 3-D [N, ...] without ``pred_index``, or 4-D ``form`` ([B, Q, H, W]) with
@@ -210,52 +139,3 @@ def check_pred_index(pred_name: str, pred: torch.Tensor, pred_index, form: str,
     return pred.shape[0]
 
 
-def uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio, pred_index=None) -> int:
-    """Returns N, the number of masks to sample points for."""
-    check_tensor("logits", logits, (3, 4), "[N, H, W] or [B, Q, H, W] with pred_index")
-    check_float("logits", logits)
-    check_spatial("logits", logits, "[N, H, W] or [B, Q, H, W]")
-    if isinstance(num_points, bool) or not isinstance(num_points, int):
-        raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
-    if num_points < 1:
-        raise ValueError(f"num_points must be >= 1, got {num_points}")
-    if not isinstance(oversample_ratio, (int, float)) or oversample_ratio < 1:
-        raise ValueError(f"oversample_ratio must be a number >= 1, got {oversample_ratio!r}")
-    if not isinstance(importance_sample_ratio, (int, float)) or not 0 <= importance_sample_ratio <= 1:
-        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio!r}")
-    return check_pred_index("logits", logits, pred_index, "[B, Q, H, W]")
-
-
-def point_mask_loss(pred, target, coords, num_masks, pred_index) -> None:
-    check_tensor("pred", pred, (3, 4), "[N, Hp, Wp] or [B, Q, Hp, Wp] with pred_index")
-    check_float("pred", pred)
-    check_spatial("pred", pred, "[N, Hp, Wp] or [B, Q, Hp, Wp]")
-    check_tensor("target", target, (3,), "[N, Ht, Wt]")
-    check_spatial("target", target, "[N, Ht, Wt]")
-    if target.dtype not in (torch.bool, torch.uint8) and not target.is_floating_point():
-        raise TypeError(f"target must be bool, uint8 or floating, got {target.dtype}")
-    check_coords("coords", coords, 3, "[N, P, 2]")
-    n = target.shape[0]
-    check_pred_index("pred", pred, pred_index, "[B, Q, Hp, Wp]", (("target", target), ("coords", coords)),
-                     n, "as target")
-    check_dim("coords", coords, 0, n, "matched masks, as target")
-    if coords.shape[1] < 1:
-        raise ValueError(f"coords must hold at least one point per mask [N, P >= 1, 2], got shape {tuple(coords.shape)}")
-    if isinstance(num_masks, torch.Tensor):
-        raise TypeError("num_masks must be a Python number (call .item() once per step), got a tensor")
-    if not isinstance(num_masks, (int, float)) or not num_masks > 0:
-        raise ValueError(f"num_masks must be a number > 0, got {num_masks!r}")
-
-
-def pairwise_mask_cost(pred, target, coords) -> None:
-    check_tensor("pred", pred, (3,), "[Q, Hp, Wp]")
-    check_float("pred", pred)
-    check_spatial("pred", pred, "[Q, Hp, Wp]")
-    check_tensor("target", target, (3,), "[T, Ht, Wt]")
-    check_spatial("target", target, "[T, Ht, Wt]")
-    if target.dtype not in (torch.bool, torch.uint8) and not target.is_floating_point():
-        raise TypeError(f"target must be bool, uint8 or floating, got {target.dtype}")
-    check_coords("coords", coords, 2, "[P, 2]")
-    if coords.shape[0] < 1:
-        raise ValueError(f"coords must hold at least one point [P >= 1, 2], got shape {tuple(coords.shape)}")
-    check_same_device(("pred", "target", "coords"), (pred, target, coords))

@@ -4,6 +4,7 @@ Every row is asked of the dispatcher itself, so the table says what a call would
 """
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 
@@ -27,6 +28,14 @@ def _cuda_arch_of_extension() -> str:
         return "not built"
     archs = getattr(_C, "compiled_archs", None)
     return f"built ({archs()})" if callable(archs) else "built"
+
+
+def _dtypes(backend: str) -> str:
+    try:
+        package = importlib.import_module(f"m2f_kernels.{backend}")
+    except ImportError:
+        return "-"
+    return "/".join(str(d).replace("torch.", "") for d in package.DTYPES)
 
 
 def report() -> str:
@@ -59,19 +68,28 @@ def report() -> str:
         reason = _dispatch.backend_status(backend, device)
         lines.append(f"{backend:<10} {'available' if reason is None else reason}")
     lines.append("")
-    width = max(len(op) for op in _dispatch.BACKEND_FUNCTIONS)
+    width = max(len(op) for op in _dispatch.OPS)
     lines.append(f"{'op':<{width}}  {'auto ->':<10} " + " ".join(f"{b:<10}" for b in _dispatch.BACKENDS))
-    for op in _dispatch.BACKEND_FUNCTIONS:
+    limits = []
+    for op in _dispatch.OPS:
         cells = []
         for backend in _dispatch.BACKENDS:
             if _dispatch.backend_status(backend, device) is not None:
                 cells.append("-")
+            elif _dispatch.why_not(backend, op, device, torch.float32) is not None:
+                cells.append("not yet")
             else:
-                reason = _dispatch._why_not(backend, op, device, torch.float32)
-                cells.append("yes" if reason is None else "not yet")
+                limit = _dispatch.limits(backend, op)
+                cells.append("yes" if limit is None else "limited")
+                if limit is not None:
+                    limits.append(f"  {op} on {backend}: {limit.text}")
         auto = _dispatch.resolve(op, device, torch.float32, "auto")
         lines.append(f"{op:<{width}}  {auto:<10} " + " ".join(f"{c:<10}" for c in cells))
-    lines.append("(yes: runs here; not yet: the backend lacks this op; -: the backend is unavailable, see above)")
+    lines.append("(yes: runs here; limited: runs here within the limit below; not yet: the backend lacks this op; "
+                 "-: the backend is unavailable, see above)")
+    lines.extend(limits)
+    dtypes = ", ".join(f"{b}: {_dtypes(b)}" for b in _dispatch.BACKENDS)
+    lines.append(f"dtypes: {dtypes}")
     lines.append(f"auto -> for float32 inputs; on a GPU its order per op and dtype was measured in "
                  f"{_dispatch.AUTO_TABLE_SOURCE}")
     return "\n".join(lines)

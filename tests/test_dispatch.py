@@ -84,7 +84,7 @@ def test_info_table_is_truthful():
 
     text = report()
     assert f"torch       {torch.__version__}" in text
-    for op in _dispatch.BACKEND_FUNCTIONS:
+    for op in _dispatch.OPS:
         row = next(line for line in text.splitlines() if line.startswith(op + " "))
         expected = _dispatch.resolve(op, torch.device("cuda" if ON_GPU else "cpu"), torch.float32, "auto")
         assert row.split()[1] == expected
@@ -99,13 +99,13 @@ def test_info_runs_as_module():
 def test_auto_order_table():
     """'auto' follows the measured table: cuda first only where it measured faster, and every
     order ends on the reference backend, so 'auto' always has something to run."""
-    from m2f_kernels._dispatch import AUTO_ORDER_CUDA, BACKEND_FUNCTIONS, auto_order
+    from m2f_kernels._dispatch import OPS, auto_order
 
-    assert all(op in BACKEND_FUNCTIONS and cls in ("fp32", "16bit") for op, cls in AUTO_ORDER_CUDA)
+    assert all(cls in ("fp32", "16bit") for op in OPS.values() for cls in op.auto_order_cuda)
     assert auto_order("point_mask_loss", torch.float32)[0] == "cuda"
     assert auto_order("point_mask_loss", torch.bfloat16)[0] == "triton"
     assert auto_order("masked_attention", torch.float32)[0] == "triton"
-    for op in BACKEND_FUNCTIONS:
+    for op in OPS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             order = auto_order(op, dtype)
             assert sorted(order) == ["cuda", "reference", "triton"] and order[-1] == "reference"

@@ -173,9 +173,9 @@ def _differentiable_calls():
 @pytest.fixture
 def custom_op_path(monkeypatch):
     """Every public call goes through the torch.library custom op, as under torch.compile."""
-    from m2f_kernels.ops import _common
+    from m2f_kernels.ops import _define
 
-    monkeypatch.setattr(_common, "FAST_EAGER", False)
+    monkeypatch.setattr(_define, "FAST_EAGER", False)
 
 
 def _outputs_and_grads(fn, leaves):
@@ -190,7 +190,7 @@ def test_eager_fast_path_equals_custom_op(name, autocast, monkeypatch):
     """Plain eager calls take the autograd.Function; it must give the custom op's outputs and
     gradients bit for bit (same backend functions, same autocast casts), and the custom op
     must still be reachable."""
-    from m2f_kernels.ops import _common
+    from m2f_kernels.ops import _define
 
     fn, leaves = _differentiable_calls()[name]
     if autocast:  # float32 leaves, so that the autocast rules have something to cast
@@ -198,7 +198,7 @@ def test_eager_fast_path_equals_custom_op(name, autocast, monkeypatch):
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with context:
         fast, fast_grads, fast_nodes = _outputs_and_grads(fn, leaves)
-    monkeypatch.setattr(_common, "FAST_EAGER", False)
+    monkeypatch.setattr(_define, "FAST_EAGER", False)
     with context:
         slow, slow_grads, slow_nodes = _outputs_and_grads(fn, leaves)
     assert any(n.endswith("EagerBackward") for n in fast_nodes), fast_nodes
@@ -210,7 +210,7 @@ def test_eager_fast_path_equals_custom_op(name, autocast, monkeypatch):
 def test_eager_fast_path_only_in_plain_eager_mode():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from m2f_kernels.ops._common import eager_fast_path
+    from m2f_kernels.ops._define import eager_fast_path
 
     t = torch.randn(2, 3)
     assert eager_fast_path(t, torch.nn.Parameter(t))

@@ -1,4 +1,4 @@
-"""``m2f_kernels.masked_attention``: the custom op, its autograd and the public function."""
+"""``m2f_kernels.masked_attention``: the op's declaration, checks and public function."""
 from __future__ import annotations
 
 from typing import Optional
@@ -6,73 +6,79 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _validation
-from .._dispatch import implementation
-from ._common import accumulate_dtype, choose_backend, call_op, eager_function
+from .._validation import check_dim, check_float, check_same_device, check_same_dtype, check_tensor
+from ._autocast import LOW
+from ._define import Backward, accumulate_dtype, define_op, implementation
 
 OP = "masked_attention"
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    """(out [B, H, Q, Dv], lse [B, H, Q] float32)."""
     if q.numel() == 0 or v.numel() == 0:
         b, h, nq, _ = q.shape
         return q.new_zeros(b, h, nq, v.shape[-1]), q.new_zeros(b, h, nq, dtype=accumulate_dtype(q))
-    return implementation(backend, "masked_attention_fwd")(q, k, v, mask, scale)
+    return implementation(backend, OP, "fwd")(q, k, v, mask, scale)
 
 
-def _backward_impl(grad_out, q, k, v, mask, out, lse, scale, backend):
-    if q.numel() == 0 or v.numel() == 0:
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    return implementation(backend, "masked_attention_bwd")(grad_out, q, k, v, mask, out, lse, scale)
-
-
-@torch.library.custom_op("m2f_kernels::masked_attention", mutates_args=())
-def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float,
-                        backend: str) -> tuple[Tensor, Tensor]:
-    """(out [B, H, Q, Dv], lse [B, H, Q] float32). See :func:`masked_attention`."""
-    return _forward(q, k, v, mask, scale, backend)
-
-
-@masked_attention_op.register_fake
-def _(q, k, v, mask, scale, backend):
+def _fake(q, k, v, mask, scale, backend):
     b, h, nq, _ = q.shape
     return q.new_empty(b, h, nq, v.shape[-1]), q.new_empty(b, h, nq, dtype=accumulate_dtype(q))
 
 
-@torch.library.custom_op("m2f_kernels::masked_attention_backward", mutates_args=())
-def masked_attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor,
-                                 out: Tensor, lse: Tensor, scale: float,
-                                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, out: Tensor, lse: Tensor,
+              scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) shaped like q, k, v."""
-    return _backward_impl(grad_out, q, k, v, mask, out, lse, scale, backend)
+    if q.numel() == 0 or v.numel() == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    return implementation(backend, OP, "bwd")(grad_out, q, k, v, mask, out, lse, scale)
 
 
-@masked_attention_backward_op.register_fake
-def _(grad_out, q, k, v, mask, out, lse, scale, backend):
+def _backward_fake(grad_out, q, k, v, mask, out, lse, scale, backend):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, scale, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, mask, out, lse)
-    ctx.scale, ctx.backend = scale, backend
-    ctx.mark_non_differentiable(lse)
+MASKED_ATTENTION = define_op(
+    OP, _forward, _fake,
+    module="masked_attention", functions={"fwd": "masked_attention_fwd", "bwd": "masked_attention_bwd"},
+    backward=Backward(
+        _backward, _backward_fake,
+        args=lambda grads, x, outputs: (grads[0], x.q, x.k, x.v, x.mask, *outputs, x.scale),
+        differentiable=("q", "k", "v"), save_outputs=True, non_differentiable_outputs=(1,),
+    ),
+    # the mask stays as it is: bool, or logits whose sign is all that is read
+    autocast={"q": LOW, "k": LOW, "v": LOW},
+)
 
 
-def _backward_with(backward_fn):
-    def backward(ctx, grad_out, _grad_lse):
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_fn(grad_out, q, k, v, mask, out, lse, ctx.scale, ctx.backend)
-        return dq, dk, dv, None, None, None
-
-    return backward
-
-
-torch.library.register_autograd("m2f_kernels::masked_attention", _backward_with(masked_attention_backward_op),
-                                setup_context=_setup_context)
-_MaskedAttentionEager = eager_function("MaskedAttentionEager", _forward, _setup_context,
-                                       _backward_with(_backward_impl))
+def _check(q, k, v, mask, scale) -> None:
+    check_tensor("q", q, (4,), "[B, H, Q, D]")
+    check_tensor("k", k, (4,), "[B, H, N, D]")
+    check_tensor("v", v, (4,), "[B, H, N, Dv]")
+    check_tensor("mask", mask, (3, 4), "[B, Q, N] or [B, H, Q, N]")
+    check_float("q", q)
+    if q.shape[-1] < 1 or v.shape[-1] < 1:
+        raise ValueError(f"q and v need a head dim >= 1, got q {tuple(q.shape)}, v {tuple(v.shape)}")
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"mask must be bool (True = blocked) or floating mask logits, got {mask.dtype}")
+    check_same_device(("q", "k", "v", "mask"), (q, k, v, mask))
+    b, h, nq, d = q.shape
+    n = k.shape[2]
+    check_dim("k", k, 0, b, "batch, as q")
+    check_dim("k", k, 1, h, "heads, as q")
+    check_dim("k", k, 3, d, "head dim, as q")
+    check_dim("v", v, 0, b, "batch, as q")
+    check_dim("v", v, 1, h, "heads, as q")
+    check_dim("v", v, 2, n, "keys, as k")
+    if n < 1:
+        raise ValueError(f"k must have at least one key (N >= 1), got shape {tuple(k.shape)}")
+    expected = (b, nq, n) if mask.dim() == 3 else (b, h, nq, n)
+    if tuple(mask.shape) != expected:
+        form = "[B, Q, N]" if mask.dim() == 3 else "[B, H, Q, N]"
+        raise ValueError(f"mask must be {form} = {expected} for these q, k, got shape {tuple(mask.shape)}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: Optional[float] = None,
@@ -91,9 +97,10 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: Op
 
     Returns:
         out [B, H, Q, Dv] in q's dtype, differentiable in q, k and v.
+
+    Under autocast q, k and v run in the autocast dtype; the mask is never cast.
     """
-    _validation.masked_attention(q, k, v, mask, scale)
-    chosen = choose_backend(OP, q, backend)
+    _check(q, k, v, mask, scale)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
-    out, _ = call_op(OP, _MaskedAttentionEager.apply, masked_attention_op, q, k, v, mask, scale, chosen)
+    out, _ = MASKED_ATTENTION(q, k, v, mask, scale, backend=backend)
     return out

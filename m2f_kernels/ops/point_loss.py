@@ -1,5 +1,12 @@
 """The point-sampled mask loss ops: point_sample, uncertain_point_coords, point_mask_loss,
-pairwise_mask_cost (custom ops, autograd, public functions)."""
+pairwise_mask_cost (declarations, checks, public functions).
+
+Under autocast the coordinates run in float32 (a bf16 coordinate is off by up to half a
+pixel at 256 px) and pred / logits / target are never cast: the kernels read pred in its
+own dtype and accumulate in float32, and casting pred would copy the whole [B, Q, H, W]
+prediction once per call for values the float32 widening of the two losses reproduces.
+point_sample's input runs in its own dtype too.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -7,66 +14,46 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _validation
-from .._dispatch import implementation
-from ._common import accumulate_dtype, call_op, choose_backend, eager_function, not_differentiable
+from .._validation import (
+    check_coords, check_dim, check_float, check_pred_index, check_same_device, check_spatial, check_tensor,
+)
+from ._autocast import FP32
+from .._dispatch import CUDA_FIRST
+from ._define import Backward, accumulate_dtype, define_op, implementation
 
 # --- point_sample ---------------------------------------------------------------------------
 
 
-def _point_sample(input, coords, backend):
+def _point_sample(input: Tensor, coords: Tensor, backend: str) -> Tensor:
+    """[N, C, P]."""
     if input.numel() == 0 or coords.numel() == 0:
         return input.new_zeros(input.shape[0], input.shape[1], coords.shape[1])
-    return implementation(backend, "point_sample_fwd")(input, coords)
+    return implementation(backend, "point_sample", "fwd")(input, coords)
 
 
-def _point_sample_bwd(grad_out, input, coords, backend):
-    if input.numel() == 0 or coords.numel() == 0:
-        return input.new_zeros(input.shape)
-    return implementation(backend, "point_sample_bwd")(grad_out, input, coords)
-
-
-@torch.library.custom_op("m2f_kernels::point_sample", mutates_args=())
-def point_sample_op(input: Tensor, coords: Tensor, backend: str) -> Tensor:
-    """[N, C, P]."""
-    return _point_sample(input, coords, backend)
-
-
-@point_sample_op.register_fake
-def _(input, coords, backend):
+def _point_sample_fake(input, coords, backend):
     return input.new_empty(input.shape[0], input.shape[1], coords.shape[1])
 
 
-@torch.library.custom_op("m2f_kernels::point_sample_backward", mutates_args=())
-def point_sample_backward_op(grad_out: Tensor, input: Tensor, coords: Tensor, backend: str) -> Tensor:
-    return _point_sample_bwd(grad_out, input, coords, backend)
+def _point_sample_bwd(grad_out: Tensor, input: Tensor, coords: Tensor, backend: str) -> Tensor:
+    """grad_input, shaped like input."""
+    if input.numel() == 0 or coords.numel() == 0:
+        return input.new_zeros(input.shape)
+    return implementation(backend, "point_sample", "bwd")(grad_out, input, coords)
 
 
-@point_sample_backward_op.register_fake
-def _(grad_out, input, coords, backend):
+def _point_sample_bwd_fake(grad_out, input, coords, backend):
     return input.new_empty(input.shape)
 
 
-def _point_sample_setup(ctx, inputs, output):
-    input, coords, backend = inputs
-    ctx.save_for_backward(input, coords)
-    ctx.backend = backend
-
-
-def _point_sample_backward_with(backward_fn):
-    def backward(ctx, grad_out):
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("m2f_kernels.point_sample is differentiable in input only, not in coords")
-        input, coords = ctx.saved_tensors
-        return backward_fn(grad_out, input, coords, ctx.backend), None, None
-
-    return backward
-
-
-torch.library.register_autograd("m2f_kernels::point_sample", _point_sample_backward_with(point_sample_backward_op),
-                                setup_context=_point_sample_setup)
-_PointSampleEager = eager_function("PointSampleEager", _point_sample, _point_sample_setup,
-                                   _point_sample_backward_with(_point_sample_bwd))
+POINT_SAMPLE = define_op(
+    "point_sample", _point_sample, _point_sample_fake,
+    module="point_loss", functions={"fwd": "point_sample_fwd", "bwd": "point_sample_bwd"},
+    backward=Backward(_point_sample_bwd, _point_sample_bwd_fake,
+                      args=lambda grads, x, _: (grads[0], x.input, x.coords),
+                      differentiable=("input",), refuse_grad=("coords",)),
+    autocast={"coords": FP32},
+)
 
 
 def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None) -> Tensor:
@@ -79,39 +66,38 @@ def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None
     Returns:
         [N, C, P] in input's dtype, differentiable in input.
     """
-    _validation.point_sample(input, coords)
-    chosen = choose_backend("point_sample", input, backend)
-    return call_op("point_sample", _PointSampleEager.apply, point_sample_op, input, coords, chosen)
+    check_tensor("input", input, (4,), "[N, C, H, W]")
+    check_float("input", input)
+    check_spatial("input", input, "[N, C, H, W]")
+    check_coords("coords", coords, 3, "[N, P, 2]")
+    check_same_device(("input", "coords"), (input, coords))
+    check_dim("coords", coords, 0, input.shape[0], "N, as input")
+    return POINT_SAMPLE(input, coords, backend=backend)
 
 
 # --- uncertain_point_coords -----------------------------------------------------------------
 
 
-def _uncertain_point_coords(logits, candidates, random, num_uncertain, batch_index, query_index, backend):
+def _uncertain_point_coords(logits: Tensor, candidates: Tensor, random: Tensor, num_uncertain: int,
+                            batch_index: Optional[Tensor], query_index: Optional[Tensor], backend: str) -> Tensor:
+    """[N, num_uncertain + R, 2]: most uncertain candidates, then the random points."""
     if candidates.shape[0] == 0 or num_uncertain == 0:
         return torch.cat([candidates[:, :num_uncertain], random.to(candidates.dtype)], dim=1).contiguous()
-    return implementation(backend, "uncertain_point_coords")(
+    return implementation(backend, "uncertain_point_coords", "fwd")(
         logits, candidates, random, num_uncertain, batch_index, query_index
     )
 
 
-@torch.library.custom_op("m2f_kernels::uncertain_point_coords", mutates_args=())
-def uncertain_point_coords_op(logits: Tensor, candidates: Tensor, random: Tensor, num_uncertain: int,
-                              batch_index: Optional[Tensor], query_index: Optional[Tensor],
-                              backend: str) -> Tensor:
-    """[N, num_uncertain + R, 2]: most uncertain candidates, then the random points."""
-    return _uncertain_point_coords(logits, candidates, random, num_uncertain, batch_index, query_index, backend)
-
-
-@uncertain_point_coords_op.register_fake
-def _(logits, candidates, random, num_uncertain, batch_index, query_index, backend):
+def _uncertain_point_coords_fake(logits, candidates, random, num_uncertain, batch_index, query_index, backend):
     return candidates.new_empty(candidates.shape[0], num_uncertain + random.shape[1], 2)
 
 
-torch.library.register_autograd(
-    "m2f_kernels::uncertain_point_coords",
-    not_differentiable("uncertain_point_coords", "its inputs (compute it under torch.no_grad())"),
-    setup_context=lambda ctx, inputs, output: None,
+UNCERTAIN_POINT_COORDS = define_op(
+    "uncertain_point_coords", _uncertain_point_coords, _uncertain_point_coords_fake,
+    module="point_loss", functions={"fwd": "uncertain_point_coords"},
+    no_grad="its inputs (compute it under torch.no_grad())",
+    autocast={"candidates": FP32, "random": FP32},
+    auto_order_cuda={"fp32": CUDA_FIRST},
 )
 
 
@@ -136,91 +122,73 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
         [N, num_points, 2] (x, y) in [0, 1], float32 (float64 for float64 logits).
         Not differentiable: logits are detached.
     """
-    n = _validation.uncertain_point_coords(logits, num_points, oversample_ratio, importance_sample_ratio,
-                                           pred_index)
+    check_tensor("logits", logits, (3, 4), "[N, H, W] or [B, Q, H, W] with pred_index")
+    check_float("logits", logits)
+    check_spatial("logits", logits, "[N, H, W] or [B, Q, H, W]")
+    if isinstance(num_points, bool) or not isinstance(num_points, int):
+        raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
+    if num_points < 1:
+        raise ValueError(f"num_points must be >= 1, got {num_points}")
+    if not isinstance(oversample_ratio, (int, float)) or oversample_ratio < 1:
+        raise ValueError(f"oversample_ratio must be a number >= 1, got {oversample_ratio!r}")
+    if not isinstance(importance_sample_ratio, (int, float)) or not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio!r}")
+    n = check_pred_index("logits", logits, pred_index, "[B, Q, H, W]")
     batch_index, query_index = (None, None) if pred_index is None else pred_index
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     dtype = accumulate_dtype(logits)
     candidates = torch.rand(n, num_sampled, 2, device=logits.device, dtype=dtype, generator=generator)
     random = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, dtype=dtype, generator=generator)
-    chosen = choose_backend("uncertain_point_coords", logits, backend)
     # detached: point selection has no gradient, and a graph through it would only cost memory
-    logits = logits.detach()
-    # no gradient, so the eager fast path is the backend call itself
-    return call_op("uncertain_point_coords", _uncertain_point_coords, uncertain_point_coords_op,
-                   logits, candidates, random, num_uncertain, batch_index, query_index, chosen)
+    return UNCERTAIN_POINT_COORDS(logits.detach(), candidates, random, num_uncertain, batch_index, query_index,
+                                  backend=backend)
 
 
 # --- point_mask_loss ------------------------------------------------------------------------
 
 
-@torch.library.custom_op("m2f_kernels::point_mask_loss", mutates_args=())
-def point_mask_loss_op(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float,
-                       batch_index: Optional[Tensor], query_index: Optional[Tensor],
-                       backend: str) -> tuple[Tensor, Tensor]:
+def _point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float,
+                     batch_index: Optional[Tensor], query_index: Optional[Tensor],
+                     backend: str) -> tuple[Tensor, Tensor]:
     """(loss_bce, loss_dice), 0-dim in pred's dtype."""
-    return _point_mask_loss(pred, target, coords, num_masks, batch_index, query_index, backend)
-
-
-def _point_mask_loss(pred, target, coords, num_masks, batch_index, query_index, backend):
     if target.shape[0] == 0:
         return pred.new_zeros(()), pred.new_zeros(())
-    return implementation(backend, "point_mask_loss_fwd")(
+    return implementation(backend, "point_mask_loss", "fwd")(
         pred, target, coords, num_masks, batch_index, query_index
     )
 
 
-def _point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index, backend):
+def _point_mask_loss_fake(pred, target, coords, num_masks, batch_index, query_index, backend):
+    return pred.new_empty(()), pred.new_empty(())
+
+
+def _point_mask_loss_bwd(grad_bce: Tensor, grad_dice: Tensor, pred: Tensor, target: Tensor, coords: Tensor,
+                         num_masks: float, batch_index: Optional[Tensor], query_index: Optional[Tensor],
+                         backend: str) -> Tensor:
+    """grad_pred, shaped like pred."""
     if target.shape[0] == 0:
         return pred.new_zeros(pred.shape)
-    return implementation(backend, "point_mask_loss_bwd")(
+    return implementation(backend, "point_mask_loss", "bwd")(
         grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index
     )
 
 
-@point_mask_loss_op.register_fake
-def _(pred, target, coords, num_masks, batch_index, query_index, backend):
-    return pred.new_empty(()), pred.new_empty(())
-
-
-@torch.library.custom_op("m2f_kernels::point_mask_loss_backward", mutates_args=())
-def point_mask_loss_backward_op(grad_bce: Tensor, grad_dice: Tensor, pred: Tensor, target: Tensor,
-                                coords: Tensor, num_masks: float, batch_index: Optional[Tensor],
-                                query_index: Optional[Tensor], backend: str) -> Tensor:
-    """grad_pred, shaped like pred."""
-    return _point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index,
-                                backend)
-
-
-@point_mask_loss_backward_op.register_fake
-def _(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index, backend):
+def _point_mask_loss_bwd_fake(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index,
+                              backend):
     return pred.new_empty(pred.shape)
 
 
-def _point_mask_loss_setup(ctx, inputs, output):
-    pred, target, coords, num_masks, batch_index, query_index, backend = inputs
-    ctx.save_for_backward(pred, target, coords, batch_index, query_index)
-    ctx.num_masks, ctx.backend = num_masks, backend
-
-
-def _point_mask_loss_backward_with(backward_fn):
-    def backward(ctx, grad_bce, grad_dice):
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise RuntimeError("m2f_kernels.point_mask_loss is differentiable in pred only, not in target or coords")
-        pred, target, coords, batch_index, query_index = ctx.saved_tensors
-        grad = backward_fn(grad_bce, grad_dice, pred, target, coords, ctx.num_masks,
-                           batch_index, query_index, ctx.backend)
-        return grad, None, None, None, None, None, None
-
-    return backward
-
-
-torch.library.register_autograd("m2f_kernels::point_mask_loss",
-                                _point_mask_loss_backward_with(point_mask_loss_backward_op),
-                                setup_context=_point_mask_loss_setup)
-_PointMaskLossEager = eager_function("PointMaskLossEager", _point_mask_loss, _point_mask_loss_setup,
-                                     _point_mask_loss_backward_with(_point_mask_loss_bwd))
+POINT_MASK_LOSS = define_op(
+    "point_mask_loss", _point_mask_loss, _point_mask_loss_fake,
+    module="point_loss", functions={"fwd": "point_mask_loss_fwd", "bwd": "point_mask_loss_bwd"},
+    backward=Backward(_point_mask_loss_bwd, _point_mask_loss_bwd_fake,
+                      args=lambda grads, x, _: (*grads, x.pred, x.target, x.coords, x.num_masks, x.batch_index,
+                                                x.query_index),
+                      differentiable=("pred",), refuse_grad=("target", "coords")),
+    autocast={"coords": FP32}, fp32_outputs=True,
+    auto_order_cuda={"fp32": CUDA_FIRST},
+)
 
 
 def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float, *,
@@ -244,41 +212,47 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
         (loss_bce, loss_dice), 0-dim tensors in pred's dtype (float32 under autocast),
         differentiable in pred.
     """
-    _validation.point_mask_loss(pred, target, coords, num_masks, pred_index)
+    check_tensor("pred", pred, (3, 4), "[N, Hp, Wp] or [B, Q, Hp, Wp] with pred_index")
+    check_float("pred", pred)
+    check_spatial("pred", pred, "[N, Hp, Wp] or [B, Q, Hp, Wp]")
+    _check_target("target", target, "[N, Ht, Wt]")
+    check_coords("coords", coords, 3, "[N, P, 2]")
+    n = target.shape[0]
+    check_pred_index("pred", pred, pred_index, "[B, Q, Hp, Wp]", (("target", target), ("coords", coords)),
+                     n, "as target")
+    check_dim("coords", coords, 0, n, "matched masks, as target")
+    if coords.shape[1] < 1:
+        raise ValueError(f"coords must hold at least one point per mask [N, P >= 1, 2], got shape {tuple(coords.shape)}")
+    if isinstance(num_masks, torch.Tensor):
+        raise TypeError("num_masks must be a Python number (call .item() once per step), got a tensor")
+    if not isinstance(num_masks, (int, float)) or not num_masks > 0:
+        raise ValueError(f"num_masks must be a number > 0, got {num_masks!r}")
     batch_index, query_index = (None, None) if pred_index is None else pred_index
-    chosen = choose_backend("point_mask_loss", pred, backend)
-    return call_op("point_mask_loss", _PointMaskLossEager.apply, point_mask_loss_op,
-                   pred, target, coords, float(num_masks), batch_index, query_index, chosen)
+    return POINT_MASK_LOSS(pred, target, coords, float(num_masks), batch_index, query_index, backend=backend)
 
 
 # --- pairwise_mask_cost ---------------------------------------------------------------------
 
 
-@torch.library.custom_op("m2f_kernels::pairwise_mask_cost", mutates_args=())
-def pairwise_mask_cost_op(pred: Tensor, target: Tensor, coords: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def _pairwise_mask_cost(pred: Tensor, target: Tensor, coords: Tensor, backend: str) -> tuple[Tensor, Tensor]:
     """(cost_bce [Q, T], cost_dice [Q, T]) in float32 (float64 for float64 pred)."""
-    return _pairwise_mask_cost(pred, target, coords, backend)
-
-
-def _pairwise_mask_cost(pred, target, coords, backend):
     if pred.shape[0] == 0 or target.shape[0] == 0:
-        dtype = accumulate_dtype(pred)
-        empty = pred.new_zeros(pred.shape[0], target.shape[0], dtype=dtype)
+        empty = pred.new_zeros(pred.shape[0], target.shape[0], dtype=accumulate_dtype(pred))
         return empty, empty.clone()
-    return implementation(backend, "pairwise_mask_cost")(pred, target, coords)
+    return implementation(backend, "pairwise_mask_cost", "fwd")(pred, target, coords)
 
 
-@pairwise_mask_cost_op.register_fake
-def _(pred, target, coords, backend):
+def _pairwise_mask_cost_fake(pred, target, coords, backend):
     dtype = accumulate_dtype(pred)
     return (pred.new_empty(pred.shape[0], target.shape[0], dtype=dtype),
             pred.new_empty(pred.shape[0], target.shape[0], dtype=dtype))
 
 
-torch.library.register_autograd(
-    "m2f_kernels::pairwise_mask_cost",
-    not_differentiable("pairwise_mask_cost", "its inputs (the matcher runs under torch.no_grad())"),
-    setup_context=lambda ctx, inputs, output: None,
+PAIRWISE_MASK_COST = define_op(
+    "pairwise_mask_cost", _pairwise_mask_cost, _pairwise_mask_cost_fake,
+    module="point_loss", functions={"fwd": "pairwise_mask_cost"},
+    no_grad="its inputs (the matcher runs under torch.no_grad())",
+    autocast={"coords": FP32},
 )
 
 
@@ -296,8 +270,19 @@ def pairwise_mask_cost(pred: Tensor, target: Tensor, coords: Tensor, *,
         batch_sigmoid_ce_loss (divided by P) and batch_dice_loss of the official matcher.
         Not differentiable: the inputs are detached.
     """
-    _validation.pairwise_mask_cost(pred, target, coords)
-    chosen = choose_backend("pairwise_mask_cost", pred, backend)
-    pred, target, coords = pred.detach(), target.detach(), coords.detach()
-    # no gradient, so the eager fast path is the backend call itself
-    return call_op("pairwise_mask_cost", _pairwise_mask_cost, pairwise_mask_cost_op, pred, target, coords, chosen)
+    check_tensor("pred", pred, (3,), "[Q, Hp, Wp]")
+    check_float("pred", pred)
+    check_spatial("pred", pred, "[Q, Hp, Wp]")
+    _check_target("target", target, "[T, Ht, Wt]")
+    check_coords("coords", coords, 2, "[P, 2]")
+    if coords.shape[0] < 1:
+        raise ValueError(f"coords must hold at least one point [P >= 1, 2], got shape {tuple(coords.shape)}")
+    check_same_device(("pred", "target", "coords"), (pred, target, coords))
+    return PAIRWISE_MASK_COST(pred.detach(), target.detach(), coords.detach(), backend=backend)
+
+
+def _check_target(name: str, target, form: str) -> None:
+    check_tensor(name, target, (3,), form)
+    check_spatial(name, target, form)
+    if target.dtype not in (torch.bool, torch.uint8) and not target.is_floating_point():
+        raise TypeError(f"{name} must be bool, uint8 or floating, got {target.dtype}")

@@ -1,21 +1,11 @@
-"""The ``reference`` backend: plain PyTorch, any device, every dtype. It is the spec."""
-from .masked_attention import masked_attention_bwd, masked_attention_fwd
-from .ms_deform_attn import ms_deform_attn_bwd, ms_deform_attn_fwd
-from .point_loss import (
-    pairwise_mask_cost,
-    point_mask_loss_bwd,
-    point_mask_loss_fwd,
-    point_sample_bwd,
-    point_sample_fwd,
-    uncertain_point_coords,
-)
+"""The ``reference`` backend: plain PyTorch, any device, every floating dtype. It is the spec.
 
-__all__ = [
-    "masked_attention_fwd", "masked_attention_bwd",
-    "ms_deform_attn_fwd", "ms_deform_attn_bwd",
-    "point_sample_fwd", "point_sample_bwd", "uncertain_point_coords",
-    "point_mask_loss_fwd", "point_mask_loss_bwd", "pairwise_mask_cost",
-]
+One module per op family (``masked_attention``, ``ms_deform_attn``, ``point_loss``), each
+exporting the functions its ops' declarations name (see ``m2f_kernels._dispatch``).
+"""
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def device_unavailable_reason(device):
