@@ -340,7 +340,7 @@ def rel_err(out, ref) -> float:
 def m2f_op(name: str, backend: str) -> Callable:
     """``m2f_kernels.<name>`` with ``backend=`` bound.
 
-    A backend that cannot run the call (not built, no GPU, op not implemented yet) makes
+    A backend that cannot run the call (not built, no GPU, a dtype it does not take) makes
     the op raise m2f_kernels.BackendUnavailableError on its first call, which happens
     before timing; it is turned into Unavailable so the case is skipped with the reason.
     """

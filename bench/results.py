@@ -33,8 +33,8 @@ def git_commit(root: Path = REPO_ROOT) -> dict:
     """{'commit': sha or None, 'dirty': bool or None} of the working tree (read-only git calls).
 
     The environment variable M2F_BENCH_COMMIT, where set, names the commit instead: a GPU
-    machine is given a copy of the files whose .git may be missing or stale (the device
-    tool's copies reported the session's first commit while later commits were running).
+    machine is given a copy of the files whose .git may be missing or stale (naming an
+    older commit than the files it runs).
     """
     if os.environ.get("M2F_BENCH_COMMIT"):
         return {"commit": os.environ["M2F_BENCH_COMMIT"], "dirty": None}
@@ -103,7 +103,7 @@ def result_path(directory: Path, device: str, scope: str, when: Optional[_dt.dat
 
 
 class Results:
-    """The session's collector: records in run order, written after every case.
+    """The run's collector: records in run order, written after every case.
 
     Writing after every case means a run cut short still leaves every finished number.
     """

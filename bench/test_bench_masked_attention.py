@@ -1,4 +1,4 @@
-"""Masked cross-attention (issue 3): the Mask2Former decoder's attention, providers side by side.
+"""Masked cross-attention: the Mask2Former decoder's attention, providers side by side.
 
 Inputs: q [B, H, Q, D], k/v [B, H, N, D], mask bool [B, Q, N] (True = blocked, shared by
 heads) with ~30% of keys visible in coherent blobs and 5% of rows fully blocked (the
@@ -51,7 +51,7 @@ TABLE = OpSpec(
     blocks=[
         Block(SHAPES, ("fp32", "bf16"), ("fwd", "fwd+bwd"), providers=CORE, quick_shapes=BIG[:1]),
         # FlexAttention compiles per shape and dtype: the default run keeps it to N=16384,
-        # where the issue's targets are; --benchmark-scope=full adds the smaller N.
+        # the headline shape; --benchmark-scope=full adds the smaller N.
         Block(BIG, ("fp32", "bf16"), ("fwd", "fwd+bwd"), providers=FLEX),
         Block(SMALL, ("fp32", "bf16"), ("fwd", "fwd+bwd"), providers=FLEX, scope="full"),
     ],

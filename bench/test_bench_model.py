@@ -1,4 +1,4 @@
-"""Mask2Former training step and inference (issue 8): the paper's 3x memory claim and beyond.
+"""Mask2Former training step and inference: the paper's 3x memory claim and beyond.
 
 Training step = zero_grad, forward, criterion, backward, AdamW step (lr 1e-4, weight
 decay 0.05 as in the official configs), on random images with T box-shaped instance
@@ -11,7 +11,7 @@ optimizer state stay float32); 'fp32' is plain float32. Peak memory: the step's
 max_memory_allocated above what was allocated before the case (so it includes the
 model, gradients, optimizer state, inputs and activations), reported per image.
 Inference: model.eval() under torch.inference_mode on one image, 'reference' vs 'fused'.
-The model comes from m2f.build_model (issue 6); without it every case skips.
+The model comes from m2f.build_model; without it every case skips.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (issue 4): the pixel decoder's encoder op, providers side by side.
+"""Multi-scale deformable attention: the pixel decoder's encoder op, providers side by side.
 
 Inputs as in the encoder's self-attention (every pixel of every level is a query, Lq = S):
 value [B, S, H, D] in the case dtype; sampling locations [B, Lq, H, L, P, 2] float32 near

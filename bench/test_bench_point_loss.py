@@ -1,4 +1,4 @@
-"""The criterion's mask part for one training step (issue 5): reference backend vs fused kernels.
+"""The criterion's mask part for one training step: reference backend vs fused kernels.
 
 One step of the official SetCriterion with point-sampled losses, mask terms only, over
 all 10 predictions (query init + 9 decoder layers): for each prediction

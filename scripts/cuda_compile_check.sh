@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compile-only check of the CUDA extension sources, no GPU needed (issue 9 CI step).
+# Compile-only check of the CUDA extension sources, no GPU needed (a CI step).
 #
 # Every csrc/**/*.cu goes through this machine's nvcc for sm_80 and sm_90 with the flags
 # torch's extension build uses; csrc/**/*.cpp goes through the host compiler with

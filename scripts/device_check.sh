@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session in one call: install, info, then the named stages in order.
+# A whole GPU check in one call: install, info, then the named stages in order
+# (bench/README.md, "Running on a GPU machine").
 # Usage (on the GPU machine, repo root):  bash scripts/device_check.sh STAGE...
 #
 # Stages (default: tests bench):
@@ -9,9 +10,9 @@
 #   bench        the benchmark suite, default scope (BENCH_FILTER narrows it: -k)
 #   bench-quick  the same at --benchmark-quick
 #   sweeps       the masked-attention and point-loss sweeps at --quick (defaults, host vs GPU time)
-#   hf           python -m bench.hf_mask2former (issue 10: HF Mask2Former with/without the patch)
+#   hf           python -m bench.hf_mask2former (HF Mask2Former with/without the patch)
 #   train-start  start the fused and the reference `--preset small` training runs in the
-#                background (issue 7; TRAIN_STEPS, TRAIN_LIMIT); `train-wait` waits for them
+#                background (TRAIN_STEPS, TRAIN_ARGS, TRAIN_LIMIT); `train-wait` waits for them
 #   cuda-tests   the cuda backend's tests, then compute-sanitizer memcheck + racecheck on a subset
 #                (SANITIZER_FILTER / SANITIZER_LIMIT; RACECHECK_FILTER / RACECHECK_LIMIT override them)
 #   toolchain    what built and what loads the extension (compiler versions, libstdc++ / libgcc_s,
