@@ -24,8 +24,8 @@ MAX_HEAD_DIM = 128  # kMaxDim in csrc/masked_attention/masked_attention_kernel.c
 
 
 def _head_dims_reason(q, k, v, mask, scale):
-    # refused before the launch: a TORCH_CHECK thrown inside the extension crashed the
-    # process on the GPU image
+    # refused before the launch: a TORCH_CHECK thrown inside the extension crashes the
+    # process on the H200 image (bench/notes/cuda.md)
     if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
         return f"got D = {q.shape[-1]}, Dv = {v.shape[-1]} (backend='triton' has no such limit)"
     return None
