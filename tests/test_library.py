@@ -112,6 +112,8 @@ def _opcheck_cases():
         "point_mask_loss_3d": (ops.point_mask_loss.default,
                                (pred[bi, qi].detach().requires_grad_(), target, coords, 2.5, None, None, "reference")),
         "pairwise_mask_cost": (ops.pairwise_mask_cost.default, (pred[0].detach(), target, coords[0], "reference")),
+        "linear_sum_assignment": (ops.linear_sum_assignment.default,
+                                  (torch.rand(2, 5, 4), torch.tensor([4, 2]), "reference")),
     }
 
 
@@ -137,13 +139,17 @@ def test_compile_fullgraph_all_ops():
         cost_bce, cost_dice = mk.pairwise_mask_cost(pred[0], target, coords[0])
         points = mk.uncertain_point_coords(pred[1], 5)
         indexed_points = mk.uncertain_point_coords(pred, 6, pred_index=index)
-        return a.sum() + b.sum() + c.sum() + bce + dice + cost_bce.sum() + cost_dice.sum(), points, indexed_points
+        matched = mk.linear_sum_assignment(cost_bce.unsqueeze(0), num_targets)
+        loss = a.sum() + b.sum() + c.sum() + bce + dice + cost_bce.sum() + cost_dice.sum()
+        return loss, points, indexed_points, matched
 
+    num_targets = torch.tensor([2])
     args = (q, k, v, value, loc, weights, pred)
-    eager, eager_points, eager_indexed = step(*args)
+    eager, eager_points, eager_indexed, eager_matched = step(*args)
     torch._dynamo.reset()
-    compiled, compiled_points, compiled_indexed = torch.compile(step, fullgraph=True)(*args)
+    compiled, compiled_points, compiled_indexed, compiled_matched = torch.compile(step, fullgraph=True)(*args)
     torch.testing.assert_close(compiled, eager)
+    assert torch.equal(compiled_matched, eager_matched)
     assert compiled_points.shape == eager_points.shape == (4, 5, 2)
     assert compiled_indexed.shape == eager_indexed.shape == (3, 6, 2)
     grads = torch.autograd.grad(compiled, (q, value, pred))

@@ -129,6 +129,15 @@ CASES = {
                                                        torch.rand(1, 5, 2)), ValueError, "coords"),
     "cost pred integer": (lambda: mk.pairwise_mask_cost(torch.zeros(4, 8, 8, dtype=torch.long),
                                                         torch.rand(2, 8, 8) > 0.5, torch.rand(5, 2)), TypeError, "pred"),
+    "assignment cost 1-D": (lambda: mk.linear_sum_assignment(torch.rand(5)), ValueError, "cost"),
+    "assignment cost integer": (lambda: mk.linear_sum_assignment(torch.ones(2, 3, 3, dtype=torch.long)), TypeError,
+                                "cost"),
+    "assignment cost NaN": (lambda: mk.linear_sum_assignment(torch.tensor([[0.0, float("nan")]])), ValueError,
+                            "cost"),
+    "assignment num_targets per matrix": (lambda: mk.linear_sum_assignment(torch.rand(2, 3, 3), torch.tensor([3])),
+                                          ValueError, "num_targets"),
+    "assignment num_targets float": (lambda: mk.linear_sum_assignment(torch.rand(2, 3, 3), torch.ones(2)),
+                                     TypeError, "num_targets"),
 }
 
 
