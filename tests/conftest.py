@@ -1,13 +1,17 @@
-"""Shared test helpers: error measure, tolerances, poisoning, backend availability."""
+"""Shared test plumbing: error measure, tolerances, poisoning, per-test seeds, and which
+backends can run here (skip marks, backend parameters). The per-op input builders live in
+tests/_inputs.py."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import random
 
 import pytest
 import torch
 
-# DESIGN.md numerics: relative error ||out - ref|| / ||ref||.
+# docs/ops.md numerics: relative error ||out - ref|| / ||ref||.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 TF32_TOLERANCE = 1e-3  # float32 through tensor-core (tf32) dots
 
@@ -16,15 +20,16 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
-def _cuda_extension_built() -> bool:
+def _importable(module: str) -> bool:
     try:
-        import m2f_kernels._C  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
 
 
-CUDA_EXTENSION_BUILT = _cuda_extension_built()
+CUDA_EXTENSION_BUILT = _importable("m2f_kernels._C")
+TRITON_INSTALLED = _importable("triton")
 requires_cuda_backend = pytest.mark.skipif(
     not (CUDA_EXTENSION_BUILT and ON_GPU),
     reason="the cuda backend needs the built extension m2f_kernels._C and a CUDA GPU "
@@ -64,11 +69,68 @@ def poisoned_empty():
         yield
 
 
+def poison_cuda_cache() -> None:
+    """Fill freed blocks of the CUDA caching allocator with NaN, so tensors the extension
+    allocates with at::empty (not reached by ``poisoned_empty``) most likely start as NaN:
+    an element a kernel forgets to write shows up as non-finite. Best effort."""
+    small = [torch.full((1 << 17,), float("nan"), device="cuda") for _ in range(64)]  # 512 KiB blocks
+    large = torch.full((1 << 28,), float("nan"), device="cuda")  # 1 GiB, split for large tensors
+    torch.cuda.synchronize()
+    del small, large
+
+
+@contextlib.contextmanager
+def poisoned(backend: str):
+    """Poisoned allocations for a call into ``backend``: torch.empty always, and the CUDA
+    caching allocator's free blocks for the cuda backend."""
+    if backend == "cuda":
+        poison_cuda_cache()
+    with poisoned_empty():
+        yield
+
+
 def triton_runnable() -> bool:
-    return ON_GPU or INTERPRETING
+    return TRITON_INSTALLED and (ON_GPU or INTERPRETING)
 
 
 requires_triton = pytest.mark.skipif(
-    not triton_runnable(), reason="the triton backend needs a CUDA GPU or TRITON_INTERPRET=1"
+    not triton_runnable(),
+    reason="the triton backend needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on the CPU "
+           f"(triton installed: {TRITON_INSTALLED})",
 )
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (full-size check)")
+
+# --- the backends under test -------------------------------------------------------------------
+# Per-op tests run each non-reference backend against backend='reference', the spec.
+BACKEND_MARKS = {"triton": requires_triton, "cuda": requires_cuda_backend}
+KERNEL_BACKENDS = [pytest.param(name, marks=mark, id=name) for name, mark in BACKEND_MARKS.items()]
+ALL_BACKENDS = [pytest.param("reference", id="reference"), *KERNEL_BACKENDS]
+
+
+def per_backend(cases: dict, ids=None) -> list:
+    """pytest params ``(backend, *case)`` from ``{backend: [case, ...]}`` (a case is a tuple,
+    or one value), each with its backend's skip mark; ``ids(backend, case)`` names one."""
+    params = []
+    for backend, backend_cases in cases.items():
+        for case in backend_cases:
+            values = case if isinstance(case, tuple) else (case,)
+            name = ids(backend, case) if ids else None
+            params.append(pytest.param(backend, *values, marks=BACKEND_MARKS.get(backend, ()), id=name))
+    return params
+
+
+def op_module(backend: str, family: str):
+    """A backend's module for one op family (``m2f_kernels.<backend>.<family>``), imported on
+    first use: the cuda one needs the built extension."""
+    return importlib.import_module(f"m2f_kernels.{backend}.{family}")
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed for torch and ``random`` per test (torch's own start-up seed is fixed),
+    printed so a failure can be replayed with M2F_TEST_SEED=<seed>."""
+    value = int(os.environ.get("M2F_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    torch.manual_seed(value)
+    random.seed(value)
+    print(f"seed={value}")
+    return value
