@@ -84,7 +84,7 @@ CANDIDATES = {
 }
 
 
-def rules(pass_: str, cls: str, overrides: dict) -> tri.Rules:
+def rules(pass_: str, cls: str, overrides: dict) -> tri.MaskedAttentionRules:
     return dataclasses.replace(tri.rules_for(pass_ == "bwd", cls == "fp32"), **overrides)
 
 
@@ -152,14 +152,14 @@ def section_defaults(cases, scale):
           "| host us fwd / bwd / op | fwd cfg | bwd cfg |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (Q, N, name), (q, k, v, mask, g) in cases.items():
-        fcfg, bcfg = tri.fwd_config(q, k, v), tri.bwd_config(q, k, v)
-        out, lse = tri.forward(q, k, v, mask, scale, fcfg)
-        fwd = lambda: tri.forward(q, k, v, mask, scale, fcfg)  # noqa: E731
-        bwd = lambda: tri.backward(g, q, k, v, mask, out, lse, scale, bcfg)  # noqa: E731
+        fcfg, bcfg = tri.masked_attention_config(q, k, v, False), tri.masked_attention_config(q, k, v, True)
+        out, lse = tri.masked_attention_fwd(q, k, v, mask, scale, config=fcfg)
+        fwd = lambda: tri.masked_attention_fwd(q, k, v, mask, scale, config=fcfg)  # noqa: E731
+        bwd = lambda: tri.masked_attention_bwd(g, q, k, v, mask, out, lse, scale, config=bcfg)  # noqa: E731
 
         def both():
-            o, l_ = tri.forward(q, k, v, mask, scale, fcfg)
-            return tri.backward(g, q, k, v, mask, o, l_, scale, bcfg)
+            o, l_ = tri.masked_attention_fwd(q, k, v, mask, scale, config=fcfg)
+            return tri.masked_attention_bwd(g, q, k, v, mask, o, l_, scale, config=bcfg)
 
         ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))
 
@@ -197,13 +197,14 @@ def section_candidates(cases, scale, deadline):
                 continue
             times, errs = [], []
             for key, (q, k, v, mask, g) in shapes:
-                cfg = tri.make_config(q, k, v, pass_ == "bwd", rules(pass_, cls, overrides))
+                cfg = tri.masked_attention_config(q, k, v, pass_ == "bwd", rules(pass_, cls, overrides))
                 try:
                     if pass_ == "fwd":
-                        fn = lambda: tri.forward(q, k, v, mask, scale, cfg)  # noqa: E731
+                        fn = lambda: tri.masked_attention_fwd(q, k, v, mask, scale, config=cfg)  # noqa: E731
                     else:
-                        out, lse = tri.forward(q, k, v, mask, scale, tri.fwd_config(q, k, v))
-                        fn = lambda: tri.backward(g, q, k, v, mask, out, lse, scale, cfg)  # noqa: E731
+                        out, lse = tri.masked_attention_fwd(q, k, v, mask, scale)
+                        fn = lambda: tri.masked_attention_bwd(  # noqa: E731
+                            g, q, k, v, mask, out, lse, scale, config=cfg)
                     result = fn()
                     times.append(bench(fn))
                 except Exception as exc:  # e.g. out of shared memory for this tiling
@@ -274,11 +275,12 @@ def main():
             sweep = not args.quick and N == SWEEP_N
             for pass_ in ("fwd", "bwd"):
                 for overrides in [{}] + (list(CANDIDATES[(pass_, cls)].values()) if sweep else []):
-                    fcfg = tri.make_config(q, k, v, False, rules("fwd", cls, overrides if pass_ == "fwd" else {}))
-                    out, lse = tri.forward(q, k, v, mask, scale, fcfg)
+                    fwd_rules = rules("fwd", cls, overrides if pass_ == "fwd" else {})
+                    fcfg = tri.masked_attention_config(q, k, v, False, fwd_rules)
+                    out, lse = tri.masked_attention_fwd(q, k, v, mask, scale, config=fcfg)
                     if pass_ == "bwd":
-                        bcfg = tri.make_config(q, k, v, True, rules("bwd", cls, overrides))
-                        tri.backward(g, q, k, v, mask, out, lse, scale, bcfg)
+                        bcfg = tri.masked_attention_config(q, k, v, True, rules("bwd", cls, overrides))
+                        tri.masked_attention_bwd(g, q, k, v, mask, out, lse, scale, config=bcfg)
     print(f"(compiled in {time.time() - start:.1f} s)")
 
     section_defaults(cases, scale)

@@ -16,8 +16,10 @@ reference backend and torch.topk alone for scale. Columns:
 - ``host us``: CPU time to enqueue one call (no synchronisation).
 
 Candidates whose shared-memory estimate exceeds this device's limit are listed as skipped.
-The first triton row of each part is the current default; copy a faster config into
-POINT_CONFIG / LOSS_CONFIG / PAIRWISE_CONFIGS. About 25 kernel compilations, then ~40
+The first triton row of each part is the current default (each backend entry point takes
+the candidate as ``config=``); copy a faster config into POINT_CONFIG / LOSS_CONFIG /
+PAIRWISE_CONFIGS (m2f_kernels/triton/_point_sample.py, _point_mask_loss.py,
+_pairwise_mask_cost.py). About 25 kernel compilations, then ~40
 timed rows: under a minute on an H100; --quick times the defaults and the reference only.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 import triton.testing  # noqa: E402
 
-from m2f_kernels import reference as ref  # noqa: E402
+from m2f_kernels.reference import point_loss as ref  # noqa: E402
 from m2f_kernels.triton import point_loss as tri  # noqa: E402
 
 B, Q, HP, T, HT, P = 2, 100, 256, 30, 1024, 12544
@@ -94,7 +96,7 @@ def matcher_call(x, config):
             if config is None:
                 ref.pairwise_mask_cost(x["pred"][b], tgt, x["matcher_coords"][b])
             else:
-                tri.pairwise_mask_cost_with(x["pred"][b], tgt, x["matcher_coords"][b], config)
+                tri.pairwise_mask_cost(x["pred"][b], tgt, x["matcher_coords"][b], config=config)
     return run
 
 
@@ -103,7 +105,7 @@ def sampling_call(x, config):
     args = (x["pred"], x["candidates"], x["random"], x["k"], x["bidx"], x["qidx"])
     if config is None:
         return lambda: ref.uncertain_point_coords(*args)
-    return lambda: tri.uncertain_point_coords_with(*args, config)
+    return lambda: tri.uncertain_point_coords(*args, config=config)
 
 
 def topk_call(x, sorted_):
@@ -118,8 +120,8 @@ def loss_call(x, config):
         return lambda: (ref.point_mask_loss_fwd(*args), ref.point_mask_loss_bwd(one, one, *args))
 
     def run():
-        tri.point_mask_loss_fwd_with(*args, config)
-        tri.point_mask_loss_bwd_with(one, one, *args, config)
+        tri.point_mask_loss_fwd(*args, config=config)
+        tri.point_mask_loss_bwd(one, one, *args, config=config)
     return run
 
 

@@ -1,6 +1,6 @@
 """Triton multi-scale deformable attention (MSDeformAttn), forward and backward.
 
-Shapes (see DESIGN.md): value [B, S, H, D]; spatial_shapes [L, 2] int64 (H_l, W_l);
+Shapes (see ``m2f_kernels.reference.ms_deform_attn``): value [B, S, H, D]; spatial_shapes [L, 2] int64 (H_l, W_l);
 level_start_index [L] int64; sampling_locations [B, Lq, H, L, P, 2] as (x, y) in
 [0, 1]; attention_weights [B, Lq, H, L, P] (logits over the L*P entries when
 ``softmax``); out [B, Lq, H*D].
@@ -19,11 +19,14 @@ buffer and a bound computed up front so the sums cannot overflow.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from ._bilinear import bilinear_cell
+from ._launch import cdiv, chosen, next_pow2
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -219,11 +222,30 @@ def _bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launch
-def _config(d: int, n_levels: int, n_points: int):
-    """(BLOCK_D, BLOCK_Q, LP2, num_warps): ~2K fp32 elements per [BLOCK_Q, BLOCK_D] tile."""
-    block_d = triton.next_power_of_2(d)
-    block_q = max(16, min(128, 2048 // block_d))
-    return block_d, block_q, triton.next_power_of_2(n_levels * n_points), 4
+@dataclasses.dataclass(frozen=True)
+class MSDeformAttnConfig:
+    """Launch config of the forward and backward kernels: queries per program and warps.
+    BLOCK_D (D padded to a power of two) and LP2 (levels x points, likewise) follow from
+    the inputs and are not tunables."""
+
+    block_q: int
+    num_warps: int = 4
+
+
+def ms_deform_attn_config(value) -> MSDeformAttnConfig:
+    """For value [B, S, H, D], forward and backward: ~2K fp32 elements per [BLOCK_Q,
+    BLOCK_D] tile, 4 warps."""
+    return MSDeformAttnConfig(block_q=max(16, min(128, 2048 // next_pow2(value.shape[3]))))
+
+
+def _launch_sizes(value, sampling_locations, config):
+    """(config, grid, constexprs shared by the forward and backward launches)."""
+    b, _, h, d = value.shape
+    lq, n_levels, n_points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    cfg = chosen(config, MSDeformAttnConfig, ms_deform_attn_config, value)
+    constexprs = dict(NL=n_levels, NP=n_points, LP2=next_pow2(n_levels * n_points), D=d,
+                      BLOCK_D=next_pow2(d), BLOCK_Q=cfg.block_q)
+    return cfg, (cdiv(lq, cfg.block_q), b * h), constexprs
 
 
 def _small_index_tensors(spatial_shapes, level_start_index, device):
@@ -232,20 +254,19 @@ def _small_index_tensors(spatial_shapes, level_start_index, device):
 
 
 def ms_deform_attn_fwd(value, spatial_shapes, level_start_index, sampling_locations,
-                       attention_weights, softmax: bool = False):
-    """out [B, Lq, H*D] in value.dtype (fp32 accumulation)."""
+                       attention_weights, softmax: bool = False, *, config: "MSDeformAttnConfig | None" = None):
+    """out [B, Lq, H*D] in value.dtype (fp32 accumulation). ``config``: the launch
+    configuration (None: :func:`ms_deform_attn_config`)."""
     b, s, h, d = value.shape
-    lq, n_levels, n_points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    lq = sampling_locations.shape[1]
+    cfg, grid, constexprs = _launch_sizes(value, sampling_locations, config)
     shapes, starts = _small_index_tensors(spatial_shapes, level_start_index, value.device)
     out = torch.empty((b, lq, h * d), dtype=value.dtype, device=value.device)
-    block_d, block_q, lp2, num_warps = _config(d, n_levels, n_points)
-    grid = (triton.cdiv(lq, block_q), b * h)
     _fwd_kernel[grid](
         value, shapes, starts, sampling_locations, attention_weights, out,
         lq, h,
         *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
-        NL=n_levels, NP=n_points, LP2=lp2, D=d, BLOCK_D=block_d, BLOCK_Q=block_q,
-        SOFTMAX=bool(softmax), num_warps=num_warps,
+        **constexprs, SOFTMAX=bool(softmax), num_warps=cfg.num_warps,
     )
     return out
 
@@ -274,20 +295,21 @@ def _fixed_point_scales(grad_out, attention_weights, softmax: bool):
 
 
 def ms_deform_attn_bwd(grad_out, value, spatial_shapes, level_start_index, sampling_locations,
-                       attention_weights, softmax: bool = False, deterministic: bool = False):
+                       attention_weights, softmax: bool = False, deterministic: bool = False, *,
+                       config: "MSDeformAttnConfig | None" = None):
     """(grad_value, grad_sampling_locations, grad_attention_weights), contiguous, in the inputs' dtypes.
 
     With ``softmax`` the weight gradient is with respect to the logits. ``deterministic``
     (the op layer sets it from ``torch.are_deterministic_algorithms_enabled()`` when the
     caller leaves it None) accumulates grad_value in int64 fixed point: bitwise repeatable.
+    ``config``: the launch configuration (None: :func:`ms_deform_attn_config`).
     """
     fixed_point = bool(deterministic)
     b, s, h, d = value.shape
-    lq, n_levels, n_points = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
+    lq = sampling_locations.shape[1]
     dev = value.device
+    cfg, grid, constexprs = _launch_sizes(value, sampling_locations, config)
     shapes, starts = _small_index_tensors(spatial_shapes, level_start_index, dev)
-    block_d, block_q, lp2, num_warps = _config(d, n_levels, n_points)
-    grid = (triton.cdiv(lq, block_q), b * h)
 
     grad_loc = torch.empty(sampling_locations.shape, dtype=torch.float32, device=dev)
     grad_w = torch.empty(attention_weights.shape, dtype=torch.float32, device=dev)
@@ -301,8 +323,7 @@ def ms_deform_attn_bwd(grad_out, value, spatial_shapes, level_start_index, sampl
         acc, grad_loc, grad_w, scale if fixed_point else acc,
         lq, s, h,
         *grad_out.stride(), *value.stride(), *sampling_locations.stride(), *attention_weights.stride(),
-        NL=n_levels, NP=n_points, LP2=lp2, D=d, BLOCK_D=block_d, BLOCK_Q=block_q,
-        SOFTMAX=bool(softmax), FIXED_POINT=fixed_point, num_warps=num_warps,
+        **constexprs, SOFTMAX=bool(softmax), FIXED_POINT=fixed_point, num_warps=cfg.num_warps,
     )
     if fixed_point:
         grad_value = acc.to(torch.float32).mul_(inv_scale).to(value.dtype)

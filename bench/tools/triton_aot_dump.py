@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Compile Triton kernels ahead of time (no GPU needed) and dump their PTX, SASS and resources.
 
 Use it to answer "did my change alter the compiled code?": dump before, dump after, diff.
 
-    python scripts/triton_aot_dump.py dump OUT_DIR [--cases NAME_OR_MODULE:FUNC ...] [--arch 90 80] [-j 2]
-    python scripts/triton_aot_dump.py diff BEFORE_DIR AFTER_DIR
+    python -m bench.tools.triton_aot_dump dump OUT_DIR [--cases NAME_OR_MODULE:FUNC ...] [--arch 90 80] [-j 2]
+    python -m bench.tools.triton_aot_dump diff BEFORE_DIR AFTER_DIR
 
 How a kernel's signature is found: a *case* is a function that calls the real Python
 launch wrappers (``ms_deform_attn_fwd(...)`` and so on) with CPU tensors of the shapes and
@@ -24,23 +23,27 @@ comments); when that differs, whether the PTX is the same instructions in anothe
 (register numbers ignored) and whether the SASS (addresses and encodings dropped) is
 identical; plus the resource deltas. Unified diffs of what differs go to ``AFTER_DIR/diff/``.
 
-Built-in cases: ``ms_deform_attn`` and ``point_loss`` (the standard Mask2Former shapes of
-DESIGN.md, every kernel of the module, fp32 and bf16, every constexpr branch the launch
-wrappers can take) and ``edge`` (odd shapes: 1-pixel maps, D = 24, fp16); all three by default.
-Add your own with ``--cases my.module:my_cases``. The kernels come from the checkout the
-script sits in (its repo root goes first on sys.path; index.json records the files), so a
-baseline of a commit without uncommitted changes needs no stash:
+Built-in cases: ``masked_attention``, ``ms_deform_attn`` and ``point_loss`` (the standard
+Mask2Former shapes, every kernel of the module, fp32 and bf16, every constexpr branch the
+launch wrappers can take) and ``edge`` (odd shapes: 1-pixel maps, D = 24, fp16); all four
+by default. Add your own with ``--cases my.module:my_cases``. The launch wrappers run on CPU
+tensors, so launch choices that depend on the GPU (masked attention's SM count) take their
+CPU values. The kernels come from the checkout the tool sits in (its repo root goes first
+on sys.path; index.json records the files), so a baseline of a commit without uncommitted
+changes needs no stash (the cases call only the backend entry points, so today's tool can
+dump an older checkout):
 
-    mkdir /tmp/base && git archive BASE | tar -x -C /tmp/base && cp scripts/triton_aot_dump.py /tmp/base/scripts/
-    python /tmp/base/scripts/triton_aot_dump.py dump /tmp/before && python scripts/triton_aot_dump.py dump /tmp/after
-    python scripts/triton_aot_dump.py diff /tmp/before /tmp/after
+    mkdir /tmp/base && git archive BASE | tar -x -C /tmp/base && cp -r bench/tools /tmp/base/bench/
+    (cd /tmp/base && python -m bench.tools.triton_aot_dump dump /tmp/before)
+    python -m bench.tools.triton_aot_dump dump /tmp/after
+    python -m bench.tools.triton_aot_dump diff /tmp/before /tmp/after
 
-From Python (the repo root on sys.path): ``import scripts.triton_aot_dump as aot`` and
+From Python (the repo root on sys.path): ``import bench.tools.triton_aot_dump as aot`` and
 ``aot.compile_launches(cases, archs, kernels=...)`` returns the index.json entries without
 writing files (tests/test_point_loss_triton.py checks the matcher's resources this way).
 
-Runs with TRITON_INTERPRET unset (it is removed from the environment when the script
-starts); ~2 min for the default cases on 2 CPU cores. Triton's cache is used as usual.
+Runs with TRITON_INTERPRET unset (it is removed from the environment when the module is
+imported); a few minutes for the default cases on 2 CPU cores. Triton's cache is used as usual.
 """
 from __future__ import annotations
 
@@ -67,7 +70,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/tools/ -> the repo
+sys.path.insert(0, ROOT)
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
@@ -308,6 +312,49 @@ def diff(before, after):
 # ----------------------------------------------------------------------------- built-in cases
 
 
+def masked_attention_cases():
+    """B=2, H=8, D=32, Q=100, N=16384 (bf16 also Q=200): fp32 and bf16 with bool [B, Q, N]
+    masks and [B, H, Q, N] logits; fp32 with TF32 dots; tile skipping (via M2F_MA_CONFIG);
+    B*H=2 (forward key split + combine, backward dq chunks); fp16 with D=128 (wide heads).
+    CPU tensors: the launch choices see 4 SMs (see m2f_kernels.triton.masked_attention)."""
+    from m2f_kernels.triton import masked_attention as ma
+
+    def run(name, dtype, b=2, h=8, q_len=100, n=16384, d=32, mask_kind="bool"):
+        q = torch.empty(b, h, q_len, d, dtype=dtype)
+        k, v = torch.empty(b, h, n, d, dtype=dtype), torch.empty(b, h, n, d, dtype=dtype)
+        if mask_kind == "bool":
+            mask = torch.empty(b, q_len, n, dtype=torch.bool)
+        else:
+            mask = torch.empty(b, h, q_len, n, dtype=dtype)
+        with tag(name):
+            out, lse = ma.masked_attention_fwd(q, k, v, mask, d ** -0.5)
+            ma.masked_attention_bwd(torch.empty_like(out), q, k, v, mask, out, lse, d ** -0.5)
+
+    for dtype in (torch.float32, torch.bfloat16):
+        dt = str(dtype).split(".")[-1]
+        run(f"{dt}-bool", dtype)
+        run(f"{dt}-logits", dtype, mask_kind="logits")
+        run(f"{dt}-bool-split", dtype, b=1, h=2, q_len=16, n=4096)
+    run("bfloat16-bool-q200", torch.bfloat16, q_len=200)
+    run("float16-bool-d128", torch.float16, n=1024, d=128)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        run("float32-bool-tf32", torch.float32)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    env = os.environ.get("M2F_MA_CONFIG")
+    os.environ["M2F_MA_CONFIG"] = "fwd:skip_tiles=1;bwd:skip_tiles=1"
+    try:
+        run("float32-bool-skip", torch.float32)
+        run("bfloat16-bool-split-skip", torch.bfloat16, b=1, h=2, q_len=16, n=4096)
+    finally:
+        if env is None:
+            del os.environ["M2F_MA_CONFIG"]
+        else:
+            os.environ["M2F_MA_CONFIG"] = env
+
+
 def ms_deform_attn_cases():
     """Standard shape: B=2, Lq=S=21504, H=8, D=32, levels 128^2/64^2/32^2, P=4; fp32 locations/weights."""
     from m2f_kernels.triton import ms_deform_attn as m
@@ -411,7 +458,7 @@ def edge_cases():
                                       torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([3, 0, 2]))
 
 
-CASES = {"ms_deform_attn": ms_deform_attn_cases, "point_loss": point_loss_cases, "edge": edge_cases}
+CASES = {"masked_attention": masked_attention_cases, "ms_deform_attn": ms_deform_attn_cases, "point_loss": point_loss_cases, "edge": edge_cases}
 
 
 def _resolve(spec):

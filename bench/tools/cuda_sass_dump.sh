@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # SASS and resource usage of every CUDA kernel, per kernel and architecture, no GPU needed.
 #
-#   scripts/cuda_sass_dump.sh OUT            compile csrc/**/*.cu exactly as the CI check
-#                                            (scripts/cuda_compile_check.sh, sm_80 + sm_90) and write
-#                                            OUT/<sm_XX>/<object>/<kernel>.sass and OUT/summary.tsv
-#   scripts/cuda_sass_dump.sh --diff A B     compare two such dumps kernel by kernel
+#   bash bench/tools/cuda_sass_dump.sh OUT          compile csrc/**/*.cu exactly as the CI check
+#                                                   (scripts/cuda_compile_check.sh, sm_80 + sm_90) and
+#                                                   write OUT/<sm_XX>/<object>/<kernel>.sass, OUT/summary.tsv
+#   bash bench/tools/cuda_sass_dump.sh --diff A B   compare two such dumps kernel by kernel
 #
 # For refactors that must not change the generated code: dump before, dump after, --diff.
 # Kernel names are the mangled names with the anonymous namespace's per-file hash removed;
@@ -16,7 +16,7 @@
 # with --diff when any kernel differs or is missing on one side.
 set -uo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-python}"
 
 if [ "${1:-}" = "--diff" ]; then
