@@ -5,7 +5,7 @@
 # torch's extension build uses; csrc/**/*.cpp goes through the host compiler with
 # -fsyntax-only. One line per file; exit status non-zero if any file fails.
 # Usage: scripts/cuda_compile_check.sh   (in the project's Python environment)
-# CUDA_CHECK_OBJ_DIR=DIR keeps the objects there (<file>.cu.o), e.g. for scripts/cuda_sass_dump.sh.
+# CUDA_CHECK_OBJ_DIR=DIR keeps the objects there (<file>.cu.o), e.g. for bench/tools/cuda_sass_dump.sh.
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
