@@ -167,7 +167,7 @@ def _solve(m: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor,
         s_sink = torch.full((A,), -1, dtype=torch.int64, device=device)
         i = torch.full((A,), cur, dtype=torch.int64, device=device)
         rows_seq = torch.full((A, cur + 1), cur, dtype=torch.int64, device=device)  # row scanned per step
-        result = None  # (spc, step_of, blocked, min_val, sink) over all A, once shrunk
+        result = None  # (spc, step_of, min_val, sink) over all A, once shrunk
         # Each non-final step reaches a matched row (at most `cur` of them): cur + 1 steps.
         for step in range(cur + 1):
             if early_exit:
@@ -175,7 +175,7 @@ def _solve(m: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor,
                 if n_searching == 0:
                     break
                 if 2 * n_searching <= searching.numel():  # shrink to the searching matrices
-                    state = (s_spc, s_step, s_blocked, s_min, s_sink)
+                    state = (s_spc, s_step, s_min, s_sink)
                     if result is None:
                         result = state
                     else:
@@ -204,24 +204,29 @@ def _solve(m: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor,
             s_sink = torch.where(searching & free, j, s_sink)
             i = torch.where(searching & ~free, row, i)
             searching = searching & ~free
-        state = (s_spc, s_step, s_blocked, s_min, s_sink)
+        state = (s_spc, s_step, s_min, s_sink)
         if result is None:
             result = state
         else:
             for res, t in zip(result, state):
                 res[pos] = t
-        spc, step_of, blocked, min_val, sink = result
+        spc, step_of, min_val, sink = result
 
-        # Duals: u[cur] += min_val; for each scanned column j, delta = min_val - spc[j]:
-        # v[j] -= delta, and its row u += delta (the sink is free and has delta 0; unscanned
-        # columns have delta 0, so the scatter may add them to row 0).
-        scanned = (blocked > 0) & (spc < inf)
-        delta = torch.where(scanned, min_val[:, None] - spc, 0.0)
-        v[g] = v.index_select(0, g) - delta
-        ug = u.index_select(0, g)
-        ug.scatter_add_(1, owner.clamp(min=0), delta)
-        ug[:, cur] += min_val  # 0 where inactive
-        u[g] = ug
+        # Duals: u[cur] += min_val; for each scanned column j, delta = min_val - spc[j] >= 0:
+        # v[j] -= delta, and its row u += delta. Unscanned columns have spc >= min_val (inf
+        # where never reached), so the clamp gives them 0, as the sink (spc = min_val); the
+        # scatter may add those zeros to row 0.
+        delta = (min_val[:, None] - spc).clamp_(min=0.0)
+        if A == B:
+            v -= delta
+            u.scatter_add_(1, owner.clamp(min=0), delta)
+            u[:, cur] += min_val  # 0 where inactive
+        else:
+            v[g] = v.index_select(0, g) - delta
+            ug = u.index_select(0, g)
+            ug.scatter_add_(1, owner.clamp(min=0), delta)
+            ug[:, cur] += min_val
+            u[g] = ug
 
         # Flip the matches along the path sink -> ... -> cur (at most cur + 1 columns).
         j = sink
