@@ -1,4 +1,5 @@
-"""Weights from local files: backbone state dicts and the official Mask2Former checkpoints.
+"""Weights from local files: backbone state dicts and the official Mask2Former checkpoints;
+the optimiser state of training checkpoints (``load_optimizer_state``).
 
 Official checkpoints are detectron2 ``.pkl`` files: a pickled dict whose "model" maps
 official key names (``backbone.res2.0.conv1.weight``, ``sem_seg_head.pixel_decoder...``,
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from typing import Dict, Iterable, Mapping
+from typing import Dict, Iterable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -182,3 +183,101 @@ def _check_keys(what: str, given: Mapping[str, torch.Tensor], expected: Mapping[
               for k in set(given) & set(expected) if tuple(given[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or shapes:
         raise CheckpointMismatchError(what, missing, unexpected, shapes)
+
+
+# --- optimiser state -----------------------------------------------------------------------------
+
+# how a group is updated, not what it computes: always this optimizer's own choice
+_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
+class OptimizerStateMismatchError(ValueError):
+    """A saved optimizer state does not fit the optimizer (a one-line message)."""
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Mapping, model: Optional[nn.Module] = None,
+                         scheduler=None, scheduler_state: Optional[Mapping] = None) -> None:
+    """Load a training checkpoint's optimizer (and LambdaLR scheduler) state.
+
+    Only hyperparameters and moments come from the file: the optimizer keeps its own
+    implementation (foreach / fused / capturable) and the form of its lrs (a float, or a
+    device tensor the loaded value is written into). A state saved with one group per
+    parameter (the official layout, and this repository's before parameters were grouped)
+    is regrouped when ``model`` is given: its parameters are in ``m2f.solver.parameter_rules``
+    order. Any other mismatch raises OptimizerStateMismatchError.
+    """
+    state = {"state": dict(state["state"]), "param_groups": [dict(g) for g in state["param_groups"]]}
+    scheduler_state = dict(scheduler_state) if scheduler_state is not None else None
+    groups = optimizer.param_groups
+    if [len(g["params"]) for g in state["param_groups"]] != [len(g["params"]) for g in groups]:
+        if model is None or not _is_per_parameter(state, model):
+            raise OptimizerStateMismatchError(
+                f"the saved optimizer state has {len(state['param_groups'])} parameter groups of "
+                f"{sum(len(g['params']) for g in state['param_groups'])} parameters, this optimizer "
+                f"{len(groups)} groups of {sum(len(g['params']) for g in groups)}")
+        state, scheduler_state = _regroup(state, scheduler_state, optimizer, model)
+    lrs, own_lrs = [], [g["lr"] for g in groups]
+    for saved, own in zip(state["param_groups"], groups):
+        saved.update({k: own[k] for k in _IMPLEMENTATION_KEYS if k in own})
+        lrs.append(float(saved["lr"]))
+        if "initial_lr" in saved:
+            saved["initial_lr"] = float(saved["initial_lr"])
+    optimizer.load_state_dict(state)
+    for group, own, lr in zip(optimizer.param_groups, own_lrs, lrs):
+        if isinstance(own, torch.Tensor):  # the same tensor: a captured step reads it
+            own.fill_(lr)
+        group["lr"] = own if isinstance(own, torch.Tensor) else lr
+    if scheduler is not None and scheduler_state is not None:
+        if len(scheduler_state["base_lrs"]) != len(groups):
+            raise OptimizerStateMismatchError(f"the saved schedule has {len(scheduler_state['base_lrs'])} "
+                                              f"learning rates, the optimizer {len(groups)} groups")
+        scheduler.load_state_dict(scheduler_state)
+
+
+def _per_parameter_order(model: nn.Module) -> list:
+    from .solver import parameter_rules
+
+    return [(name, p) for name, p, _, _ in parameter_rules(model)]
+
+
+def _is_per_parameter(state: Mapping, model: nn.Module) -> bool:
+    groups = state["param_groups"]
+    return (len(groups) == len(_per_parameter_order(model))
+            and all(list(g["params"]) == [i] for i, g in enumerate(groups)))
+
+
+def _regroup(state: Dict, scheduler_state: Optional[Dict], optimizer: torch.optim.Optimizer, model: nn.Module):
+    """A per-parameter optimizer state (and its per-group scheduler lists) in the layout of
+    ``optimizer``'s groups; every member of a group must carry that group's hyperparameters."""
+    order = _per_parameter_order(model)
+    old_index = {id(p): i for i, (_, p) in enumerate(order)}
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+    if sorted(old_index) != sorted(id(p) for p in flat):
+        raise OptimizerStateMismatchError("the saved per-parameter optimizer state is not over this model's "
+                                          "trainable parameters")
+    new_index = {id(p): i for i, p in enumerate(flat)}
+    saved = state["param_groups"]
+    firsts, groups = [], []
+    for group in optimizer.param_groups:
+        first = old_index[id(group["params"][0])]
+        settings = {k: v for k, v in saved[first].items() if k != "params"}
+        for p in group["params"]:
+            member = {k: v for k, v in saved[old_index[id(p)]].items() if k != "params"}
+            for key in ("initial_lr", "weight_decay"):
+                if key in member and key in group and float(member[key]) != float(group[key]):
+                    raise OptimizerStateMismatchError(
+                        f"the saved optimizer state gives {order[old_index[id(p)]][0]} {key} {member[key]}, "
+                        f"this run {float(group[key])}")
+            if member != settings:
+                raise OptimizerStateMismatchError(
+                    f"the saved optimizer state gives {order[old_index[id(p)]][0]} other settings than "
+                    f"{order[first][0]}, which this run groups with it")
+        firsts.append(first)
+        groups.append({**settings, "params": [new_index[id(p)] for p in group["params"]]})
+    moments = {new_index[id(order[i][1])]: s for i, s in state["state"].items()}
+    if scheduler_state is not None:
+        scheduler_state = dict(scheduler_state)
+        for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+            if key in scheduler_state and len(scheduler_state[key]) == len(saved):
+                scheduler_state[key] = [scheduler_state[key][i] for i in firsts]
+    return {"state": moments, "param_groups": groups}, scheduler_state

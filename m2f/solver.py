@@ -1,4 +1,4 @@
-"""The official Mask2Former optimisation recipe.
+"""The official Mask2Former optimisation recipe, with parameters grouped for batched updates.
 
 - AdamW, base lr 1e-4, weight decay 0.05; parameters of modules named ``backbone`` get
   lr x 0.1 (BACKBONE_MULTIPLIER); normalisation layers and embeddings get no weight decay
@@ -6,10 +6,20 @@
 - Poly decay ``lr * (1 - step / max_steps) ** 0.9`` (detectron2 WarmupPolyLR, no warmup).
 - Gradient clipping of the whole model's gradient norm at 0.01 (CLIP_TYPE 'full_model'),
   before each optimiser step.
+
+The official ``build_optimizer`` makes one parameter group per parameter; here parameters
+that share (lr, weight decay) share a group (3-4 groups), with the same per-parameter
+values, so AdamW's foreach / fused implementations update a whole group in a few launches.
+``parameter_rules`` is the per-parameter rule in the official traversal order (checkpoints
+of the per-parameter layout are regrouped with it: ``m2f.checkpoint.load_optimizer_state``).
+
+Nothing here synchronises with the device in a training step: the schedule writes Python
+floats (or fills lr tensors in place, for a CUDA-graph-captured step), the clipping uses
+``clip_grad_norm_`` without its finiteness check.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -19,28 +29,56 @@ NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Lo
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
-def param_groups(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
-                 backbone_multiplier: float = 0.1) -> List[Dict]:
-    """One group per parameter (as the official ``build_optimizer``), deduplicated."""
-    groups, seen = [], set()
+def parameter_rules(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
+                    backbone_multiplier: float = 0.1) -> List[Tuple[str, nn.Parameter, float, float]]:
+    """(name, parameter, lr, weight decay) of every trainable parameter, deduplicated, in the
+    official order (``named_modules``, then each module's own parameters)."""
+    rules, seen = [], set()
     for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
-            group = {"params": [p], "lr": lr, "weight_decay": weight_decay}
-            if "backbone" in module_name:
-                group["lr"] = lr * backbone_multiplier
-            if isinstance(module, NORM_TYPES + (nn.Embedding,)) or name in NO_DECAY_NAMES:
-                group["weight_decay"] = 0.0
-            groups.append(group)
-    return groups
+            p_lr = lr * backbone_multiplier if "backbone" in module_name else lr
+            no_decay = isinstance(module, NORM_TYPES + (nn.Embedding,)) or name in NO_DECAY_NAMES
+            rules.append((f"{module_name}.{name}" if module_name else name, p, p_lr, 0.0 if no_decay else weight_decay))
+    return rules
+
+
+def param_groups(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
+                 backbone_multiplier: float = 0.1) -> List[Dict]:
+    """One group per distinct (lr, weight decay), in order of first appearance; each group
+    keeps its parameters in the official order and carries ``initial_lr`` (a float, the
+    schedule's base)."""
+    groups: Dict[Tuple[float, float], Dict] = {}
+    for _, p, p_lr, p_wd in parameter_rules(model, lr, weight_decay, backbone_multiplier):
+        group = groups.setdefault((p_lr, p_wd), {"params": [], "lr": p_lr, "initial_lr": p_lr, "weight_decay": p_wd})
+        group["params"].append(p)
+    return list(groups.values())
 
 
 def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
-                    backbone_multiplier: float = 0.1) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, lr, weight_decay, backbone_multiplier), lr=lr,
-                             weight_decay=weight_decay)
+                    backbone_multiplier: float = 0.1, device: Optional[Union[str, torch.device]] = None,
+                    capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW over ``param_groups``: ``fused=True`` on CUDA, ``foreach=True`` elsewhere.
+
+    ``capturable=True`` (CUDA only) is for a step captured in a CUDA graph: the optimizer
+    keeps its step counts on the device and each group's lr is a 0-dim float32 device tensor
+    that the schedule fills in place between replays (a Python float would be frozen into
+    the graph). ``device`` defaults to the parameters' device.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    groups = param_groups(model, lr, weight_decay, backbone_multiplier)
+    if device.type == "cuda":
+        options = {"fused": True, "capturable": capturable}
+        if capturable:
+            for group in groups:
+                group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=device)
+    elif capturable:
+        raise ValueError(f"a capturable optimizer needs CUDA parameters, got device {device}")
+    else:
+        options = {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **options)
 
 
 class PolyLambda:
@@ -55,10 +93,22 @@ class PolyLambda:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int,
                     power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
+    """The poly schedule. Its base lrs are the groups' float ``initial_lr``, so each step
+    computes the new lr on the host and writes it as a float, or with ``fill_`` into a
+    tensor lr (no host sync either way)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyLambda(max_steps, power))
+
+
+def current_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> List[float]:
+    """The lr of each group as Python floats, computed on the host (``get_last_lr`` returns
+    copies of tensor lrs, which would need a sync to read)."""
+    return [float(base) * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float = 0.01) -> torch.Tensor:
     """Clip the norm of all gradients together (``clip_grad_norm_``, 2-norm) and return the
-    norm before clipping (the official FullModelGradientClippingOptimizer)."""
-    return torch.nn.utils.clip_grad_norm_(list(params), max_norm, norm_type=2.0)
+    norm before clipping (the official FullModelGradientClippingOptimizer). Foreach kernels
+    where the device has them (one norm and one scale launch per device and dtype), and no
+    finiteness check, which would read the norm on the host."""
+    return torch.nn.utils.clip_grad_norm_(list(params), max_norm, norm_type=2.0, error_if_nonfinite=False,
+                                          foreach=None)

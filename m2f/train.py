@@ -39,7 +39,8 @@ from .data import DATASETS, StreamSampler, build_dataset, collate
 from .data.sample import DatasetInfo
 from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics
 from .plots import read_log, save_loss_curve, save_predictions
-from .solver import build_optimizer, build_scheduler, clip_gradients
+from .checkpoint import OptimizerStateMismatchError, load_optimizer_state
+from .solver import build_optimizer, build_scheduler, clip_gradients, current_lrs
 
 # Presets: model size and schedule. Explicit flags override them. The from-scratch presets
 # use a higher lr than the official 1e-4 (which assumes a pretrained backbone and 50 epochs).
@@ -407,14 +408,16 @@ def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
                             cfg.get("train_images"))
     dataset_val = build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["image_size"], seed)
     model = build_model_from_config(cfg, dataset.info).to(env.device)
-    optimizer = build_optimizer(model, lr=cfg["lr"])
+    optimizer = build_optimizer(model, lr=cfg["lr"], device=env.device)
     scheduler = build_scheduler(optimizer, steps)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg["amp"] == "fp16")
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg["amp"] == "fp16")  # bf16 needs none
     start = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+        try:
+            load_optimizer_state(optimizer, ckpt["optimizer"], model, scheduler, ckpt["scheduler"])
+        except OptimizerStateMismatchError as e:
+            raise SystemExit(f"--resume: {e}")
         scaler.load_state_dict(ckpt["scaler"])
         start = ckpt["step"]
         if env.main:
@@ -456,7 +459,7 @@ def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
         last = step == steps
         if step % cfg["log_every"] == 0 or last:
             record = meter.flush(env)
-            record.update(step=step, lr=max(scheduler.get_last_lr()), max_mem_gb=_memory_gb(env.device))
+            record.update(step=step, lr=max(current_lrs(scheduler)), max_mem_gb=_memory_gb(env.device))
             logger.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                             mem=f"{record['max_mem_gb']:.2f}GB", refresh=False)

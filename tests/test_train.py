@@ -175,13 +175,13 @@ def test_solver_follows_the_official_recipe():
     no_decay_types = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding)
     seen_no_decay = set()
     for group in opt.param_groups:
-        (p,) = group["params"]
-        name, module = owner[id(p)]
-        assert group["lr"] == pytest.approx(1e-5 if name.startswith("backbone.") else 1e-4), name
-        no_decay = isinstance(module, no_decay_types)
-        if no_decay:
-            seen_no_decay.add(type(module))
-        assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
+        for p in group["params"]:
+            name, module = owner[id(p)]
+            assert group["lr"] == pytest.approx(1e-5 if name.startswith("backbone.") else 1e-4), name
+            no_decay = isinstance(module, no_decay_types)
+            if no_decay:
+                seen_no_decay.add(type(module))
+            assert group["weight_decay"] == (0.0 if no_decay else 0.05), name
     assert seen_no_decay == set(no_decay_types)  # the model has all three kinds
     assert isinstance(opt, torch.optim.AdamW)
     assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in model.parameters()}
@@ -224,3 +224,61 @@ def test_gpu_fused_run_matches_reference(tmp_path, amp):
     assert fused[0]["loss"] == pytest.approx(ref[0]["loss"], rel=tol)
     assert all(math.isfinite(r["loss"]) for r in ref + fused if "loss" in r)
     assert fused[-1]["eval"].keys() == ref[-1]["eval"].keys()
+
+
+def _per_parameter_layout(ckpt):
+    """A grouped checkpoint's optimizer and schedule state in the official one-group-per-parameter
+    layout (what the solver saved before it grouped parameters)."""
+    from m2f.data import build_dataset
+    from m2f.solver import param_groups, parameter_rules
+
+    model = train_mod.build_model_from_config(ckpt["config"], build_dataset("shapes", None, "train", 64, 0).info)
+    grouped = [id(p) for g in param_groups(model) for p in g["params"]]
+    rules = parameter_rules(model)
+    opt, sched = ckpt["optimizer"], ckpt["scheduler"]
+    group_of = {id(p): opt["param_groups"][i] for i, g in enumerate(param_groups(model)) for p in g["params"]}
+    lr_of = {id(p): i for i, g in enumerate(param_groups(model)) for p in g["params"]}
+    state, groups = {}, []
+    for i, (_, p, _, _) in enumerate(rules):
+        if grouped.index(id(p)) in opt["state"]:
+            state[i] = opt["state"][grouped.index(id(p))]
+        groups.append({**{k: v for k, v in group_of[id(p)].items() if k != "params"}, "params": [i],
+                       "foreach": None, "fused": None})
+    per_group = {k: [sched[k][lr_of[id(p)]] for _, p, _, _ in rules] for k in ("base_lrs", "_last_lr", "lr_lambdas")}
+    return {"state": state, "param_groups": groups}, {**sched, **per_group}
+
+
+def test_resume_from_a_per_parameter_checkpoint(tmp_path, monkeypatch):
+    """A checkpoint whose optimizer has one group per parameter resumes into the grouped
+    optimizer and continues exactly as the uninterrupted run."""
+    seed = fresh_seed()
+    args = MICRO + ["--steps", "4", "--batch-size", "2", "--ckpt-every", "2", "--log-every", "1", "--seed", str(seed)]
+    straight, old = str(tmp_path / "straight"), str(tmp_path / "old")
+    train_mod.main(args + ["--out", straight])
+    real_step, calls = train_mod.train_step, []
+
+    def dying_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed()
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", dying_step)
+    with pytest.raises(Killed):
+        train_mod.main(args + ["--out", old])
+    monkeypatch.setattr(train_mod, "train_step", real_step)
+    ckpt = final_state(old)
+    assert ckpt["step"] == 2 and len(ckpt["optimizer"]["param_groups"]) <= 4
+    ckpt["optimizer"], ckpt["scheduler"] = _per_parameter_layout(ckpt)
+    assert len(ckpt["optimizer"]["param_groups"]) > 50
+    torch.save(ckpt, os.path.join(old, "checkpoint.pt"))
+    train_mod.main(["--out", old, "--resume", "--device", "cpu"])
+    a, b = final_state(straight), final_state(old)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), f"parameter {k} differs after resuming"
+    assert [r.get("lr") for r in read_log(old)] == [r.get("lr") for r in read_log(straight)]
+
+    ckpt["optimizer"]["param_groups"] = ckpt["optimizer"]["param_groups"][1:]  # neither layout
+    torch.save(ckpt, os.path.join(old, "checkpoint.pt"))
+    with pytest.raises(SystemExit, match="--resume: the saved optimizer state has"):
+        train_mod.main(["--out", old, "--resume", "--device", "cpu"])
