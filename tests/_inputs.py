@@ -8,7 +8,6 @@ stay on the CPU.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import math
 import random
 import types
