@@ -7,6 +7,7 @@
 // it is a plain library whose static initialisers register the ops.
 #include <torch/library.h>
 
+#include "assignment/assignment.h"
 #include "ms_deform_attn/ms_deform_attn.h"
 #include "masked_attention/masked_attention.h"
 #include "point_loss/point_loss.h"
@@ -33,6 +34,7 @@ TORCH_LIBRARY_FRAGMENT(m2f_kernels_C, m) {
       "point_mask_loss_bwd(Tensor grad_bce, Tensor grad_dice, Tensor pred, Tensor target, Tensor coords, "
       "float num_masks, Tensor? batch_index, Tensor? query_index) -> Tensor");
   m.def("pairwise_mask_cost(Tensor pred, Tensor target, Tensor coords) -> (Tensor, Tensor)");
+  m.def("linear_sum_assignment(Tensor cost, Tensor num_targets) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(m2f_kernels_C, CUDA, m) {
@@ -46,6 +48,7 @@ TORCH_LIBRARY_IMPL(m2f_kernels_C, CUDA, m) {
   m.impl("point_mask_loss_fwd", &m2f_kernels::point_mask_loss_fwd);
   m.impl("point_mask_loss_bwd", &m2f_kernels::point_mask_loss_bwd);
   m.impl("pairwise_mask_cost", &m2f_kernels::pairwise_mask_cost);
+  m.impl("linear_sum_assignment", &m2f_kernels::linear_sum_assignment);
 }
 
 #ifdef TORCH_EXTENSION_NAME
