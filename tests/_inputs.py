@@ -293,6 +293,14 @@ def make_point_sample_inputs(n, channels, h, w, p, dtype, strided):
     return x, coords
 
 
+def point_sample_api(backend, x, coords, weights):
+    """(out, grad input) of the public op for the loss sum(out * weights)."""
+    x = x.detach().requires_grad_()
+    out = mk.point_sample(x, coords, backend=backend)
+    (grad,) = torch.autograd.grad((out.float() * weights).sum(), x)
+    return out.detach(), grad
+
+
 def _point_keys(points: torch.Tensor) -> torch.Tensor:
     """An int64 key per fp32 (x, y) point (its two bit patterns)."""
     bits = points.float().contiguous().view(torch.int32).long()
@@ -345,6 +353,27 @@ def make_indexed_logits(dtype, layout: str, index_dtype=torch.int64):
     bidx = torch.tensor([1, 0, 1, 1, 0], device=DEVICE, dtype=index_dtype)
     qidx = torch.tensor([3, 2, 0, 3, 1], device=DEVICE, dtype=index_dtype)
     return logits, bidx, qidx
+
+
+def uncertain_points_indexed_vs_copied(backend_module, dtype, layout, index_dtype=torch.int64):
+    """A backend's indexed importance sampling against the same backend on the gathered copy
+    (bit for bit), both with fresh draws and torch.empty poisoned; returns (points, the
+    gathered logits, candidates, random points, k) for further checks."""
+    logits, bidx, qidx = make_indexed_logits(dtype, layout, index_dtype)
+    n, points = bidx.shape[0], 16
+    s, k = 3 * points, int(0.75 * points)
+    candidates = torch.rand(n, s, 2, device=DEVICE)
+    candidates[1] = candidates[3] = candidates[0]  # rows 0 and 3 read the same mask, row 1 another
+    random = torch.rand(n, points - k, 2, device=DEVICE)
+    copied = logits[bidx, qidx]
+    with poisoned_empty():
+        out = backend_module.uncertain_point_coords(logits, candidates, random, k, bidx, qidx)
+        expected = backend_module.uncertain_point_coords(copied, candidates, random, k)
+    assert out.shape == expected.shape == (n, points, 2) and out.dtype == expected.dtype and out.is_contiguous()
+    assert torch.equal(out, expected), "the indexed form must equal the form on the gathered copy"
+    # not vacuous: on the same candidates, the repeated pair gets the same points, another mask others
+    assert torch.equal(out[0, :k], out[3, :k]) and not torch.equal(out[0, :k], out[1, :k])
+    return out, copied, candidates, random, k
 
 
 def make_loss_inputs(dtype, form, n, p, pred_hw=(10, 12), target_hw=None, target_kind="bool"):
