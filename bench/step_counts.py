@@ -66,7 +66,8 @@ def _caller() -> str:
     """file:line of the first frame outside torch and this module."""
     for frame in reversed(traceback.extract_stack()[:-3]):
         if "/torch/" not in frame.filename and not frame.filename.endswith("step_counts.py"):
-            return f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+            parts = frame.filename.replace("\\", "/").split("/")
+            return f"{'/'.join(parts[-2:])}:{frame.lineno}"
     return "?"
 
 

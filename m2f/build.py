@@ -45,6 +45,7 @@ class Overrides:
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
     deep_supervision: bool = True
+    max_targets: Optional[int] = None  # target slots per image in the fused criterion (None: the batch's most)
     # input
     size_divisibility: int = 32
     pixel_mean: Tuple[float, ...] = (123.675, 116.280, 103.530)
@@ -115,7 +116,7 @@ def build_model(backbone: str = "resnet50", num_classes: int = 133, num_queries:
     model = Mask2Former(body, MaskFormerHead(pixel_decoder, predictor, num_classes), criterion,
                         num_queries=num_queries, size_divisibility=cfg.size_divisibility,
                         pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
-                        deep_supervision=cfg.deep_supervision)
+                        deep_supervision=cfg.deep_supervision, max_targets=cfg.max_targets)
     return set_kernels(model, kernels)
 
 

@@ -4,13 +4,22 @@ Losses per prediction (final and every auxiliary one): cross-entropy over K+1 cl
 with the no-object class weighted ``eos_coef``; sigmoid BCE and dice on the matched
 masks. ``mask_loss='point'`` (official) computes the mask losses on ``num_points``
 importance-sampled points per mask; ``'full'`` on whole masks, predictions bilinearly
-upsampled to the target resolution. With ``kernels='fused'`` the point sampling and
-the point losses run in m2f_kernels (``uncertain_point_coords``, ``point_mask_loss``
-straight on [B, Q, H, W] with the matched indices); the random draws are identical.
+upsampled to the target resolution.
+
+With ``kernels='fused'`` and ``mask_loss='point'`` the criterion works in static shapes
+(:class:`~m2f.targets.PaddedTargets`, list targets are padded first) and never leaves the
+device: the matcher's [B, Q, T] costs of every prediction are solved in one
+``m2f_kernels.linear_sum_assignment`` call, the matched pairs are fixed-size index tensors
+with a validity mask (padding and unmatched slots weigh 0 in ``point_mask_loss``),
+``num_masks`` stays a tensor, and the point sampling and losses read [B, Q, H, W] in place
+(``uncertain_point_coords``, ``point_mask_loss`` with ``pred_index``). No ``.item()``,
+``nonzero`` or data-dependent shape: the step can be compiled or captured in a CUDA graph.
+The losses equal the official path's for the same points and assignment; the random draws
+come in another order (all matcher points first), so a seeded run differs from it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -23,6 +32,7 @@ from .kernels import KernelSwitch
 from .losses import dice_loss, sigmoid_ce_loss
 from .matcher import MASK_LOSSES, HungarianMatcher
 from .point_features import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
+from .targets import PaddedTargets, pad_targets
 
 
 class SetCriterion(KernelSwitch, nn.Module):
@@ -60,16 +70,6 @@ class SetCriterion(KernelSwitch, nn.Module):
     def loss_masks(self, outputs, targets, indices, num_masks, generator=None):
         pred_masks = outputs["pred_masks"]
         b_idx, q_idx = (i.to(pred_masks.device) for i in _src_permutation_idx(indices))
-        if self.fused and self.mask_loss == "point":
-            target_masks = torch.cat([t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)])
-            with torch.no_grad():
-                point_coords = m2f_kernels.uncertain_point_coords(
-                    pred_masks.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio,
-                    generator, pred_index=(b_idx, q_idx))
-            loss_bce, loss_dice = m2f_kernels.point_mask_loss(pred_masks, target_masks, point_coords, num_masks,
-                                                              pred_index=(b_idx, q_idx))
-            return {"loss_mask": loss_bce, "loss_dice": loss_dice}
-
         src_masks = pred_masks[b_idx, q_idx]
         tgt_b, tgt_j = _tgt_permutation_idx(indices)
         target_masks = _padded_stack([t["masks"] for t in targets]).to(src_masks)[tgt_b, tgt_j]
@@ -79,14 +79,24 @@ class SetCriterion(KernelSwitch, nn.Module):
             tgt = target_masks.flatten(1)
             return {"loss_mask": sigmoid_ce_loss(src, tgt, num_masks), "loss_dice": dice_loss(src, tgt, num_masks)}
         src_masks, target_masks = src_masks[:, None], target_masks[:, None]
+        point_coords = self.sample_points(pred_masks, (b_idx, q_idx), generator)
         with torch.no_grad():
-            point_coords = get_uncertain_point_coords_with_randomness(
-                src_masks, calculate_uncertainty, self.num_points, self.oversample_ratio,
-                self.importance_sample_ratio, generator)
             point_labels = point_sample(target_masks, point_coords, align_corners=False).squeeze(1)
         point_logits = point_sample(src_masks, point_coords, align_corners=False).squeeze(1)
         return {"loss_mask": sigmoid_ce_loss(point_logits, point_labels, num_masks),
                 "loss_dice": dice_loss(point_logits, point_labels, num_masks)}
+
+    @torch.no_grad()
+    def sample_points(self, pred_masks: torch.Tensor, index, generator=None) -> torch.Tensor:
+        """[N, num_points, 2]: the official importance sampling of points for the matched masks
+        ``pred_masks[index]`` (``index`` = (batch_index [N], query_index [N]))."""
+        if self.fused:
+            return m2f_kernels.uncertain_point_coords(
+                pred_masks.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio,
+                generator, pred_index=index)
+        return get_uncertain_point_coords_with_randomness(
+            pred_masks[index][:, None], calculate_uncertainty, self.num_points, self.oversample_ratio,
+            self.importance_sample_ratio, generator)
 
     def _losses(self, outputs, targets, num_masks, generator):
         indices = self.matcher(outputs, targets, generator)
@@ -94,25 +104,80 @@ class SetCriterion(KernelSwitch, nn.Module):
         losses.update(self.loss_masks(outputs, targets, indices, num_masks, generator))
         return losses
 
-    def forward(self, outputs: Dict, targets: List[Dict],
+    @property
+    def static(self) -> bool:
+        """True where the criterion runs in static shapes (fused point losses)."""
+        return self.fused and self.mask_loss == "point"
+
+    def forward(self, outputs: Dict, targets: Union[List[Dict], PaddedTargets],
                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        if self.static:
+            if not isinstance(targets, PaddedTargets):
+                targets = pad_targets(targets, _largest_mask_size(targets), device=outputs["pred_logits"].device)
+            return self._static_forward(outputs, targets, generator)
+        if isinstance(targets, PaddedTargets):
+            targets = targets.to_list()
         device = outputs["pred_logits"].device
-        num_masks = average_num_masks(sum(len(t["labels"]) for t in targets), device)
+        num_masks = average_num_masks(sum(len(t["labels"]) for t in targets), device).item()
         final = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         losses = self._losses(final, targets, num_masks, generator)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._losses(aux, targets, num_masks, generator).items()})
         return losses
 
+    # --- static shapes (kernels='fused', mask_loss='point') -----------------------------------
 
-def average_num_masks(local: int, device) -> float:
-    """The number of target masks averaged over processes (when torch.distributed is up), at least 1."""
-    num_masks = torch.as_tensor([local], dtype=torch.float, device=device)
+    def _static_forward(self, outputs: Dict, targets: PaddedTargets, generator) -> Dict[str, torch.Tensor]:
+        predictions = [outputs] + list(outputs.get("aux_outputs", []))
+        batch, slots = targets.labels.shape
+        num_masks = average_num_masks(targets.num_targets.sum(), outputs["pred_logits"].device)
+        with torch.no_grad():
+            costs = torch.cat([self.matcher.cost_matrix(p, targets, generator) for p in predictions])
+            matched = m2f_kernels.linear_sum_assignment(costs, targets.num_targets.repeat(len(predictions)))
+        matched = matched.view(len(predictions), batch, slots)
+        valid = targets.valid()
+        losses = {}
+        for i, prediction in enumerate(predictions):
+            suffix = "" if i == 0 else f"_{i - 1}"
+            for k, v in self._static_losses(prediction, targets, matched[i], valid, num_masks, generator).items():
+                losses[k + suffix] = v
+        return losses
+
+    def _static_losses(self, outputs: Dict, targets: PaddedTargets, query: torch.Tensor, valid: torch.Tensor,
+                       num_masks: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
+        """Losses of one prediction; ``query`` [B, T] the query matched to each slot (-1: none)."""
+        logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+        batch, num_queries = logits.shape[:2]
+        slots = query.shape[1]
+        pairs = valid & (query >= 0)  # [B, T]
+        # class targets: matched queries get their target's label; the rest (and the writes of
+        # unmatched slots, sent to a spare column Q) the no-object class
+        target_classes = torch.full((batch, num_queries + 1), self.num_classes, dtype=torch.int64,
+                                    device=logits.device)
+        target_classes.scatter_(1, torch.where(pairs, query, num_queries),
+                                torch.where(pairs, targets.labels, self.num_classes))
+        loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes[:, :num_queries], self.empty_weight)
+        index = (torch.arange(batch, device=query.device).repeat_interleave(slots), query.clamp(min=0).reshape(-1))
+        target_masks = targets.masks.flatten(0, 1)
+        point_coords = self.sample_points(pred_masks, index, generator)
+        loss_bce, loss_dice = m2f_kernels.point_mask_loss(pred_masks, target_masks, point_coords, num_masks,
+                                                          pred_index=index, mask_weight=pairs.reshape(-1).float())
+        return {"loss_ce": loss_ce, "loss_mask": loss_bce, "loss_dice": loss_dice}
+
+
+def average_num_masks(local, device) -> torch.Tensor:
+    """The number of target masks averaged over processes (when torch.distributed is up), at
+    least 1, as a 0-dim float tensor on ``device`` (``local``: a number or a tensor)."""
+    num_masks = torch.as_tensor(local, dtype=torch.float, device=device).reshape(1)
     world = 1
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(num_masks)
         world = dist.get_world_size()
-    return torch.clamp(num_masks / world, min=1).item()
+    return torch.clamp(num_masks / world, min=1)[0]
+
+
+def _largest_mask_size(targets: List[Dict]):
+    return max(t["masks"].shape[-2] for t in targets), max(t["masks"].shape[-1] for t in targets)
 
 
 def _src_permutation_idx(indices):

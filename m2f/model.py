@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .criterion import SetCriterion
+from .targets import PaddedTargets, pad_targets
 from .kernels import get_kernels, set_kernels
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
@@ -32,8 +33,11 @@ class Mask2Former(nn.Module):
     """Normalise, pad to ``size_divisibility``, backbone, head; losses in training.
 
     forward(images [B, 3, H, W] float RGB in 0..255, targets=None, *, generator=None):
-      - training: targets is a list of dict(labels int64 [T], masks bool [T, H, W]);
-        returns the weighted losses (their sum is the total loss). ``generator`` drives
+      - training: targets is a list of dict(labels int64 [T], masks bool [T, H, W]), or
+        :class:`~m2f.targets.PaddedTargets` (masks at the padded size, see
+        :meth:`pad_targets`); returns the weighted losses (their sum is the total loss).
+        The fused criterion pads list targets to ``max_targets`` slots per image (None: the
+        batch's largest count; a fixed value gives every step the same shapes). ``generator`` drives
         the matcher's and the loss's random points (same draws in both kernel modes).
       - eval: {"pred_logits": [B, Q, K+1], "pred_masks": [B, Q, H'/4, W'/4]} with H', W'
         the padded size (H, W when they are multiples of ``size_divisibility``).
@@ -42,7 +46,8 @@ class Mask2Former(nn.Module):
     def __init__(self, backbone: nn.Module, sem_seg_head: MaskFormerHead, criterion: SetCriterion, *,
                  num_queries: int, size_divisibility: int = 32,
                  pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
-                 pixel_std: Sequence[float] = (58.395, 57.120, 57.375), deep_supervision: bool = True):
+                 pixel_std: Sequence[float] = (58.395, 57.120, 57.375), deep_supervision: bool = True,
+                 max_targets: Optional[int] = None):
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
@@ -50,6 +55,7 @@ class Mask2Former(nn.Module):
         self.num_queries = num_queries
         self.size_divisibility = size_divisibility
         self.deep_supervision = deep_supervision
+        self.max_targets = max_targets
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
 
@@ -81,13 +87,28 @@ class Mask2Former(nn.Module):
             return {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}
         if targets is None:
             raise ValueError("training mode needs targets (list of dict(labels=[T], masks=[T, H, W]))")
-        if len(targets) != images.shape[0]:
-            raise ValueError(f"got {len(targets)} targets for a batch of {images.shape[0]} images")
+        count = targets.labels.shape[0] if isinstance(targets, PaddedTargets) else len(targets)
+        if count != images.shape[0]:
+            raise ValueError(f"got {count} targets for a batch of {images.shape[0]} images")
         if not self.deep_supervision:
             outputs.pop("aux_outputs")
-        losses = self.criterion(outputs, self.prepare_targets(targets, x.shape[-2:]), generator)
+        if isinstance(targets, PaddedTargets):
+            if tuple(targets.masks.shape[-2:]) != tuple(x.shape[-2:]):
+                raise ValueError(f"padded target masks are {tuple(targets.masks.shape[-2:])}, the padded images "
+                                 f"{tuple(x.shape[-2:])}: pad them with Mask2Former.pad_targets")
+        elif self.criterion.static:
+            targets = self.pad_targets(targets, x.shape[-2:], self.max_targets)
+        else:
+            targets = self.prepare_targets(targets, x.shape[-2:])
+        losses = self.criterion(outputs, targets, generator)
         weights = self.criterion.weight_dict
         return {k: v * weights[k] for k, v in losses.items() if k in weights}
+
+    @staticmethod
+    def pad_targets(targets: List[Dict], padded_size, max_targets: Optional[int] = None) -> PaddedTargets:
+        """Per-image targets as :class:`~m2f.targets.PaddedTargets`, masks zero-padded to the
+        padded image size (see :func:`m2f.targets.pad_targets`)."""
+        return pad_targets(targets, padded_size, max_targets)
 
     @staticmethod
     def prepare_targets(targets: List[Dict], padded_size) -> List[Dict]:

@@ -82,6 +82,21 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
+        self._level_cache: Dict = {}
+
+    def _level_index(self, shapes: List[Tuple[int, int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device``, built once per
+        layout and reused: the op checks a pair it has seen without reading it again (a host
+        sync on the GPU), and a CUDA graph replays with the same tensors."""
+        key = (tuple(shapes), str(device))
+        cached = None if torch.compiler.is_compiling() else self._level_cache.get(key)
+        if cached is None:
+            sizes = [hh * ww for hh, ww in shapes]
+            cached = (torch.tensor(shapes, dtype=torch.long).to(device),
+                      torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long).to(device))
+            if not torch.compiler.is_compiling():
+                self._level_cache[key] = cached
+        return cached
 
     def forward(self, srcs: List[torch.Tensor], pos_embeds: List[torch.Tensor]):
         """srcs/pos_embeds: per level [B, C, H_l, W_l] -> (memory [B, S, C], shapes list)."""
@@ -90,8 +105,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         pos_flatten = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)], 1
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src_flatten.device)
-        level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        spatial_shapes, level_start_index = self._level_index(shapes, src_flatten.device)
         memory = self.encoder(src_flatten, spatial_shapes, level_start_index, pos_flatten, shapes)
         return memory, shapes
 

@@ -215,9 +215,10 @@ def limits(backend: str, op: str) -> Optional[Limit]:
     return None if module is None else getattr(module, "LIMITS", {}).get(op)
 
 
-def limit_reason(backend: str, op: str, args: tuple) -> Optional[str]:
-    """Why ``backend`` cannot run ``op`` on these arguments although it runs the op, or None."""
-    limit = limits(backend, op)
+def limit_reason(backend: str, op: str, args: tuple, limit: Optional[Limit] = None) -> Optional[str]:
+    """Why ``backend`` cannot run ``op`` on these arguments (the custom op's, without
+    ``backend``) although it runs the op, or None. ``limit``: its :class:`Limit`, if known."""
+    limit = limits(backend, op) if limit is None else limit
     if limit is None:
         return None
     reason = limit.reason(*args)
@@ -241,25 +242,11 @@ def candidates(op: str, device: torch.device, dtype: torch.dtype, backend: Optio
     return tuple(c for c in auto_order(op, dtype) if c == "reference" or why_not(c, op, device, dtype) is None)
 
 
-def first_within_limits(op: str, chosen: tuple, args: tuple) -> str:
-    """The first of ``chosen`` (from :func:`candidates`) whose :class:`Limit` on ``op`` these
-    arguments (the custom op's, without ``backend``) keep; raises when none does."""
-    reasons = []
-    for candidate in chosen:
-        reason = limit_reason(candidate, op, args)
-        if reason is None:
-            return candidate
-        reasons.append(reason)
-    raise BackendUnavailableError(f"m2f_kernels.{op}: {'; '.join(reasons)}")
-
-
-def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
-            args: Optional[tuple] = None) -> str:
-    """The concrete backend that runs ``op``; with ``args`` (the custom op's arguments without
-    ``backend``) the backends' :class:`Limit` checks apply too: 'auto' passes over a backend
-    whose limit the arguments exceed, an explicit backend raises."""
-    chosen = candidates(op, device, dtype, backend)
-    return chosen[0] if args is None else first_within_limits(op, chosen, args)
+def resolve(op: str, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None) -> str:
+    """The concrete backend that runs ``op`` on ``device`` with floating inputs of ``dtype``
+    (before the backends' :class:`Limit` checks, which need the arguments: see
+    ``m2f_kernels.ops._define.Op.choose_backend``)."""
+    return candidates(op, device, dtype, backend)[0]
 
 
 _functions: dict = {}  # (backend, op, kind) -> function

@@ -83,7 +83,7 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     # the stamp names the exact objects, their versions (in-place edits bump them) and S.
     # The pixel decoder passes one pair to all its layers: one check per forward, not six.
     stamp = (id(level_start_index), level_start_index._version, spatial_shapes._version, value.shape[1])
-    if getattr(spatial_shapes, "_m2f_kernels_checked", None) == stamp:
+    if getattr(spatial_shapes, "_m2f_kernels_checked", (None,))[0] == stamp:
         return
     shapes = spatial_shapes.tolist()
     if any(hh < 1 or ww < 1 for hh, ww in shapes):
@@ -98,7 +98,16 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
         raise ValueError(
             f"value.shape[1] (S) must equal sum of H_l*W_l over spatial_shapes = {sum(sizes)}, got shape {tuple(value.shape)}"
         )
-    spatial_shapes._m2f_kernels_checked = stamp
+    spatial_shapes._m2f_kernels_checked = (stamp, [tuple(hw) for hw in shapes])
+
+
+def level_shapes(spatial_shapes: torch.Tensor) -> list:
+    """[(H_l, W_l)] as Python ints: the list :func:`spatial_layout` read when it checked this
+    tensor (unedited since), else read now (a host sync for a device tensor)."""
+    checked = getattr(spatial_shapes, "_m2f_kernels_checked", None)
+    if checked is not None and checked[0][2] == spatial_shapes._version:
+        return checked[1]
+    return [(int(hh), int(ww)) for hh, ww in spatial_shapes.tolist()]
 
 
 def check_pred_index(pred_name: str, pred: torch.Tensor, pred_index, form: str,

@@ -10,6 +10,8 @@ from m2f.criterion import SetCriterion, average_num_masks
 from m2f.matcher import HungarianMatcher
 from m2f.testing import random_targets, rel_error
 
+from ._same_points import same_points  # noqa: F401  (fixture)
+
 KERNELS = ["reference", "fused"]
 
 
@@ -81,7 +83,7 @@ def test_uniform_point_loss_estimates_the_full_mask_loss(kernels):
         assert rel_error(point[k], full[k]) < 2e-2, (k, point[k].item(), full[k].item())
 
 
-def test_reference_and_fused_criterion_agree_with_an_empty_image():
+def test_reference_and_fused_criterion_agree_with_an_empty_image(same_points):
     num_queries, num_classes = 5, 4
     targets = random_targets(3, num_classes, 32, 32, min_targets=1, max_targets=3)
     targets[1] = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 32, 32, dtype=torch.bool)}

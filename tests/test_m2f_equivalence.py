@@ -1,9 +1,9 @@
-"""Reference vs fused Mask2Former on identical weights and inputs (issue 6).
+"""Reference vs fused Mask2Former on identical weights and inputs.
 
-One model, one set of inputs, one seed for the random points: the run with
-``kernels='reference'`` (the official code path) and the run with ``kernels='fused'``
-(m2f_kernels ops) must give the same class logits, masks, weighted losses and parameter
-gradients. On the CPU the fused ops fall back to the reference backend (and, where the
+One model, one set of inputs, the same random points (``same_points``: the two criteria
+draw in different orders): the run with ``kernels='reference'`` (the official code path)
+and the run with ``kernels='fused'`` (m2f_kernels ops, static-shape criterion) must give
+the same class logits, masks, weighted losses and parameter gradients. On the CPU the fused ops fall back to the reference backend (and, where the
 Triton kernels exist, are also run through the Triton interpreter one op at a time);
 on a GPU the same comparison runs at the standard full size. Inputs are fresh every
 run; failure messages carry the seed.
@@ -21,9 +21,11 @@ from bench.measure import no_tf32
 from m2f import build_model
 from m2f.backbone import calibrate_frozen_bn
 from m2f.testing import TINY, jitter_deformable_init, random_images, random_targets
+from ._same_points import same_points  # noqa: F401  (fixture)
 from .conftest import ON_GPU, TF32_TOLERANCE, TOLERANCE, rel_err, requires_gpu, requires_triton
 
-FUSED_OPS = ("masked_attention", "ms_deform_attn", "uncertain_point_coords", "point_mask_loss", "pairwise_mask_cost")
+FUSED_OPS = ("masked_attention", "ms_deform_attn", "uncertain_point_coords", "point_mask_loss", "pairwise_mask_cost",
+             "linear_sum_assignment")
 
 
 def fresh_seed() -> int:
@@ -104,7 +106,7 @@ def compare(ref, fused, tol, seed, label="", grad_tol=None):
 
 
 @pytest.mark.parametrize("mask_loss", ["point", "full"])
-def test_reference_and_fused_agree_cpu(mask_loss):
+def test_reference_and_fused_agree_cpu(mask_loss, same_points):
     seed = fresh_seed()
     model, images, targets = make_case(seed, mask_loss=mask_loss)
     ref = run(model, "reference", images, targets, seed)
@@ -133,6 +135,7 @@ def test_fused_mode_calls_every_fused_op_and_reference_none(monkeypatch):
     # train + eval forward each run the decoder and encoder once
     assert calls["masked_attention"] == 2 * dec and calls["ms_deform_attn"] == 2 * enc, calls
     assert calls["pairwise_mask_cost"] == preds * images.shape[0], calls
+    assert calls["linear_sum_assignment"] == 1, calls  # every prediction and image in one call
     assert calls["uncertain_point_coords"] == preds and calls["point_mask_loss"] == preds, calls
 
 
@@ -174,7 +177,7 @@ def _triton_implements(op: str) -> bool:
 
 @requires_triton
 @pytest.mark.parametrize("op", FUSED_OPS)
-def test_fused_with_one_triton_op_agrees(op, monkeypatch):
+def test_fused_with_one_triton_op_agrees(op, monkeypatch, same_points):
     """Each op the Triton backend implements, alone on Triton inside the tiny model."""
     if not _triton_implements(op):
         pytest.skip(f"the triton backend does not implement {op} yet")
@@ -191,7 +194,7 @@ def test_fused_with_one_triton_op_agrees(op, monkeypatch):
 
 
 @requires_triton
-def test_fused_all_on_triton_agrees():
+def test_fused_all_on_triton_agrees(same_points):
     """The whole fused path under ``m2f_kernels.use_backend('triton')``."""
     missing = [op for op in FUSED_OPS if not _triton_implements(op)]
     if missing:
@@ -222,7 +225,7 @@ def _full_size_case(seed, backbone="resnet50"):
 
 
 @requires_gpu
-def test_reference_and_fused_agree_full_size_gpu():
+def test_reference_and_fused_agree_full_size_gpu(same_points):
     seed = fresh_seed()
     model, images, targets = _full_size_case(seed)
     with no_tf32():

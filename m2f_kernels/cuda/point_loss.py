@@ -14,6 +14,15 @@ from typing import Optional
 
 import torch
 
+from .._dispatch import Limit
+
+
+def _weight_reason(pred, target, coords, num_masks, batch_index, query_index, weight):
+    return None if weight is None else "got mask_weight (or a tensor num_masks)"
+
+
+LIMITS = {"point_mask_loss": Limit("no per-mask weights", _weight_reason)}
+
 
 def _check_device(op: str, ref: torch.Tensor, **tensors) -> None:
     if ref.device.type != "cuda":
@@ -69,7 +78,8 @@ def uncertain_point_coords(logits, candidates, random, num_uncertain: int,
 
 def point_mask_loss_fwd(pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
-                        query_index: Optional[torch.Tensor] = None):
+                        query_index: Optional[torch.Tensor] = None,
+                        weight: Optional[torch.Tensor] = None):
     """(loss_bce, loss_dice): 0-dim tensors in pred.dtype.
 
     pred [N, Hp, Wp], or [B, Q, Hp, Wp] with batch_index / query_index [N]; target
@@ -83,7 +93,8 @@ def point_mask_loss_fwd(pred, target, coords, num_masks: float,
 
 def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
-                        query_index: Optional[torch.Tensor] = None):
+                        query_index: Optional[torch.Tensor] = None,
+                        weight: Optional[torch.Tensor] = None):
     """grad_pred shaped like pred (contiguous, pred.dtype; zero where no point of a matched mask landed)."""
     _check_device("point_mask_loss", pred, target=target, coords=coords)
     return torch.ops.m2f_kernels_C.point_mask_loss_bwd(

@@ -66,6 +66,9 @@ class Op:
         self._eager = eager
         self.argnames = argnames
         self._dispatch_arg = dispatch_arg
+        # {backend: its Limit or None}, filled by _choose for every candidate it returns: read
+        # here rather than through dispatch so that torch.compile traces no module lookup
+        self.limits: Dict[str, Optional[_dispatch.Limit]] = {}
 
     def choose_backend(self, args: tuple, backend: Optional[str]) -> str:
         """The concrete backend for these arguments (``backend`` None: the current default).
@@ -75,7 +78,14 @@ class Op:
         """
         tensor = args[self._dispatch_arg]
         chosen = _choose(self.name, backend, str(tensor.device), str(tensor.dtype).replace("torch.", ""))
-        return _dispatch.first_within_limits(self.name, chosen, args)
+        reasons = []
+        for candidate in chosen:
+            limit = self.limits.get(candidate)
+            reason = None if limit is None else _dispatch.limit_reason(candidate, self.name, args, limit)
+            if reason is None:
+                return candidate
+            reasons.append(reason)
+        raise _dispatch.BackendUnavailableError(f"m2f_kernels.{self.name}: {'; '.join(reasons)}")
 
     def __call__(self, *args, backend: Optional[str] = None):
         args = (*args, self.choose_backend(args, backend))
@@ -148,7 +158,12 @@ def implementation(backend: str, op: str, kind: str):
 
 @torch._dynamo.assume_constant_result
 def _choose(op: str, backend: Optional[str], device: str, dtype: str) -> tuple:
-    return _dispatch.candidates(op, torch.device(device), getattr(torch, dtype), backend)
+    chosen = _dispatch.candidates(op, torch.device(device), getattr(torch, dtype), backend)
+    limits = OPS[op].limits
+    for candidate in chosen:
+        if candidate not in limits:
+            limits[candidate] = _dispatch.limits(candidate, op)
+    return chosen
 
 
 # --- the eager fast path ----------------------------------------------------------------------

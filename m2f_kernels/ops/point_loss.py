@@ -9,7 +9,7 @@ point_sample's input runs in its own dtype too.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -149,33 +149,33 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
 
 
 def _point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float,
-                     batch_index: Optional[Tensor], query_index: Optional[Tensor],
+                     batch_index: Optional[Tensor], query_index: Optional[Tensor], weight: Optional[Tensor],
                      backend: str) -> tuple[Tensor, Tensor]:
     """(loss_bce, loss_dice), 0-dim in pred's dtype."""
     if target.shape[0] == 0:
         return pred.new_zeros(()), pred.new_zeros(())
     return implementation(backend, "point_mask_loss", "fwd")(
-        pred, target, coords, num_masks, batch_index, query_index
+        pred, target, coords, num_masks, batch_index, query_index, weight
     )
 
 
-def _point_mask_loss_fake(pred, target, coords, num_masks, batch_index, query_index, backend):
+def _point_mask_loss_fake(pred, target, coords, num_masks, batch_index, query_index, weight, backend):
     return pred.new_empty(()), pred.new_empty(())
 
 
 def _point_mask_loss_bwd(grad_bce: Tensor, grad_dice: Tensor, pred: Tensor, target: Tensor, coords: Tensor,
                          num_masks: float, batch_index: Optional[Tensor], query_index: Optional[Tensor],
-                         backend: str) -> Tensor:
+                         weight: Optional[Tensor], backend: str) -> Tensor:
     """grad_pred, shaped like pred."""
     if target.shape[0] == 0:
         return pred.new_zeros(pred.shape)
     return implementation(backend, "point_mask_loss", "bwd")(
-        grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index
+        grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index, weight
     )
 
 
 def _point_mask_loss_bwd_fake(grad_bce, grad_dice, pred, target, coords, num_masks, batch_index, query_index,
-                              backend):
+                              weight, backend):
     return pred.new_empty(pred.shape)
 
 
@@ -184,15 +184,15 @@ POINT_MASK_LOSS = define_op(
     module="point_loss", functions={"fwd": "point_mask_loss_fwd", "bwd": "point_mask_loss_bwd"},
     backward=Backward(_point_mask_loss_bwd, _point_mask_loss_bwd_fake,
                       args=lambda grads, x, _: (*grads, x.pred, x.target, x.coords, x.num_masks, x.batch_index,
-                                                x.query_index),
-                      differentiable=("pred",), refuse_grad=("target", "coords")),
-    autocast={"coords": FP32}, fp32_outputs=True,
+                                                x.query_index, x.weight),
+                      differentiable=("pred",), refuse_grad=("target", "coords", "weight")),
+    autocast={"coords": FP32, "weight": FP32}, fp32_outputs=True,
     auto_order_cuda={"fp32": CUDA_FIRST},
 )
 
 
-def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float, *,
-                    pred_index: Optional[Sequence[Tensor]] = None,
+def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: Union[float, Tensor], *,
+                    pred_index: Optional[Sequence[Tensor]] = None, mask_weight: Optional[Tensor] = None,
                     backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
     """The official criterion's mask losses on sampled points.
 
@@ -205,9 +205,13 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
         pred: [N, Hp, Wp] mask logits, or [B, Q, Hp, Wp] with ``pred_index``.
         target: [N, Ht, Wt] bool, uint8 (0/1) or floating; any resolution.
         coords: [N, P, 2], (x, y) in [0, 1].
-        num_masks: the normaliser (a Python number, > 0).
+        num_masks: the normaliser: a Python number > 0, or a 0-dim floating tensor on
+            pred's device (> 0; not checked, as reading it would cost a host sync), which
+            stays on the device.
         pred_index: (batch_index [N], query_index [N]) picking the matched masks out of a
             4-D pred without copying them.
+        mask_weight: [N] floating, a factor per mask on both of its terms (0 drops a
+            padded slot of a static-shape batch); None: ones. Not differentiable.
     Returns:
         (loss_bce, loss_dice), 0-dim tensors in pred's dtype (float32 under autocast),
         differentiable in pred.
@@ -223,12 +227,27 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: flo
     check_dim("coords", coords, 0, n, "matched masks, as target")
     if coords.shape[1] < 1:
         raise ValueError(f"coords must hold at least one point per mask [N, P >= 1, 2], got shape {tuple(coords.shape)}")
+    if mask_weight is not None:
+        check_tensor("mask_weight", mask_weight, (1,), "[N]")
+        check_float("mask_weight", mask_weight)
+        check_dim("mask_weight", mask_weight, 0, n, "matched masks, as target")
+        check_same_device(("pred", "mask_weight"), (pred, mask_weight))
     if isinstance(num_masks, torch.Tensor):
-        raise TypeError("num_masks must be a Python number (call .item() once per step), got a tensor")
-    if not isinstance(num_masks, (int, float)) or not num_masks > 0:
-        raise ValueError(f"num_masks must be a number > 0, got {num_masks!r}")
+        if num_masks.dim() != 0 or not num_masks.is_floating_point():
+            raise TypeError(f"num_masks as a tensor must be 0-dim floating, got {num_masks.dtype} "
+                            f"of shape {tuple(num_masks.shape)}")
+        check_same_device(("pred", "num_masks"), (pred, num_masks))
+        # divided into the weights: the kernels take a host number, and this one stays on the device
+        scale = 1.0 / num_masks.detach().float()
+        mask_weight = scale.expand(n) if mask_weight is None else mask_weight.float() * scale
+        num_masks = 1.0
+    elif isinstance(num_masks, bool) or not isinstance(num_masks, (int, float)) or not num_masks > 0:
+        raise ValueError(f"num_masks must be a number > 0 or a 0-dim tensor, got {num_masks!r}")
+    if mask_weight is not None:
+        mask_weight = mask_weight.detach().to(torch.float32).contiguous()
     batch_index, query_index = (None, None) if pred_index is None else pred_index
-    return POINT_MASK_LOSS(pred, target, coords, float(num_masks), batch_index, query_index, backend=backend)
+    return POINT_MASK_LOSS(pred, target, coords, float(num_masks), batch_index, query_index, mask_weight,
+                           backend=backend)
 
 
 # --- pairwise_mask_cost ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .._validation import level_shapes
 from ._common import compute_dtype, grid_from_coords, grid_sample, grid_sample_backward
 
 
@@ -22,7 +23,7 @@ def _weights(attention_weights, softmax: bool, ct):
 def _levels(value, spatial_shapes, ct):
     """Per level: value as [B*H, D, H_l, W_l] in the compute dtype."""
     b, _, h, d = value.shape
-    shapes = [tuple(int(x) for x in hw) for hw in spatial_shapes.tolist()]
+    shapes = level_shapes(spatial_shapes)
     chunks = value.to(ct).split([hh * ww for hh, ww in shapes], dim=1)
     return shapes, [c.permute(0, 2, 3, 1).reshape(b * h, d, hh, ww) for c, (hh, ww) in zip(chunks, shapes)]
 

@@ -63,24 +63,29 @@ def _point_logits_labels(pred, target, coords, batch_index, query_index, ct):
 
 def point_mask_loss_fwd(pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
-                        query_index: Optional[torch.Tensor] = None):
+                        query_index: Optional[torch.Tensor] = None,
+                        weight: Optional[torch.Tensor] = None):
     """(loss_bce, loss_dice): 0-dim tensors in pred.dtype.
 
     BCE-with-logits averaged over points, summed over masks, over ``num_masks``;
     dice 1 - (2 sum(s t) + 1) / (sum(s) + sum(t) + 1) with s = sigmoid(logit),
-    summed over masks, over ``num_masks``.
+    summed over masks, over ``num_masks``. ``weight`` [N] float32 (None: ones) multiplies
+    each mask's two terms before the sums (0 drops a padded mask).
     """
     ct = compute_dtype(pred)
     x, t = _point_logits_labels(pred, target, coords, batch_index, query_index, ct)
-    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1).sum() / num_masks
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none").mean(1)
     s = x.sigmoid()
-    dice = (1 - (2 * (s * t).sum(-1) + 1) / (s.sum(-1) + t.sum(-1) + 1)).sum() / num_masks
-    return bce.to(pred.dtype), dice.to(pred.dtype)
+    dice = 1 - (2 * (s * t).sum(-1) + 1) / (s.sum(-1) + t.sum(-1) + 1)
+    if weight is not None:
+        bce, dice = bce * weight.to(ct), dice * weight.to(ct)
+    return (bce.sum() / num_masks).to(pred.dtype), (dice.sum() / num_masks).to(pred.dtype)
 
 
 def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
-                        query_index: Optional[torch.Tensor] = None):
+                        query_index: Optional[torch.Tensor] = None,
+                        weight: Optional[torch.Tensor] = None):
     """grad_pred, shaped like pred (zero where no point of a matched mask landed)."""
     ct = compute_dtype(pred)
     x, t = _point_logits_labels(pred, target, coords, batch_index, query_index, ct)
@@ -90,6 +95,8 @@ def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: fl
     d_bce = (s - t) / x.shape[1]
     d_dice = -(2 * t * den - num) / den.square() * s * (1 - s)
     gx = (grad_bce.to(ct) * d_bce + grad_dice.to(ct) * d_dice) / num_masks  # [N, P]
+    if weight is not None:
+        gx = gx * weight.to(ct)[:, None]
 
     selected = _selected(pred, batch_index, query_index).unsqueeze(1).to(ct)
     grid = grid_from_coords(coords.to(ct)).unsqueeze(2)

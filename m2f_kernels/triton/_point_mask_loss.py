@@ -72,10 +72,11 @@ def _mask_loss_stats_kernel(
 
 @triton.jit
 def _mask_loss_finish_kernel(
-    partial, out_bce, out_dice, N, NBLK, inv_p, inv_num_masks,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    partial, weight, out_bce, out_dice, N, NBLK, inv_p, inv_num_masks,
+    HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program: the two loss scalars (pred dtype) from the stats partials."""
+    """One program: the two loss scalars (pred dtype) from the stats partials; with
+    HAS_WEIGHT each mask's two terms are scaled by weight [N] fp32."""
     bce_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     dice_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     stride = N * NBLK
@@ -94,19 +95,25 @@ def _mask_loss_finish_kernel(
             st += tl.sum(tl.load(src + stride, mask=m, other=0.0), 1)
             ss += tl.sum(tl.load(src + 2 * stride, mask=m, other=0.0), 1)
             tt += tl.sum(tl.load(src + 3 * stride, mask=m, other=0.0), 1)
-        bce_acc += tl.where(rm, bce * inv_p, 0.0)
-        dice_acc += tl.where(rm, 1.0 - (2.0 * st + 1.0) / (ss + tt + 1.0), 0.0)
+        bce_n = bce * inv_p
+        dice_n = 1.0 - (2.0 * st + 1.0) / (ss + tt + 1.0)
+        if HAS_WEIGHT:
+            w = tl.load(weight + rows, mask=rm, other=0.0)
+            bce_n = bce_n * w
+            dice_n = dice_n * w
+        bce_acc += tl.where(rm, bce_n, 0.0)
+        dice_acc += tl.where(rm, dice_n, 0.0)
     tl.store(out_bce, (tl.sum(bce_acc, 0) * inv_num_masks).to(out_bce.dtype.element_ty))
     tl.store(out_dice, (tl.sum(dice_acc, 0) * inv_num_masks).to(out_dice.dtype.element_ty))
 
 
 @triton.jit
 def _mask_loss_grad_kernel(
-    pred, bidx, qidx, target, coords, partial, grad_bce, grad_dice, grad_pred,
+    pred, bidx, qidx, target, coords, partial, grad_bce, grad_dice, weight, grad_pred,
     N, P, NBLK, Hp, Wp, Ht, Wt,
     s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy,
     s_gb, s_gq, inv_p, inv_num_masks,
-    INDEXED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    INDEXED: tl.constexpr, HAS_WEIGHT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid (N, NBLK): recompute each point's dloss/dlogit and scatter it into grad_pred.
 
@@ -139,6 +146,8 @@ def _mask_loss_grad_kernel(
     gd = tl.load(grad_dice).to(tl.float32)
     d_dice = -(2.0 * t * den - num) / (den * den) * s * (1.0 - s)
     gx = (gb * (s - t) * inv_p + gd * d_dice) * inv_num_masks
+    if HAS_WEIGHT:
+        gx = gx * tl.load(weight + n)
     dst = grad_pred + _pred_base(bidx, qidx, n, s_gb, s_gq, INDEXED)
     _scatter(dst, Wp, 1, gx, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
 
@@ -178,25 +187,28 @@ def _mask_loss_launch(pred, target, coords, batch_index, query_index, config: Po
 
 def point_mask_loss_fwd(pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
-                        query_index: Optional[torch.Tensor] = None, *,
+                        query_index: Optional[torch.Tensor] = None,
+                        weight: Optional[torch.Tensor] = None, *,
                         config: "PointConfig | None" = None):
-    """(loss_bce, loss_dice): 0-dim tensors in pred.dtype (see the reference for the formulas).
-    ``config``: the launch configuration (None: :func:`point_mask_loss_config`)."""
+    """(loss_bce, loss_dice): 0-dim tensors in pred.dtype (see the reference for the formulas;
+    ``weight`` [N] fp32 scales each mask's terms). ``config``: the launch configuration
+    (None: :func:`point_mask_loss_config`)."""
     config = chosen(config, PointConfig, point_mask_loss_config, pred)
     partial, _ = _mask_loss_launch(pred, target, coords, batch_index, query_index, config)
     _, n, nblk = partial.shape
     loss_bce = torch.empty((), dtype=pred.dtype, device=pred.device)
     loss_dice = torch.empty((), dtype=pred.dtype, device=pred.device)
     _mask_loss_finish_kernel[(1,)](
-        partial, loss_bce, loss_dice, n, nblk, 1.0 / coords.shape[1], 1.0 / float(num_masks),
-        BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(nblk),
+        partial, partial if weight is None else weight, loss_bce, loss_dice, n, nblk, 1.0 / coords.shape[1],
+        1.0 / float(num_masks), HAS_WEIGHT=weight is not None, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(nblk),
     )
     return loss_bce, loss_dice
 
 
 def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
-                        query_index: Optional[torch.Tensor] = None, *,
+                        query_index: Optional[torch.Tensor] = None,
+                        weight: Optional[torch.Tensor] = None, *,
                         config: "PointConfig | None" = None):
     """grad_pred shaped like pred, in pred.dtype (zero where no point of a matched mask landed).
 
@@ -211,8 +223,9 @@ def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: fl
     grad = torch.zeros(pred.shape, dtype=torch.float32, device=pred.device)
     grad_strides = (grad.stride(0), grad.stride(1)) if indexed else (0, grad.stride(0))
     _mask_loss_grad_kernel[(n, nblk)](
-        *tensors, partial, grad_bce, grad_dice, grad, *sizes, *strides, *grad_strides,
-        1.0 / coords.shape[1], 1.0 / float(num_masks),
-        INDEXED=indexed, BLOCK_P=config.block_p, BLOCK_K=_block_k(nblk), num_warps=config.num_warps,
+        *tensors, partial, grad_bce, grad_dice, partial if weight is None else weight, grad, *sizes, *strides,
+        *grad_strides, 1.0 / coords.shape[1], 1.0 / float(num_masks),
+        INDEXED=indexed, HAS_WEIGHT=weight is not None, BLOCK_P=config.block_p, BLOCK_K=_block_k(nblk),
+        num_warps=config.num_warps,
     )
     return grad if pred.dtype == torch.float32 else grad.to(pred.dtype)
