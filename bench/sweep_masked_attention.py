@@ -45,7 +45,7 @@ QS, NS = (100, 200), (1024, 4096, 16384)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SWEEP_N = 16384
 
-# Rules overrides per (pass, dtype class); "default" is the rules in force. Variants that
+# MaskedAttentionRules overrides per (pass, dtype class); "default" is the rules in force. Variants that
 # only change programs_per_sm cost no compilation (the split size is a runtime argument).
 CANDIDATES = {
     ("fwd", "16bit"): {
