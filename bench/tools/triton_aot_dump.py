@@ -40,7 +40,7 @@ dump an older checkout):
 
 From Python (the repo root on sys.path): ``import bench.tools.triton_aot_dump as aot`` and
 ``aot.compile_launches(cases, archs, kernels=...)`` returns the index.json entries without
-writing files (tests/test_point_loss_triton.py checks the matcher's resources this way).
+writing files (tests/test_op_point_loss.py checks the matcher's resources this way).
 
 Runs with TRITON_INTERPRET unset (it is removed from the environment when the module is
 imported); a few minutes for the default cases on 2 CPU cores. Triton's cache is used as usual.

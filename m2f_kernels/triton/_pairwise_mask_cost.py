@@ -38,7 +38,7 @@ class PairwiseConfig:
 
 # Defaults per pred dtype; bench/sweep_point_loss.py times the alternatives. Every entry must
 # fit the shared memory of sm_80, sm_86 and sm_90 for every pred/target dtype
-# (tests/test_point_loss_triton.py checks the estimate, and a compile for sm_80 and sm_90).
+# (tests/test_op_point_loss.py checks the estimate, and a compile for sm_80 and sm_90).
 # The default compiles (real launch specialisation, fp32 pred, bool targets) to 149
 # registers on sm_90 (128 on sm_80), no spills, 10 KiB shared: on sm_90 one 8-warp program
 # per SM by registers, so the ~224 programs of the standard shape take two waves (a
@@ -63,7 +63,7 @@ def pairwise_smem_bytes(config: PairwiseConfig, pred_bytes: int, target_bytes: i
     (num_stages - 1) pipelined copies of the 4 gathered taps of the pred and target tiles,
     the fp32 operands of the two dots (two [BQ, BP] A tiles, and the [BP, BT] B tile, which
     tf32x3 stores twice; counted twice always), and 2 KiB of reduction scratch. Checked
-    against sm_80 and sm_90 compiles (tests/test_point_loss_triton.py); the old
+    against sm_80 and sm_90 compiles (tests/test_op_point_loss.py); the old
     (64, 32, 64, num_stages=3) config with fp32 pred and target compiles to 239616 bytes,
     the GPU run's OutOfResources number, and is estimated at 247808.
     """
