@@ -6,7 +6,7 @@
 A random-init ``Mask2FormerForUniversalSegmentation`` (no hub download) is built from a
 local config: ``--size real`` is facebook/mask2former-swin-small-coco-instance (Swin-S
 backbone, hidden 256, 100 queries, 6 encoder and 10 decoder layers, 12544 training points,
-80 classes), ``--size tiny`` the tiny model of the integration tests (m2f_kernels.integrations.hf_testing).
+80 classes), ``--size tiny`` the tiny model of the integration tests (bench/hf_testing.py).
 The batch is ``--batch`` images of random pixels with ``--masks`` random box instance
 masks each.
 
@@ -77,7 +77,7 @@ def missing_requirements() -> Optional[str]:
 
 def _helpers():
     """The shared HF model helpers (config, deformable-point perturbation, seeded step)."""
-    from m2f_kernels.integrations import hf_testing
+    from bench import hf_testing
 
     return hf_testing
 

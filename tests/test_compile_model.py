@@ -21,14 +21,14 @@ import m2f_kernels
 from .conftest import DEVICE, rel_err, requires_gpu
 
 m2f = pytest.importorskip("m2f", reason="the reference Mask2Former package m2f is not importable")
-from m2f.testing import TINY, random_images, random_targets  # noqa: E402
+from bench.m2f_testing import TINY, jitter_deformable_init, random_images, random_targets  # noqa: E402
 
 CPU_BACKEND = "aot_eager"
 
 
 def tiny_model(train: bool, **overrides):
     model = m2f.build_model("resnet18", kernels="fused", **dict(TINY, **overrides)).to(DEVICE)
-    m2f.testing.jitter_deformable_init(model)  # generic sampling points: unique location gradients
+    jitter_deformable_init(model)  # generic sampling points: unique location gradients
     return model.train(train)
 
 

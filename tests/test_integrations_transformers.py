@@ -27,7 +27,7 @@ pytest.importorskip("scipy", reason="HF's Mask2FormerLoss needs scipy")
 
 from m2f_kernels.compat import ms_deform_attn_core_pytorch  # noqa: E402
 from m2f_kernels.integrations import transformers as patch  # noqa: E402
-from m2f_kernels.integrations.hf_testing import (  # noqa: E402
+from bench.hf_testing import (  # noqa: E402
     generic_points, make_batch, make_config, random_boxes, train_step,
 )
 

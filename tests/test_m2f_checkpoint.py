@@ -15,7 +15,7 @@ from m2f import (
     save_official_checkpoint,
     to_official_state_dict,
 )
-from m2f.testing import TINY, random_images
+from bench.m2f_testing import TINY, random_images
 
 BN = ("weight", "bias", "running_mean", "running_var")
 # Names as they appear in the official Mask2Former checkpoints (model zoo .pkl files).

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from m2f.criterion import SetCriterion, average_num_masks
 from m2f.matcher import HungarianMatcher
-from m2f.testing import random_targets, rel_error
+from bench.m2f_testing import random_targets, rel_error
 
 from ._same_points import same_points  # noqa: F401  (fixture)
 

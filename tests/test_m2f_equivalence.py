@@ -20,7 +20,7 @@ import m2f_kernels
 from bench.measure import no_tf32
 from m2f import build_model
 from m2f.backbone import calibrate_frozen_bn
-from m2f.testing import TINY, jitter_deformable_init, random_images, random_targets
+from bench.m2f_testing import TINY, jitter_deformable_init, random_images, random_targets
 from ._same_points import same_points  # noqa: F401  (fixture)
 from .conftest import ON_GPU, TF32_TOLERANCE, TOLERANCE, rel_err, requires_gpu, requires_triton
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m2f import build_model
-from m2f.testing import TINY, random_images, random_targets
+from bench.m2f_testing import TINY, random_images, random_targets
 
 # Mask2Former paper (Tables 1-3): parameters of the standard models.
 PAPER_PARAMS = [

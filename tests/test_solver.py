@@ -14,7 +14,7 @@ from m2f import build_model
 from m2f.checkpoint import OptimizerStateMismatchError, load_optimizer_state
 from m2f.solver import (NO_DECAY_NAMES, NORM_TYPES, build_optimizer, build_scheduler, clip_gradients, current_lrs,
                         param_groups)
-from m2f.testing import TINY
+from bench.m2f_testing import TINY
 
 
 def tiny_model() -> nn.Module:

@@ -18,7 +18,7 @@ import m2f_kernels
 from bench.step_counts import DeviceOps, HostSyncs
 from m2f import build_model
 from m2f.solver import build_optimizer, clip_gradients
-from m2f.testing import TINY, random_images, random_targets
+from bench.m2f_testing import TINY, random_images, random_targets
 
 # Counted at 18a8be1 (before the static criterion and the grouped optimizer) with this
 # test's big configuration: 5917 non-view device ops and 68 host syncs per step.

@@ -1,6 +1,7 @@
 """Random-init HF Mask2Former models and seeded training steps, for comparing a model with and
 without :func:`m2f_kernels.integrations.transformers.apply_m2f_kernels_to_mask2former`
-(the integration tests and ``python -m bench.hf_mask2former``). Needs transformers.
+(the integration tests and ``python -m bench.hf_mask2former``). Needs transformers. Not
+installed (the repo's ``bench`` package); importing it sets HF_HUB_OFFLINE=1 unless set.
 """
 from __future__ import annotations
 

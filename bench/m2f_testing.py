@@ -1,4 +1,6 @@
-"""Helpers for tests and benchmarks: tiny configurations, random images and targets."""
+"""Helpers for the m2f model's tests and benchmarks: tiny configurations, random images and
+targets, a relative error, generic deformable sampling points. Not installed (the repo's
+``bench`` package); import it from the repo root as ``bench.m2f_testing``."""
 from __future__ import annotations
 
 from typing import Dict, List, Optional
@@ -56,7 +58,7 @@ def jitter_deformable_init(model: torch.nn.Module, std: float = 0.02) -> None:
     one-sided gradients. A trained model's points are generic; this makes a random model's
     points generic too.
     """
-    from .ms_deform_attn import MSDeformAttn
+    from m2f.ms_deform_attn import MSDeformAttn
 
     for m in model.modules():
         if isinstance(m, MSDeformAttn):
