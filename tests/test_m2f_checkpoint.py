@@ -1,4 +1,4 @@
-"""Weights from local files (issue 6): official Mask2Former checkpoints (detectron2 .pkl key
+"""Weights from local files: official Mask2Former checkpoints (detectron2 .pkl key
 names) and pretrained backbones (torchvision ResNet, official Swin)."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Matcher and criterion (issue 6): known assignments, point vs full mask losses, num_masks."""
+"""Matcher and criterion: known assignments, point vs full mask losses, num_masks."""
 from __future__ import annotations
 
 import pytest

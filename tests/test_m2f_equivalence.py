@@ -212,7 +212,7 @@ def test_fused_all_on_triton_agrees(same_points):
 
 # ----------------------------------------------------------------------------- GPU, full size
 def _full_size_case(seed, backbone="resnet50"):
-    """DESIGN.md standard: R50, batch 2, 1024x1024, 100 queries, 133 classes, 20-50 targets."""
+    """The docs/ops.md model shape: R50, batch 2, 1024x1024, 100 queries, 133 classes, 20-50 targets."""
     torch.manual_seed(seed)
     model = build_model(backbone, num_classes=133, num_queries=100).cuda()
     jitter_deformable_init(model)
@@ -235,9 +235,9 @@ def test_reference_and_fused_agree_full_size_gpu(same_points):
     # Gradients get 5e-3: the decoder thresholds mask logits at 0 to build the next layer's
     # attention mask, so the model is discontinuous there; at 1024^2 (100 queries x up to
     # 16384 keys x 9 layers) fp32 reassociation can flip mask bits near 0 and move later
-    # layers' gradients by O(1e-3). That is the likely cause of the first H200 run's 1.56e-3
-    # on decoder FFN 7 (outputs and losses within 1e-3, identical Hungarian matches); it
-    # has not been isolated on the GPU yet.
+    # layers' gradients by O(1e-3). An H200 run measured 1.56e-3 on decoder FFN 7 (outputs
+    # and losses within 1e-3, identical Hungarian matches), most likely from this; the cause
+    # is not isolated on a GPU.
     compare(ref, fused, TF32_TOLERANCE, seed, "gpu full size R50 1024^2", grad_tol=5e-3)
 
 

@@ -1,4 +1,4 @@
-"""Post-processing (issue 6) on hand-built predictions with known answers."""
+"""Post-processing on hand-built predictions with known answers."""
 from __future__ import annotations
 
 import math

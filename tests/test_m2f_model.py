@@ -1,4 +1,4 @@
-"""The reference Mask2Former (issue 6): configurations, parameter counts, shapes, losses."""
+"""The reference Mask2Former: configurations, parameter counts, shapes, losses."""
 from __future__ import annotations
 
 import pytest
