@@ -27,6 +27,7 @@ export PYTHONUNBUFFERED=1 M2F_BENCH_COMMIT=${M2F_BENCH_COMMIT:-$(git rev-parse H
 stages=${*:-tests bench}
 TEST_LIMIT=${TEST_LIMIT:-240} BENCH_LIMIT=${BENCH_LIMIT:-330} HF_LIMIT=${HF_LIMIT:-150}
 TRAIN_LIMIT=${TRAIN_LIMIT:-300} CUDA_TEST_LIMIT=${CUDA_TEST_LIMIT:-120} SANITIZER_LIMIT=${SANITIZER_LIMIT:-60}
+CUDA_TESTS="tests/test_op_*.py tests/test_cuda_extension_errors.py"
 T0=$SECONDS
 stamp() { echo "== [$((SECONDS - T0)) s] $*"; }
 
@@ -96,7 +97,8 @@ for stage in $stages; do
       ;;
     cuda-tests)
       wait_build
-      timeout -s INT -k 15 "$CUDA_TEST_LIMIT" python3 -m pytest ${CUDA_TEST_PATHS:-tests/test_cuda_*.py} -q -rfE \
+      # the cuda cases of the per-op tests (ids and classes name the backend) and the extension's error paths
+      timeout -s INT -k 15 "$CUDA_TEST_LIMIT" python3 -m pytest ${CUDA_TEST_PATHS:-$CUDA_TESTS} -k cuda -q -rfE \
         -p no:cacheprovider --durations=8 > "$LOGS/cuda-tests.log" 2>&1
       tail -25 "$LOGS/cuda-tests.log"
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
@@ -106,8 +108,8 @@ for stage in $stages; do
           filter=${SANITIZER_FILTER:-float32 and not standard and not int64}; limit=$SANITIZER_LIMIT
           [ "$tool" = racecheck ] && filter=${RACECHECK_FILTER:-$filter} limit=${RACECHECK_LIMIT:-$limit}
           timeout "$limit" "$sanitizer" --tool "$tool" --error-exitcode 99 \
-            python3 -m pytest tests/test_cuda_backend.py tests/test_cuda_*.py -q -p no:cacheprovider -x \
-            -k "$filter" > "$LOGS/sanitizer-$tool.log" 2>&1
+            python3 -m pytest $CUDA_TESTS -q -p no:cacheprovider -x \
+            -k "cuda and ($filter)" > "$LOGS/sanitizer-$tool.log" 2>&1
           echo "$tool exit: $? (99 = errors found, 124 = time limit)"
           grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed" "$LOGS/sanitizer-$tool.log" | tail -3
         done

@@ -14,6 +14,7 @@ import types
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import m2f_kernels as mk
 from .conftest import DEVICE, TOLERANCE, assert_close, poisoned, poisoned_empty
@@ -242,6 +243,62 @@ def standard_deform_inputs(dtype):
         STANDARD_LEVELS, b=2, lq=levels(*STANDARD_LEVELS)[2], h=8, d=32, p=4, dtype=dtype,
         aux_dtype=torch.float32, softmax=True)
     return value, shapes, starts, off_grid_lines(loc, shapes), weights, grad_out
+
+
+# The official Deformable DETR code (what the drop-in MSDeformAttn replaces), verbatim in logic.
+
+
+def official_core(value, value_spatial_shapes, sampling_locations, attention_weights):
+    """Deformable DETR's ``ms_deform_attn_core_pytorch`` (the official CPU path), verbatim in logic."""
+    n_, s_, m_, d_ = value.shape
+    _, lq_, m_, l_, p_, _ = sampling_locations.shape
+    hw = [tuple(x) for x in value_spatial_shapes.tolist()]
+    value_list = value.split([h_ * w_ for h_, w_ in hw], dim=1)
+    sampling_grids = 2 * sampling_locations - 1
+    sampling_value_list = []
+    for lid_, (h_, w_) in enumerate(hw):
+        value_l_ = value_list[lid_].flatten(2).transpose(1, 2).reshape(n_ * m_, d_, h_, w_)
+        sampling_grid_l_ = sampling_grids[:, :, :, lid_].transpose(1, 2).flatten(0, 1)
+        sampling_value_list.append(
+            F.grid_sample(value_l_, sampling_grid_l_, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )
+    attention_weights = attention_weights.transpose(1, 2).reshape(n_ * m_, 1, lq_, l_ * p_)
+    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights).sum(-1).view(n_, m_ * d_, lq_)
+    return output.transpose(1, 2).contiguous()
+
+
+class OfficialMSDeformAttn(torch.nn.Module):
+    """The official module's forward on the pure PyTorch core (parameters loaded from ours)."""
+
+    def __init__(self, d_model, n_levels, n_heads, n_points):
+        super().__init__()
+        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
+        self.sampling_offsets = torch.nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = torch.nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = torch.nn.Linear(d_model, d_model)
+        self.output_proj = torch.nn.Linear(d_model, d_model)
+
+    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
+                input_padding_mask=None):
+        n, len_q, _ = query.shape
+        n, len_in, _ = input_flatten.shape
+        assert (input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum() == len_in
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], float(0))
+        value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
+        sampling_offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
+        attention_weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
+        attention_weights = F.softmax(attention_weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            sampling_locations = reference_points[:, :, None, :, None, :] \
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+        else:
+            sampling_locations = reference_points[:, :, None, :, None, :2] \
+                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+        output = official_core(value, input_spatial_shapes, sampling_locations, attention_weights)
+        return self.output_proj(output)
 
 
 # ============================================================================ point-loss ops

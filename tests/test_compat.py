@@ -2,7 +2,7 @@
 code, and the autocast rules of the six ops (``m2f_kernels.ops._autocast``).
 
 The official module and its pure-PyTorch core are the verbatim-logic copies in
-``test_ms_deform_attn_triton``. Autocast runs on DEVICE (CPU bf16 here; CUDA on a GPU).
+tests/_inputs.py. Autocast runs on DEVICE (CPU bf16 here; CUDA on a GPU).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import m2f_kernels.ops._autocast as autocast_rules
 from m2f_kernels import compat
 from m2f_kernels.nn import MSDeformAttn, MSDeformAttnFunction
 from .conftest import DEVICE, TOLERANCE, assert_close, requires_triton
-from .test_ms_deform_attn_triton import OfficialMSDeformAttn, levels, official_core
+from ._inputs import OfficialMSDeformAttn, levels, official_core
 
 LEVELS = [(6, 5), (3, 3), (2, 1)]
 CFG = dict(d_model=16, n_levels=3, n_heads=2, n_points=3)

@@ -15,16 +15,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import m2f_kernels as mk
 from m2f_kernels import _dispatch
 from m2f_kernels.nn.ms_deform_attn import MSDeformAttn, MSDeformAttnFunction
 from m2f_kernels.reference import ms_deform_attn as reference
 from ._inputs import (
-    DEFORM_OUTPUTS, EXACT, FD_TOL, LOOP_LEVELS, LOW_PRECISION, assert_deform_matches, assert_deterministic_twice,
-    bilinear, deform_api, deform_direct, fd_grads, levels, loop_deform_inputs, make_deform_inputs, np64,
-    smooth_coord, softmax, special_coords, special_points, standard_deform_inputs,
+    DEFORM_OUTPUTS, EXACT, FD_TOL, LOOP_LEVELS, LOW_PRECISION, OfficialMSDeformAttn, assert_deform_matches,
+    assert_deterministic_twice, bilinear, deform_api, deform_direct, fd_grads, levels, loop_deform_inputs, make_deform_inputs, np64,
+    official_core, smooth_coord, softmax, special_coords, special_points, standard_deform_inputs,
 )
 from .conftest import (
     CUDA_EXTENSION_BUILT, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close, op_module, per_backend, poisoned,
@@ -246,7 +245,7 @@ def test_dispatcher_reports_cuda_backend_not_built():
 
 
 @requires_cuda_backend
-def test_compiled_archs_cover_this_device():
+def test_cuda_compiled_archs_cover_this_device():
     """The extension holds code for this GPU's architecture (all of its ops, not only this one)."""
     from m2f_kernels import _C
 
@@ -355,60 +354,7 @@ class TestReferenceMatchesLoops:
 
 
 # ============================================================================ the drop-in module
-
-
-def official_core(value, value_spatial_shapes, sampling_locations, attention_weights):
-    """Deformable DETR's ``ms_deform_attn_core_pytorch`` (the official CPU path), verbatim in logic."""
-    n_, s_, m_, d_ = value.shape
-    _, lq_, m_, l_, p_, _ = sampling_locations.shape
-    hw = [tuple(x) for x in value_spatial_shapes.tolist()]
-    value_list = value.split([h_ * w_ for h_, w_ in hw], dim=1)
-    sampling_grids = 2 * sampling_locations - 1
-    sampling_value_list = []
-    for lid_, (h_, w_) in enumerate(hw):
-        value_l_ = value_list[lid_].flatten(2).transpose(1, 2).reshape(n_ * m_, d_, h_, w_)
-        sampling_grid_l_ = sampling_grids[:, :, :, lid_].transpose(1, 2).flatten(0, 1)
-        sampling_value_list.append(
-            F.grid_sample(value_l_, sampling_grid_l_, mode="bilinear", padding_mode="zeros", align_corners=False)
-        )
-    attention_weights = attention_weights.transpose(1, 2).reshape(n_ * m_, 1, lq_, l_ * p_)
-    output = (torch.stack(sampling_value_list, dim=-2).flatten(-2) * attention_weights).sum(-1).view(n_, m_ * d_, lq_)
-    return output.transpose(1, 2).contiguous()
-
-
-class OfficialMSDeformAttn(torch.nn.Module):
-    """The official module's forward on the pure PyTorch core (parameters loaded from ours)."""
-
-    def __init__(self, d_model, n_levels, n_heads, n_points):
-        super().__init__()
-        self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
-        self.sampling_offsets = torch.nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = torch.nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = torch.nn.Linear(d_model, d_model)
-        self.output_proj = torch.nn.Linear(d_model, d_model)
-
-    def forward(self, query, reference_points, input_flatten, input_spatial_shapes, input_level_start_index,
-                input_padding_mask=None):
-        n, len_q, _ = query.shape
-        n, len_in, _ = input_flatten.shape
-        assert (input_spatial_shapes[:, 0] * input_spatial_shapes[:, 1]).sum() == len_in
-        value = self.value_proj(input_flatten)
-        if input_padding_mask is not None:
-            value = value.masked_fill(input_padding_mask[..., None], float(0))
-        value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
-        sampling_offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
-        attention_weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
-        attention_weights = F.softmax(attention_weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
-        if reference_points.shape[-1] == 2:
-            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
-            sampling_locations = reference_points[:, :, None, :, None, :] \
-                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
-        else:
-            sampling_locations = reference_points[:, :, None, :, None, :2] \
-                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
-        output = official_core(value, input_spatial_shapes, sampling_locations, attention_weights)
-        return self.output_proj(output)
-
+# against the official code (OfficialMSDeformAttn, official_core in tests/_inputs.py)
 
 MODULE_CFG = dict(d_model=16, n_levels=3, n_heads=2, n_points=2)
 MODULE_LEVELS = [(5, 7), (3, 3), (1, 1)]
