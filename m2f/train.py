@@ -5,6 +5,8 @@
     torchrun --nproc_per_node=8 -m m2f.train --dataset coco_panoptic --data-root datasets/coco \\
         --preset official                                       # the official R50 COCO recipe
     python -m m2f.train --out runs/x --resume                   # continue runs/x exactly
+    python -m m2f.train --compile                               # torch.compile the forward and loss
+    python -m m2f.train --cuda-graph --model max_targets=8      # the whole step as one CUDA graph
 
 A run folder (``--out``) gets ``config.json``, ``metrics.jsonl`` (one JSON record per log
 step and per evaluation), ``checkpoint.pt`` (written atomically every ``--ckpt-every``
@@ -38,6 +40,7 @@ from .backbone import calibrate_frozen_bn
 from .data import DATASETS, StreamSampler, build_dataset, collate
 from .data.sample import DatasetInfo
 from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics
+from .graph_step import GraphStep, no_autocast_cache
 from .plots import read_log, save_loss_curve, save_predictions
 from .checkpoint import OptimizerStateMismatchError, load_optimizer_state
 from .solver import build_optimizer, build_scheduler, clip_gradients, current_lrs
@@ -64,7 +67,8 @@ PRESETS = {
 }
 PRESET_KEYS = ("backbone", "image_size", "batch_size", "steps", "lr", "num_queries")
 # what a resumed run may change: where and how it runs and reports, never what it computes
-RUNTIME_KEYS = ("out", "num_workers", "device", "eval_every", "eval_images", "ckpt_every", "log_every")
+RUNTIME_KEYS = ("out", "num_workers", "device", "eval_every", "eval_images", "ckpt_every", "log_every", "compile",
+                "cuda_graph")
 CHECKPOINT = "checkpoint.pt"
 LOG = "metrics.jsonl"
 
@@ -147,6 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed of the model, the data and the sampling (default: 0)")
     p.add_argument("--num-workers", type=int, help="data loader workers per rank (default: 4 on GPU, 0 on CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the model's training forward, loss included (default: off)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="capture the whole step (forward, loss, backward, optimiser) once in a CUDA graph and "
+                   "replay it (default: off); needs a CUDA device, --kernels fused, point losses and a fixed "
+                   "target count per image (--model max_targets=N)")
     return p.parse_args(argv)
 
 
@@ -195,8 +205,33 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "log_every": args.log_every or 10,
         "num_workers": args.num_workers,
         "device": args.device,
+        "compile": bool(args.compile),
+        "cuda_graph": bool(args.cuda_graph),
     })
     return cfg
+
+
+def static_targets(cfg: Dict) -> bool:
+    """Whether the step pads targets on the host to the model's fixed ``max_targets`` slots:
+    the static-shape criterion (fused point losses) with a fixed slot count."""
+    return cfg["kernels"] == "fused" and cfg["mask_loss"] == "point" and cfg["model"].get("max_targets") is not None
+
+
+def check_step_options(cfg: Dict, env: Env) -> None:
+    """One-line refusals of --cuda-graph where it cannot work."""
+    if not cfg["cuda_graph"]:
+        return
+    if env.device.type != "cuda":
+        raise SystemExit("--cuda-graph needs a CUDA device")
+    if cfg["kernels"] != "fused" or cfg["mask_loss"] != "point":
+        raise SystemExit("--cuda-graph needs the static-shape criterion: --kernels fused --mask-loss point")
+    if cfg["model"].get("max_targets") is None:
+        raise SystemExit("--cuda-graph needs a fixed target count per image: --model max_targets=N")
+    if cfg["amp"] == "fp16":
+        raise SystemExit("--cuda-graph does not support --amp fp16 (the loss scaler decides on the host whether "
+                         "to skip a step); use --amp bf16")
+    if env.world_size > 1:
+        raise SystemExit("--cuda-graph runs in one process; without torchrun")
 
 
 def resume_config(args: argparse.Namespace, saved: Dict) -> Dict:
@@ -294,12 +329,35 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_step(model, batch: Dict, optimizer, scheduler, scaler, device: torch.device, amp: str,
-               generator: torch.Generator, clip: float = 0.01) -> Dict[str, torch.Tensor]:
-    """One optimiser step on this rank's share of the batch -> detached losses (+ grad_norm)."""
-    images = batch["images"].to(device, non_blocking=True).float()
-    targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
-    with autocast(device, amp):
-        losses = model(images, targets, generator=generator)
+               generator: torch.Generator, clip: float = 0.01, *, forward=None, pad: bool = False,
+               graph: Optional[GraphStep] = None) -> Dict[str, torch.Tensor]:
+    """One optimiser step on this rank's share of the batch -> detached losses (+ grad_norm).
+
+    ``forward`` runs the model (the torch.compile'd model under --compile; default: model);
+    ``pad``: the targets go to the device padded on the host to the model's ``max_targets``
+    (static shapes); ``graph``: the step runs as a CUDA graph (``make_graph_step``, padded).
+    No host sync in any of them unless the model has one.
+    """
+    if graph is not None:
+        stats = graph(graph_inputs(model, batch), key=graph_key(optimizer, amp))
+    else:
+        images = batch["images"].to(device, non_blocking=True).float()
+        if pad:
+            padded = pad_batch_targets(model, batch)
+            targets = type(padded)(*(to_device(t, device) for t in padded))
+        else:
+            targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in batch["targets"]]
+        stats = optimizer_step(model if forward is None else forward, model, images, targets, optimizer, scaler,
+                               autocast(device, amp), generator, clip)
+    scheduler.step()
+    return stats
+
+
+def optimizer_step(forward, model, images, targets, optimizer, scaler, amp_context, generator,
+                   clip: float) -> Dict[str, torch.Tensor]:
+    """Forward and loss (in ``amp_context``), backward, clipping, optimiser step -> detached losses."""
+    with amp_context:
+        losses = forward(images, targets, generator=generator)
     loss = sum(losses.values())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -307,12 +365,59 @@ def train_step(model, batch: Dict, optimizer, scheduler, scaler, device: torch.d
     grad_norm = clip_gradients(unwrap(model).parameters(), clip)
     scaler.step(optimizer)
     scaler.update()
-    scheduler.step()
     out = {"loss": loss.detach().float(), "grad_norm": grad_norm.detach().float()}
     for name in ("loss_ce", "loss_mask", "loss_dice"):  # the final prediction's (weighted) terms
         if name in losses:
             out[name] = losses[name].detach().float()
     return out
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without blocking (through pinned memory for CUDA)."""
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
+def pad_batch_targets(model, batch: Dict):
+    """The batch's targets as host PaddedTargets: ``max_targets`` slots per image, masks at the
+    padded image size. An image with more targets ends the run with a one-line message."""
+    m = unwrap(model)
+    h, w = batch["images"].shape[-2:]
+    d = m.size_divisibility
+    try:
+        return m.pad_targets(batch["targets"], (h + (-h) % d, w + (-w) % d), m.max_targets)
+    except ValueError as e:
+        raise SystemExit(f"m2f.train: {e}")
+
+
+def graph_inputs(model, batch: Dict) -> tuple:
+    """The host tensors a captured step reads: images (uint8) and the padded targets' fields."""
+    return (batch["images"], *pad_batch_targets(model, batch))
+
+
+def graph_key(optimizer, amp: str) -> tuple:
+    """What a captured step depends on besides its inputs (see m2f.graph_step)."""
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    if not all(isinstance(lr, torch.Tensor) for lr in lrs):
+        raise RuntimeError("a captured optimiser step needs tensor lrs that the schedule fills in place "
+                           "(build_optimizer(capturable=True)); a float lr would keep its capture-time value")
+    return amp, tuple(id(lr) for lr in lrs), id(optimizer.state)
+
+
+def make_graph_step(model, forward, optimizer, scaler, device: torch.device, amp: str, generator: torch.Generator,
+                    clip: float = 0.01) -> GraphStep:
+    """The --cuda-graph step: ``optimizer_step`` on static buffers of the images and the
+    padded targets, autocast without its cast cache."""
+    from .targets import PaddedTargets
+
+    dtype = AMP_DTYPES[amp]
+
+    def step(images, labels, masks, num_targets):
+        return optimizer_step(forward, model, images.float(), PaddedTargets(labels, masks, num_targets), optimizer,
+                              scaler, no_autocast_cache(device, dtype), generator, clip)
+
+    return GraphStep(step, device, generators=(generator,))
 
 
 def reduce_mean(values: Dict[str, torch.Tensor], env: Env) -> Dict[str, float]:
@@ -370,6 +475,9 @@ def load_run_config(args: argparse.Namespace, env: Env):
         cfg = resume_config(args, ckpt["config"])
     else:
         cfg = resolve_config(args)
+    cfg.setdefault("compile", False)  # runs saved before the options existed
+    cfg.setdefault("cuda_graph", False)
+    check_step_options(cfg, env)
     if cfg["num_workers"] is None:
         cfg["num_workers"] = min(4, os.cpu_count() or 1) if env.device.type == "cuda" else 0
     if cfg["batch_size"] % env.world_size:
@@ -408,7 +516,7 @@ def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
                             cfg.get("train_images"))
     dataset_val = build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["image_size"], seed)
     model = build_model_from_config(cfg, dataset.info).to(env.device)
-    optimizer = build_optimizer(model, lr=cfg["lr"], device=env.device)
+    optimizer = build_optimizer(model, lr=cfg["lr"], device=env.device, capturable=cfg["cuda_graph"])
     scheduler = build_scheduler(optimizer, steps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg["amp"] == "fp16")  # bf16 needs none
     start = 0
@@ -450,12 +558,16 @@ def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
                   f"{env.world_size}: the random streams will differ from the original run")
         set_rng_state(states[env.rank % len(states)], generator)
 
+    forward = torch.compile(model) if cfg["compile"] else model
+    graph = make_graph_step(model, forward, optimizer, scaler, env.device, cfg["amp"], generator) \
+        if cfg["cuda_graph"] else None
     logger = Logger(os.path.join(out, LOG) if env.main else None)
     bar = tqdm(total=steps, initial=start, disable=not env.main, dynamic_ncols=True, desc="train", mininterval=0.5)
     meter = Meter()
     model.train()
     for step in range(start + 1, steps + 1):
-        meter.add(train_step(model, next(batches), optimizer, scheduler, scaler, env.device, cfg["amp"], generator))
+        meter.add(train_step(model, next(batches), optimizer, scheduler, scaler, env.device, cfg["amp"], generator,
+                             forward=forward, pad=static_targets(cfg), graph=graph))
         last = step == steps
         if step % cfg["log_every"] == 0 or last:
             record = meter.flush(env)

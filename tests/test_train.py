@@ -282,3 +282,133 @@ def test_resume_from_a_per_parameter_checkpoint(tmp_path, monkeypatch):
     torch.save(ckpt, os.path.join(old, "checkpoint.pt"))
     with pytest.raises(SystemExit, match="--resume: the saved optimizer state has"):
         train_mod.main(["--out", old, "--resume", "--device", "cpu"])
+
+
+# ----------------------------------------------------------------------------- --compile, --cuda-graph
+
+MICRO_MODEL = ["--model", "max_targets=8"]  # shapes images hold at most 7 targets
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without a CUDA device")
+def test_cuda_graph_without_cuda_is_a_one_line_error(tmp_path):
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match="^--cuda-graph needs a CUDA device$"):
+        train_mod.main(MICRO + MICRO_MODEL + ["--cuda-graph", "--out", run])
+    assert not os.path.exists(run)  # refused before anything was written
+    proc = subprocess.run([sys.executable, "-m", "m2f.train", "--preset", "micro", "--cuda-graph", "--out", run],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", "")))
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["--cuda-graph needs a CUDA device"], proc.stderr
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kernels": "reference"}, "--kernels fused --mask-loss point"),
+    ({"mask_loss": "full"}, "--kernels fused --mask-loss point"),
+    ({"model": {}}, "--model max_targets=N"),
+    ({"amp": "fp16"}, "--amp bf16"),
+    ({"world_size": 2}, "one process"),
+])
+def test_cuda_graph_refuses_what_cannot_be_captured(change, message):
+    cfg = train_mod.resolve_config(train_mod.parse_args(["--preset", "micro", "--cuda-graph"] + MICRO_MODEL))
+    train_mod.check_step_options(cfg, train_mod.Env(0, 1, 0, torch.device("cuda")))  # this one can be captured
+    env = train_mod.Env(0, change.pop("world_size", 1), 0, torch.device("cuda"))
+    with pytest.raises(SystemExit) as info:
+        train_mod.check_step_options(dict(cfg, **change), env)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_too_many_targets_for_max_targets_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="more than max_targets=1; raise max_targets$"):
+        train_mod.main(MICRO + ["--model", "max_targets=1", "--out", str(tmp_path / "run")])
+
+
+def test_compile_trains_like_eager(tmp_path, monkeypatch):
+    """--compile with padded targets: the same losses as the eager run. Inductor needs minutes
+    of C++ builds on a CPU, so torch.compile runs with the 'aot_eager' backend here (AOTAutograd
+    and the ops' fake implementations, as tests/test_compile_model.py); Inductor is the GPU test's."""
+    real_compile, compiled = torch.compile, []
+
+    def cpu_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, **dict(kwargs, backend="aot_eager"))
+
+    seed = str(fresh_seed())
+    args = MICRO + MICRO_MODEL + ["--steps", "2", "--batch-size", "2", "--log-every", "1", "--seed", seed]
+    train_mod.main(args + ["--out", str(tmp_path / "eager")])
+    monkeypatch.setattr(torch, "compile", cpu_compile)
+    torch._dynamo.reset()
+    train_mod.main(args + ["--compile", "--out", str(tmp_path / "compiled")])
+    assert len(compiled) == 1
+    eager, comp = read_log(str(tmp_path / "eager")), read_log(str(tmp_path / "compiled"))
+    for e, c in zip(eager[:2], comp[:2]):
+        for key in ("loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm"):
+            assert c[key] == pytest.approx(e[key], rel=1e-4), f"step {e['step']} {key}: {c[key]} vs {e[key]}"
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_gpu_cuda_graph_run_matches_eager(tmp_path, monkeypatch, compile_):
+    """--cuda-graph: 2 eager warm-up steps, a capture (replayed at once) and a pure replay give
+    the eager run's losses (same model, data and random points: registered generators draw
+    what the eager step draws)."""
+    seed = str(fresh_seed())
+    args = ["--preset", "micro", "--device", "cuda", "--steps", "4", "--batch-size", "4", "--log-every", "1",
+            "--eval-images", "8", "--seed", seed] + MICRO_MODEL + (["--compile"] if compile_ else [])
+    graphs, real_make = [], train_mod.make_graph_step
+    monkeypatch.setattr(train_mod, "make_graph_step", lambda *a, **k: graphs.append(real_make(*a, **k)) or graphs[-1])
+    train_mod.main(args + ["--out", str(tmp_path / "eager")])
+    torch._dynamo.reset()
+    train_mod.main(args + ["--cuda-graph", "--out", str(tmp_path / "graph")])
+    (graph,) = graphs
+    assert graph.captures == 1 and graph.replays == 2
+    eager, replayed = read_log(str(tmp_path / "eager")), read_log(str(tmp_path / "graph"))
+    for e, g in zip(eager[:4], replayed[:4]):
+        for key in ("loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm"):
+            assert g[key] == pytest.approx(e[key], rel=1e-3), f"step {e['step']} {key}: {g[key]} vs {e[key]}"
+    assert replayed[-1]["eval"].keys() == eager[-1]["eval"].keys()
+
+
+@requires_gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_gpu_step_has_no_host_sync(amp):
+    """The eager fused step with padded targets and the replayed CUDA graph run under
+    torch.cuda.set_sync_debug_mode('error'): any host sync raises. The warm-up and the
+    capture run outside (the capture itself synchronises the device once)."""
+    from m2f import build_model
+    from m2f.data import build_dataset, collate
+    from m2f.solver import build_optimizer, build_scheduler
+
+    device = torch.device("cuda")
+    dataset = build_dataset("shapes", None, "train", 64, 0)
+    batches = [collate([dataset[(2 * i + j, 0)] for j in range(2)]) for i in range(4)]
+    micro = train_mod.PRESETS["micro"]
+    for graph_mode in (False, True):
+        torch.manual_seed(0)
+        model = build_model(micro["backbone"], num_classes=dataset.info.num_classes, num_queries=micro["num_queries"],
+                            kernels="fused", max_targets=8, **micro["model"]).to(device).train()
+        optimizer = build_optimizer(model, lr=1e-3, device=device, capturable=graph_mode)
+        scheduler = build_scheduler(optimizer, 20)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        generator = torch.Generator(device).manual_seed(0)
+        graph = None
+        if graph_mode:
+            graph = train_mod.make_graph_step(model, model, optimizer, scaler, device, amp, generator)
+
+        def step(batch):
+            return train_mod.train_step(model, batch, optimizer, scheduler, scaler, device, amp, generator, pad=True,
+                                        graph=graph)
+
+        for batch in batches[:3]:  # eager: one-time initialisation; graph: 2 warm-up steps and the capture
+            step(batch)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            stats = [step(batch) for batch in batches]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(math.isfinite(s["loss"].item()) for s in stats)
+        if graph_mode:
+            assert graph.captures == 1 and graph.replays == 1 + len(batches)
