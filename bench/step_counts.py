@@ -11,7 +11,8 @@ device ops and ~50 syncs per fused step). Both can be counted on the CPU:
   calls of scipy's ``linear_sum_assignment``. On the CPU nothing actually waits; the count is
   what a GPU would pay.
 - :class:`DeviceOps` counts non-view aten ops (what becomes a kernel launch on a GPU;
-  views and metadata-only ops launch nothing).
+  views, metadata-only ops and profiler markers launch nothing). Custom ops count by the
+  aten ops they run on this device (the reference backend on the CPU).
 
     with HostSyncs() as syncs, DeviceOps() as ops:
         step()
@@ -157,7 +158,8 @@ def _modules_holding(fn) -> list:
     import sys
 
     name = fn.__name__
-    return [m for m in list(sys.modules.values()) if m is not None and getattr(m, name, None) is fn]
+    # the module dicts, not getattr: a lazy module (transformers) would import on a miss
+    return [m for m in list(sys.modules.values()) if getattr(m, "__dict__", {}).get(name) is fn]
 
 
 class DeviceOps(TorchDispatchMode):
@@ -177,12 +179,14 @@ class DeviceOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# ops that allocate or relabel memory without a kernel
 _METADATA_ONLY = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
-                  "aten::new_empty_strided", "aten::detach", "aten::lift_fresh", "aten::_to_copy_noop"}
+                  "aten::new_empty_strided", "aten::detach", "aten::lift_fresh", "aten::_unsafe_view"}
 
 
 def _is_view(func) -> bool:
-    if func._schema.name in _METADATA_ONLY:
+    """No kernel: a view, a metadata-only op, or not an aten op (profiler markers)."""
+    if func._schema.name in _METADATA_ONLY or not func._schema.name.startswith("aten::"):
         return True
     return torch.Tag.view_copy not in func.tags and any(
         r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)

@@ -136,16 +136,19 @@ class SetCriterion(KernelSwitch, nn.Module):
             matched = m2f_kernels.linear_sum_assignment(costs, targets.num_targets.repeat(len(predictions)))
         matched = matched.view(len(predictions), batch, slots)
         valid = targets.valid()
+        batch_index = torch.arange(batch, device=matched.device).repeat_interleave(slots)  # [B*T]
         losses = {}
         for i, prediction in enumerate(predictions):
             suffix = "" if i == 0 else f"_{i - 1}"
-            for k, v in self._static_losses(prediction, targets, matched[i], valid, num_masks, generator).items():
+            for k, v in self._static_losses(prediction, targets, matched[i], valid, batch_index, num_masks,
+                                            generator).items():
                 losses[k + suffix] = v
         return losses
 
     def _static_losses(self, outputs: Dict, targets: PaddedTargets, query: torch.Tensor, valid: torch.Tensor,
-                       num_masks: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
-        """Losses of one prediction; ``query`` [B, T] the query matched to each slot (-1: none)."""
+                       batch_index: torch.Tensor, num_masks: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
+        """Losses of one prediction; ``query`` [B, T] the query matched to each slot (-1: none),
+        ``batch_index`` [B*T] each slot's image."""
         logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
         batch, num_queries = logits.shape[:2]
         slots = query.shape[1]
@@ -157,7 +160,7 @@ class SetCriterion(KernelSwitch, nn.Module):
         target_classes.scatter_(1, torch.where(pairs, query, num_queries),
                                 torch.where(pairs, targets.labels, self.num_classes))
         loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes[:, :num_queries], self.empty_weight)
-        index = (torch.arange(batch, device=query.device).repeat_interleave(slots), query.clamp(min=0).reshape(-1))
+        index = (batch_index, query.clamp(min=0).reshape(-1))
         target_masks = targets.masks.flatten(0, 1)
         point_coords = self.sample_points(pred_masks, index, generator)
         loss_bce, loss_dice = m2f_kernels.point_mask_loss(pred_masks, target_masks, point_coords, num_masks,

@@ -110,6 +110,24 @@ def level_shapes(spatial_shapes: torch.Tensor) -> list:
     return [(int(hh), int(ww)) for hh, ww in spatial_shapes.tolist()]
 
 
+def _check_index_values(name: str, idx: torch.Tensor, size: int, what: str) -> None:
+    """``idx`` values in [0, size), checked on the device without a host sync, so no kernel
+    reads out of bounds: on a GPU a bad value is a device-side assert (a CUDA error at the next
+    sync), on the CPU a ValueError at once. A tensor checked against ``size`` is not checked
+    again until it is edited in place (the criterion passes one index to two ops)."""
+    if not idx.numel() or torch.compiler.is_compiling():
+        return
+    stamp = (idx._version, size)
+    if getattr(idx, "_m2f_kernels_checked", None) == stamp:
+        return
+    message = f"{name} values must be in [0, {size}) {what}"
+    try:
+        torch._assert_async(((idx >= 0) & (idx < size)).all(), message)
+    except RuntimeError:  # raised at once only where the check ran synchronously (the CPU)
+        raise ValueError(message) from None
+    idx._m2f_kernels_checked = stamp
+
+
 def check_pred_index(pred_name: str, pred: torch.Tensor, pred_index, form: str,
                      others: Sequence[tuple] = (), n: Optional[int] = None, n_what: str = "") -> int:
     """``pred`` is 3-D [N, ...] without ``pred_index``, or 4-D ``form`` ([B, Q, H, W]) with
@@ -133,12 +151,8 @@ def check_pred_index(pred_name: str, pred: torch.Tensor, pred_index, form: str,
                 n, n_what = idx.shape[0], "as pred_index[0]"
             check_dim(name, idx, 0, n, f"matched masks, {n_what}")
         check_same_device((pred_name, *names, "pred_index[0]", "pred_index[1]"), (pred, *tensors, *pred_index))
-        # index values: checked on the device without a host sync (a CUDA error on the next
-        # sync, a RuntimeError at once on the CPU), so no kernel reads outside pred
         for name, idx, size in zip(("pred_index[0]", "pred_index[1]"), pred_index, pred.shape[:2]):
-            if idx.numel():
-                torch._assert_async(((idx >= 0) & (idx < size)).all(),
-                                    f"{name} values must be in [0, {size}) ({pred_name} is {tuple(pred.shape)})")
+            _check_index_values(name, idx, size, f"({pred_name} is {tuple(pred.shape)})")
         return n
     if pred_index is not None:
         raise ValueError(f"pred_index is only accepted with a 4-D {pred_name} {form}")

@@ -86,3 +86,45 @@ def test_fused_step_device_ops_at_most_half_of_before():
         step()
     assert ops.total <= OPS_BEFORE // 2, f"{ops.total} device ops per step (before: {OPS_BEFORE}): " \
                                          f"{ops.ops.most_common(10)}"
+
+
+def test_patched_hf_mask2former_adds_no_host_sync(monkeypatch):
+    """transformers' Mask2Former with the m2f_kernels patch (forward, HF's loss, backward)
+    syncs only where HF's own code does (its encoder layers' isfinite guard and the decoder's
+    layerdrop draw); the unpatched step syncs in the matcher (scipy) too."""
+    hf_testing = pytest.importorskip("bench.hf_testing", reason="transformers is not installed")
+    from m2f_kernels.integrations.transformers import apply_m2f_kernels_to_mask2former
+
+    torch.manual_seed(0)
+    config = hf_testing.make_config("tiny")
+    model = hf_testing.hf.Mask2FormerForUniversalSegmentation(config).train()
+    batch = hf_testing.make_batch(config, 2, 64, "cpu")
+
+    def count() -> HostSyncs:
+        model(**batch).loss.backward()
+        syncs = HostSyncs()
+        with _solver_exempt_hf(syncs, monkeypatch), syncs:
+            model(**batch).loss.backward()
+        return syncs
+
+    hf_own = count()
+    assert any("linear_sum_assignment" in k for k in hf_own.where), dict(hf_own.where)
+    apply_m2f_kernels_to_mask2former(model=model)
+    patched = count()
+    assert set(patched.where) <= set(hf_own.where), f"syncs the patch added: {set(patched.where) - set(hf_own.where)}"
+    assert all(k.split(" at ")[1].startswith("mask2former/modeling_mask2former.py") for k in patched.where), \
+        dict(patched.where)
+
+
+@contextlib.contextmanager
+def _solver_exempt_hf(counter: HostSyncs, monkeypatch):
+    from m2f_kernels.integrations import transformers as patch
+
+    real = patch.linear_sum_assignment
+
+    def solver(cost, *args, **kwargs):
+        with counter.paused() if cost.device.type == "cpu" else contextlib.nullcontext():
+            return real(cost, *args, **kwargs)
+
+    monkeypatch.setattr(patch, "linear_sum_assignment", solver)
+    yield

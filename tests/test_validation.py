@@ -175,17 +175,27 @@ def test_spatial_layout_is_read_once_per_pair_and_again_after_an_edit(monkeypatc
 
 @pytest.mark.parametrize("op", ["point_mask_loss", "uncertain_point_coords"])
 def test_pred_index_out_of_range_is_an_error_naming_it(op):
+    """A ValueError at once on the CPU (on a GPU: a device-side assert, as the check never syncs)."""
     pred, target, coords = torch.randn(2, 5, 8, 8), torch.rand(3, 16, 16) > 0.5, torch.rand(3, 10, 2)
     if op == "point_mask_loss":
         call = lambda index: mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index)  # noqa: E731
     else:
         call = lambda index: mk.uncertain_point_coords(pred, 10, pred_index=index)  # noqa: E731
-    with pytest.raises(RuntimeError, match=r"pred_index\[1\]"):
+    with pytest.raises(ValueError, match=r"pred_index\[1\]"):
         call((torch.tensor([0, 1, 1]), torch.tensor([0, 5, 2])))
-    with pytest.raises(RuntimeError, match=r"pred_index\[0\]"):
+    with pytest.raises(ValueError, match=r"pred_index\[0\]"):
         call((torch.tensor([0, -1, 1]), torch.tensor([0, 1, 2])))
-    with pytest.raises(RuntimeError, match=r"pred_index\[0\]"):
+    with pytest.raises(ValueError, match=r"pred_index\[0\]"):
         call((torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([0, 1, 2], dtype=torch.int32)))
+
+
+def test_a_checked_index_is_checked_again_after_an_edit():
+    pred, target, coords = torch.randn(2, 5, 8, 8), torch.rand(3, 16, 16) > 0.5, torch.rand(3, 10, 2)
+    index = (torch.tensor([0, 1, 1]), torch.tensor([0, 4, 2]))
+    mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index)
+    index[1][1] = 5  # in place: the cached check must not hide it
+    with pytest.raises(ValueError, match=r"pred_index\[1\]"):
+        mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index)
 
 
 _BAD_INDEX = {

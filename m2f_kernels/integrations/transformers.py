@@ -20,7 +20,10 @@ Three switches, each independent:
   instead of repeated per head, [B*heads, Q, N]. The fully-masked-row rule holds: HF's
   decoder applies it to the mask and the op applies it again.
 - ``point_loss``: ``Mask2FormerHungarianMatcher`` takes its mask costs from
-  :func:`m2f_kernels.pairwise_mask_cost` and ``Mask2FormerLoss.loss_masks`` from
+  :func:`m2f_kernels.pairwise_mask_cost` and solves them with
+  :func:`m2f_kernels.linear_sum_assignment` on the device (one call per prediction, as HF
+  calls the matcher; no scipy, no host sync unless an image has more targets than queries),
+  and ``Mask2FormerLoss.loss_masks`` from
   :func:`m2f_kernels.uncertain_point_coords` + :func:`m2f_kernels.point_mask_loss`, which
   both take the [B, Q, H, W] logits with the matched indices (``pred_index``). ``sample_point``,
   ``pair_wise_*`` and ``sample_points_using_uncertainty`` are then no longer called.
@@ -48,6 +51,7 @@ from torch import nn
 from ..compat import ms_deform_attn_core_pytorch
 from ..nn.masked_attention import MaskedMultiheadAttention
 from ..nn.ms_deform_attn import MSDeformAttn
+from ..ops.assignment import linear_sum_assignment
 from ..ops.point_loss import pairwise_mask_cost, point_mask_loss, uncertain_point_coords
 
 __all__ = [
@@ -86,11 +90,26 @@ class _FusedDeformableAttention(_Fused):
                                    position_embeddings, reference_points, spatial_shapes_list, level_start_index,
                                    output_attentions)
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
-        shapes = torch.as_tensor(spatial_shapes_list, dtype=torch.int64)  # on the CPU: checked without a sync
+        shapes, starts = self._m2f_level_index(spatial_shapes_list, hidden_states.device)
         # HF's module has the official parameter and attribute names, so the official forward applies
-        out = MSDeformAttn.forward(self, query, reference_points, encoder_hidden_states, shapes, level_start_index,
+        out = MSDeformAttn.forward(self, query, reference_points, encoder_hidden_states, shapes, starts,
                                    attention_mask)
         return out, None
+
+    def _m2f_level_index(self, spatial_shapes_list, device):
+        """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device``, built once per
+        layout from HF's Python shapes and reused, so the op checks them once (HF builds a new
+        level_start_index each forward; reading it is a host sync on the GPU)."""
+        key = (tuple((int(h), int(w)) for h, w in spatial_shapes_list), str(device))
+        cache = self.__dict__.setdefault("_m2f_levels", {})
+        if torch.compiler.is_compiling() or key not in cache:
+            sizes = [h * w for h, w in key[0]]
+            pair = (torch.tensor(key[0], dtype=torch.int64).to(device),
+                    torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64).to(device))
+            if torch.compiler.is_compiling():
+                return pair
+            cache[key] = pair
+        return cache[key]
 
 
 class FusedMultiheadAttention(nn.MultiheadAttention):
@@ -161,24 +180,37 @@ class _FusedMaskPredictor(_Fused):
 
 
 class _FusedHungarianMatcher(_Fused):
-    """``Mask2FormerHungarianMatcher`` with the mask costs from :func:`m2f_kernels.pairwise_mask_cost`."""
+    """``Mask2FormerHungarianMatcher`` with the mask costs from :func:`m2f_kernels.pairwise_mask_cost`
+    and the assignment from :func:`m2f_kernels.linear_sum_assignment`, on the device."""
 
     @torch.no_grad()
     def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
-        from scipy.optimize import linear_sum_assignment  # HF's Mask2FormerLoss requires scipy too
-
-        indices = []
-        for i in range(masks_queries_logits.shape[0]):
+        batch, num_queries = masks_queries_logits.shape[:2]
+        counts = [int(labels.shape[0]) for labels in class_labels]
+        device = masks_queries_logits.device
+        cost = torch.zeros((batch, num_queries, max(counts, default=0)), dtype=torch.float32, device=device)
+        for i in range(batch):
             pred_mask = masks_queries_logits[i]
             cost_class = -class_queries_logits[i].softmax(-1)[:, class_labels[i]]
             # HF's draw: one set of points per image, shared by every prediction and target
             coords = torch.rand(1, self.num_points, 2, device=pred_mask.device)[0]
             cost_mask, cost_dice = pairwise_mask_cost(pred_mask, mask_labels[i].to(pred_mask), coords)
-            cost = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
-            # as HF: bound the costs so that scipy never sees an infeasible matrix
-            cost = torch.nan_to_num(cost.clamp(-1e10, 1e10), 0)
-            indices.append(linear_sum_assignment(cost.cpu()))
-        return [(torch.as_tensor(i, dtype=torch.int64), torch.as_tensor(j, dtype=torch.int64)) for i, j in indices]
+            cost_i = self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+            # as HF: bound the costs (HF keeps scipy from an infeasible matrix; here it keeps NaN out)
+            cost[i, :, : counts[i]] = torch.nan_to_num(cost_i.clamp(-1e10, 1e10), 0)
+        num_targets = torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True)
+        query = linear_sum_assignment(cost, num_targets)  # [B, T]: each target's query
+        indices = []
+        for i, count in enumerate(counts):
+            if count > num_queries:  # more targets than queries: which ones matched is data (a host sync)
+                matched = query[i, :count] >= 0
+                targets = torch.arange(count, device=device)[matched]
+                queries = query[i, :count][matched]
+            else:  # every target matched: static shapes
+                targets, queries = torch.arange(count, device=device), query[i, :count]
+            order = torch.argsort(queries)  # scipy's order (by query), so HF's point draws line up
+            indices.append((queries[order], targets[order]))
+        return indices
 
 
 class _FusedLoss(_Fused):
@@ -192,7 +224,9 @@ class _FusedLoss(_Fused):
         with torch.no_grad():
             coords = uncertain_point_coords(masks_queries_logits, self.num_points, self.oversample_ratio,
                                             self.importance_sample_ratio, pred_index=src_idx)
-        loss_mask, loss_dice = point_mask_loss(masks_queries_logits, target_masks, coords, float(num_masks),
+        # num_masks: HF's 0-dim tensor stays on the device
+        loss_mask, loss_dice = point_mask_loss(masks_queries_logits, target_masks, coords,
+                                               num_masks.to(device=device, dtype=torch.float32).reshape(()),
                                                pred_index=src_idx)
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
