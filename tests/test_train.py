@@ -302,6 +302,21 @@ def test_cuda_graph_without_cuda_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines() == ["--cuda-graph needs a CUDA device"], proc.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal without a CUDA device")
+def test_resume_may_switch_the_step_options(tmp_path):
+    """--compile and --cuda-graph say how a run computes its steps, not what: a resumed run may
+    turn them on or off (--no-cuda-graph continues a graph run where there is no GPU)."""
+    run = str(tmp_path / "run")
+    train_mod.main(MICRO + MICRO_MODEL + ["--steps", "2", "--ckpt-every", "1", "--out", run])
+    ckpt = final_state(run)
+    ckpt["step"], ckpt["config"]["cuda_graph"] = 1, True  # as if saved by a --cuda-graph run
+    torch.save(ckpt, os.path.join(run, "checkpoint.pt"))
+    with pytest.raises(SystemExit, match="^--cuda-graph needs a CUDA device$"):
+        train_mod.main(["--out", run, "--resume", "--device", "cpu"])
+    train_mod.main(["--out", run, "--resume", "--device", "cpu", "--no-cuda-graph"])
+    assert final_state(run)["step"] == 2 and final_state(run)["config"]["cuda_graph"] is False
+
+
 @pytest.mark.parametrize("change, message", [
     ({"kernels": "reference"}, "--kernels fused --mask-loss point"),
     ({"mask_loss": "full"}, "--kernels fused --mask-loss point"),
