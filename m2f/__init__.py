@@ -6,6 +6,7 @@
     model.eval(); out = model(images)                   # pred_logits, pred_masks
 
 See :func:`build_model` for the configuration and ``m2f.inference`` for post-processing.
+SegFormer (MiT-B0..B5, semantic segmentation) beside it: :func:`build_segformer` (``m2f.segformer``).
 """
 from .build import BACKBONES, Overrides, build_model
 from .checkpoint import (
@@ -17,9 +18,10 @@ from .checkpoint import (
 )
 from .kernels import KERNELS, get_kernels, set_kernels
 from .model import Mask2Former
+from .segformer import SegFormer, build_segformer, load_segformer_weights
 
 __all__ = [
     "build_model", "Overrides", "BACKBONES", "Mask2Former", "KERNELS", "set_kernels", "get_kernels",
     "load_backbone_weights", "load_official_checkpoint", "save_official_checkpoint", "to_official_state_dict",
-    "CheckpointMismatchError",
+    "CheckpointMismatchError", "build_segformer", "SegFormer", "load_segformer_weights",
 ]
