@@ -341,7 +341,7 @@ def train_step(model, batch: Dict, optimizer, scheduler, scaler, device: torch.d
     if graph is not None:
         stats = graph(graph_inputs(model, batch), key=graph_key(optimizer, amp))
     else:
-        images = batch["images"].to(device, non_blocking=True).float()
+        images = to_device(batch["images"], device).float()
         if pad:
             padded = pad_batch_targets(model, batch)
             targets = type(padded)(*(to_device(t, device) for t in padded))
