@@ -37,9 +37,11 @@ unless the key changes). Random numbers: generators passed as ``generators`` (an
 default CUDA generator) are registered with the graph, so each replay draws new numbers,
 the same ones the eager step would draw.
 
-Verified: on the CPU only what runs without a GPU (the one-line refusal of ``--cuda-graph``
-without CUDA, the option checks). The capture, the replay, the loss agreement with eager
-steps and the absence of host syncs are covered by ``@pytest.mark.gpu`` tests in
+Verified on the CPU only: the refusals (``--cuda-graph`` without CUDA and the option
+checks), and the bookkeeping and the CLI wiring with a simulated graph (streams that do
+nothing, a "capture" that runs the step): warm-up, capture, replays, re-capture triggers,
+the eager run's losses and lrs (tests/test_train.py). A real capture, replay, the loss
+agreement with eager steps and the absence of host syncs are ``@pytest.mark.gpu`` tests in
 tests/test_train.py that have not run yet: no GPU was available when this was written.
 """
 from __future__ import annotations

@@ -2,6 +2,7 @@
 2 ranks computes the single process's step, the solver follows the official recipe."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -427,3 +428,114 @@ def test_gpu_step_has_no_host_sync(amp):
         assert all(math.isfinite(s["loss"].item()) for s in stats)
         if graph_mode:
             assert graph.captures == 1 and graph.replays == 1 + len(batches)
+
+
+def test_graph_step_needs_a_cuda_device():
+    from m2f.graph_step import GraphStep
+
+    with pytest.raises(ValueError, match="a CUDA graph needs a CUDA device, got cpu"):
+        GraphStep(lambda: {}, "cpu")
+
+
+@pytest.fixture
+def simulated_cuda_graphs(monkeypatch):
+    """A CPU stand-in for the CUDA graph machinery that m2f.graph_step uses: streams do nothing,
+    a capture runs the step (a real one records it without running it, so the replay right
+    after the capture is skipped) and later replays run it again into the static outputs.
+    Yields the GraphSteps made; their device is the CPU."""
+    import m2f.graph_step as graph_step
+
+    made = []
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    class Graph:
+        def __init__(self):
+            self.replayed = False
+
+        def register_generator_state(self, generator):
+            pass
+
+        def replay(self):
+            if self.replayed:
+                step = next(s for s in made if s._graph is self)
+                for name, value in step.step_fn(*step._static).items():
+                    step._outputs[name].copy_(value)
+            self.replayed = True
+
+    real_init = graph_step.GraphStep.__init__
+
+    def init(self, step_fn, device, **kwargs):
+        real_init(self, step_fn, "cuda", **kwargs)
+        self.device = torch.device("cpu")
+        made.append(self)
+
+    monkeypatch.setattr(graph_step.GraphStep, "__init__", init)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    yield made
+
+
+def test_graph_step_warms_up_captures_replays_and_recaptures(simulated_cuda_graphs):
+    from m2f.graph_step import GraphCaptureError, GraphStep
+
+    total = torch.zeros(())
+
+    def step(x):
+        total.add_(x.sum())
+        return {"total": total * 1}
+
+    graph = GraphStep(step, "cuda", warmup=2)
+    got = [graph([torch.ones(2)])["total"].item() for _ in range(4)]
+    assert got == [2, 4, 6, 8] and (graph.captures, graph.replays) == (1, 2)  # 2 warm-ups, capture, replay
+    graph([torch.ones(3)])  # another shape: warm-up again
+    assert graph.captures == 1 and not graph.captured
+    for _ in range(2):
+        graph([torch.ones(3)])
+    assert graph.captures == 2
+    graph([torch.ones(3)], key="new lr tensors")
+    assert not graph.captured and total.item() == 8 + 4 * 3
+
+    def fails_in_capture(x):
+        if graph_calls:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore detail")
+        graph_calls.append(1)
+        return {}
+
+    graph_calls = []
+    broken = GraphStep(fails_in_capture, "cuda", warmup=1)
+    broken([torch.ones(1)])  # the warm-up step runs
+    with pytest.raises(GraphCaptureError, match="operation not permitted when stream is capturing \\(a host sync"):
+        broken([torch.ones(1)])
+
+
+def test_cuda_graph_run_wiring_matches_eager_with_a_simulated_graph(tmp_path, monkeypatch, simulated_cuda_graphs):
+    """The CLI's --cuda-graph path on the CPU with the simulated graph: host-padded static
+    inputs, tensor lrs the schedule fills in place, 2 warm-up steps, a capture and replays
+    give the eager run's losses and lrs. (The real capture is the GPU tests'.)"""
+    from m2f.solver import param_groups
+
+    def optimizer_with_tensor_lrs(model, lr, device, capturable):
+        groups = param_groups(model, lr)
+        for g in groups:
+            g["lr"] = torch.tensor(g["lr"]) if capturable else g["lr"]
+        return torch.optim.AdamW(groups, foreach=False)
+
+    monkeypatch.setattr(train_mod, "build_optimizer", optimizer_with_tensor_lrs)
+    monkeypatch.setattr(train_mod, "check_step_options", lambda cfg, env: None)
+    args = MICRO + MICRO_MODEL + ["--steps", "5", "--batch-size", "2", "--log-every", "1", "--seed", str(fresh_seed())]
+    train_mod.main(args + ["--out", str(tmp_path / "eager")])
+    train_mod.main(args + ["--cuda-graph", "--out", str(tmp_path / "graph")])
+    (graph,) = simulated_cuda_graphs
+    assert (graph.captures, graph.replays) == (1, 3)
+    eager, replayed = read_log(str(tmp_path / "eager")), read_log(str(tmp_path / "graph"))
+    for e, g in zip(eager[:5], replayed[:5]):
+        assert g["lr"] == e["lr"]
+        for key in ("loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm"):
+            assert g[key] == pytest.approx(e[key], rel=1e-5), f"step {e['step']} {key}: {g[key]} vs {e[key]}"
