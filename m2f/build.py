@@ -45,6 +45,7 @@ class Overrides:
     dice_weight: float = 5.0
     no_object_weight: float = 0.1
     deep_supervision: bool = True
+    mask_head: str = "points"  # 'points': mask-free fused training (mask_loss='point'); 'logits': official
     max_targets: Optional[int] = None  # target slots per image in the fused criterion (None: the batch's most)
     # input
     size_divisibility: int = 32
@@ -104,6 +105,7 @@ def build_model(backbone: str = "resnet50", num_classes: int = 133, num_queries:
         conv_dim, num_classes=num_classes, hidden_dim=cfg.hidden_dim, num_queries=num_queries,
         nheads=cfg.nheads, dim_feedforward=cfg.dim_feedforward, dec_layers=cfg.dec_layers,
         pre_norm=cfg.pre_norm, mask_dim=mask_dim, enforce_input_project=cfg.enforce_input_project,
+        mask_head=cfg.mask_head if mask_loss == "point" else "logits",
     )
     matcher = HungarianMatcher(cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.num_points, mask_loss)
     base_weights = {"loss_ce": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}

@@ -31,7 +31,9 @@ import m2f_kernels
 from .kernels import KernelSwitch
 from .losses import dice_loss, sigmoid_ce_loss
 from .matcher import MASK_LOSSES, HungarianMatcher
-from .point_features import calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample
+from .point_features import (
+    calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample, sample_masks,
+)
 from .targets import PaddedTargets, pad_targets
 
 
@@ -79,7 +81,7 @@ class SetCriterion(KernelSwitch, nn.Module):
             tgt = target_masks.flatten(1)
             return {"loss_mask": sigmoid_ce_loss(src, tgt, num_masks), "loss_dice": dice_loss(src, tgt, num_masks)}
         src_masks, target_masks = src_masks[:, None], target_masks[:, None]
-        point_coords = self.sample_points(pred_masks, (b_idx, q_idx), generator)
+        point_coords = self.sample_points(outputs, (b_idx, q_idx), generator)
         with torch.no_grad():
             point_labels = point_sample(target_masks, point_coords, align_corners=False).squeeze(1)
         point_logits = point_sample(src_masks, point_coords, align_corners=False).squeeze(1)
@@ -87,9 +89,14 @@ class SetCriterion(KernelSwitch, nn.Module):
                 "loss_dice": dice_loss(point_logits, point_labels, num_masks)}
 
     @torch.no_grad()
-    def sample_points(self, pred_masks: torch.Tensor, index, generator=None) -> torch.Tensor:
+    def sample_points(self, outputs: Dict, index, generator=None) -> torch.Tensor:
         """[N, num_points, 2]: the official importance sampling of points for the matched masks
-        ``pred_masks[index]`` (``index`` = (batch_index [N], query_index [N]))."""
+        ``index`` = (batch_index [N], query_index [N]) of a prediction (its ``pred_masks``, or
+        its ``mask_embed`` with the ``mask_features`` when mask-free)."""
+        if "mask_embed" in outputs:
+            return _uncertain_points_mask_free(outputs, index, self.num_points, self.oversample_ratio,
+                                               self.importance_sample_ratio, generator)
+        pred_masks = outputs["pred_masks"]
         if self.fused:
             return m2f_kernels.uncertain_point_coords(
                 pred_masks.detach(), self.num_points, self.oversample_ratio, self.importance_sample_ratio,
@@ -128,7 +135,8 @@ class SetCriterion(KernelSwitch, nn.Module):
     # --- static shapes (kernels='fused', mask_loss='point') -----------------------------------
 
     def _static_forward(self, outputs: Dict, targets: PaddedTargets, generator) -> Dict[str, torch.Tensor]:
-        predictions = [outputs] + list(outputs.get("aux_outputs", []))
+        shared = {"mask_features": outputs["mask_features"]} if "mask_features" in outputs else {}
+        predictions = [outputs] + [{**aux, **shared} for aux in outputs.get("aux_outputs", [])]
         batch, slots = targets.labels.shape
         num_masks = average_num_masks(targets.num_targets.sum(), outputs["pred_logits"].device)
         with torch.no_grad():
@@ -149,7 +157,7 @@ class SetCriterion(KernelSwitch, nn.Module):
                        batch_index: torch.Tensor, num_masks: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
         """Losses of one prediction; ``query`` [B, T] the query matched to each slot (-1: none),
         ``batch_index`` [B*T] each slot's image."""
-        logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+        logits = outputs["pred_logits"]
         batch, num_queries = logits.shape[:2]
         slots = query.shape[1]
         pairs = valid & (query >= 0)  # [B, T]
@@ -161,11 +169,37 @@ class SetCriterion(KernelSwitch, nn.Module):
                                 torch.where(pairs, targets.labels, self.num_classes))
         loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes[:, :num_queries], self.empty_weight)
         index = (batch_index, query.clamp(min=0).reshape(-1))
-        target_masks = targets.masks.flatten(0, 1)
-        point_coords = self.sample_points(pred_masks, index, generator)
-        loss_bce, loss_dice = m2f_kernels.point_mask_loss(pred_masks, target_masks, point_coords, num_masks,
-                                                          pred_index=index, mask_weight=pairs.reshape(-1).float())
+        weight = pairs.reshape(-1).float()
+        point_coords = self.sample_points(outputs, index, generator)
+        if "mask_embed" in outputs:  # mask-free: logits at the points, never the masks
+            point_logits = m2f_kernels.point_mask_logits(outputs["mask_embed"], outputs["mask_features"],
+                                                         point_coords, index)
+            point_labels = sample_masks(targets.masks, point_coords.view(batch, slots, -1, 2)).flatten(0, 1)
+            loss_bce = (sigmoid_ce_loss(point_logits.float(), point_labels, 1.0, reduce=False) * weight).sum()
+            loss_dice = (dice_loss(point_logits.float(), point_labels, 1.0, reduce=False) * weight).sum()
+            return {"loss_ce": loss_ce, "loss_mask": loss_bce / num_masks, "loss_dice": loss_dice / num_masks}
+        loss_bce, loss_dice = m2f_kernels.point_mask_loss(outputs["pred_masks"], targets.masks.flatten(0, 1),
+                                                          point_coords, num_masks, pred_index=index,
+                                                          mask_weight=weight)
         return {"loss_ce": loss_ce, "loss_mask": loss_bce, "loss_dice": loss_dice}
+
+
+def _uncertain_points_mask_free(outputs: Dict, index, num_points: int, oversample_ratio: float,
+                                importance_sample_ratio: float, generator) -> torch.Tensor:
+    """``uncertain_point_coords`` for a mask-free prediction: the candidates' logits come from
+    ``point_mask_logits`` (same draws, in the same order, as ``uncertain_point_coords``)."""
+    mask_embed, mask_features = outputs["mask_embed"].detach(), outputs["mask_features"].detach()
+    n = index[0].shape[0]
+    num_sampled = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    device = mask_embed.device
+    candidates = torch.rand(n, num_sampled, 2, device=device, generator=generator)
+    random = torch.rand(n, num_points - num_uncertain, 2, device=device, generator=generator)
+    if num_uncertain == 0 or n == 0:
+        return torch.cat([candidates[:, :num_uncertain], random], dim=1)
+    uncertainty = -m2f_kernels.point_mask_logits(mask_embed, mask_features, candidates, index).abs()
+    chosen = torch.topk(uncertainty, k=num_uncertain, dim=1).indices
+    return torch.cat([candidates.gather(1, chosen.unsqueeze(-1).expand(-1, -1, 2)), random], dim=1)
 
 
 def average_num_masks(local, device) -> torch.Tensor:

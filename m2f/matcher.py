@@ -27,7 +27,7 @@ import m2f_kernels
 
 from .kernels import KernelSwitch
 from .losses import batch_dice_loss, batch_sigmoid_ce_loss
-from .point_features import point_sample
+from .point_features import point_sample, sample_masks
 from .targets import PaddedTargets
 
 MASK_LOSSES = ("point", "full")
@@ -71,15 +71,24 @@ class HungarianMatcher(KernelSwitch, nn.Module):
         (padding slots hold finite garbage: the solver ignores them). Point costs only."""
         if self.mask_loss != "point":
             raise ValueError("cost_matrix computes point costs; mask_loss='full' takes forward()")
-        logits, pred_masks = outputs["pred_logits"], outputs["pred_masks"]
+        logits = outputs["pred_logits"]
         b, q = logits.shape[:2]
         slots = targets.labels.shape[1]
         prob = logits.float().softmax(-1)
         cost_class = -prob.gather(2, targets.labels[:, None, :].expand(b, q, slots))
-        coords = self.draw_points(b, pred_masks.device, generator)
-        costs = [self._point_costs(pred_masks[i], targets.masks[i], coords[i]) for i in range(b)]
-        cost_mask = torch.stack([c[0] for c in costs])
-        cost_dice = torch.stack([c[1] for c in costs])
+        coords = self.draw_points(b, logits.device, generator)
+        if "mask_embed" in outputs:
+            # mask-free: each image's features sampled once at its points, then the logits of
+            # all queries there are one batched matmul; targets sampled at the same points
+            features = m2f_kernels.point_sample(outputs["mask_features"], coords)  # [B, C, P]
+            point_logits = torch.bmm(outputs["mask_embed"], features).float()  # [B, Q, P]
+            point_labels = sample_masks(targets.masks, coords)  # [B, T, P]
+            cost_mask, cost_dice = self._costs(point_logits, point_labels)
+        else:
+            pred_masks = outputs["pred_masks"]
+            costs = [self._point_costs(pred_masks[i], targets.masks[i], coords[i]) for i in range(b)]
+            cost_mask = torch.stack([c[0] for c in costs])
+            cost_dice = torch.stack([c[1] for c in costs])
         return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
 
     def _point_costs(self, out_mask: torch.Tensor, tgt_mask: torch.Tensor, coords: torch.Tensor):
@@ -101,6 +110,7 @@ class HungarianMatcher(KernelSwitch, nn.Module):
 
     @staticmethod
     def _costs(out: torch.Tensor, tgt: torch.Tensor):
+        """out (logits) [..., Q, P], tgt [..., T, P] -> (cost_mask, cost_dice) [..., Q, T] float32."""
         with torch.autocast(device_type=out.device.type, enabled=False):
             out, tgt = out.float(), tgt.float()
             return batch_sigmoid_ce_loss(out, tgt), batch_dice_loss(out, tgt)

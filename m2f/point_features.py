@@ -54,3 +54,27 @@ def get_uncertain_point_coords_with_randomness(
             [point_coords, torch.rand(num_boxes, num_random_points, 2, device=device, generator=generator)], dim=1
         )
     return point_coords
+
+
+def sample_masks(masks: torch.Tensor, point_coords: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples of masks (bool or floating) [B, T, H, W] at (x, y) in [0, 1]:
+    point_coords [B, P, 2] (shared by an image's masks) or [B, T, P, 2] -> [B, T, P] float32.
+
+    The ``point_sample`` convention (align_corners=False, zero padding) by gathering the four
+    taps, so a bool mask is read as it is (no float copy of the whole mask).
+    """
+    b, t, h, w = masks.shape
+    if point_coords.dim() == 3:
+        point_coords = point_coords[:, None].expand(b, t, -1, 2)
+    x = point_coords[..., 0].float() * w - 0.5
+    y = point_coords[..., 1].float() * h - 0.5
+    x0, y0 = x.floor(), y.floor()
+    flat = masks.reshape(b, t, h * w)
+    out = 0
+    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        xi, yi = x0 + dx, y0 + dy
+        weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
+        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()
+        out = out + torch.where(inside, weight, 0) * flat.gather(2, index).float()
+    return out

@@ -98,21 +98,37 @@ class FFNLayer(nn.Module):
         return tgt if self.normalize_before else self.norm(tgt)
 
 
-class MultiScaleMaskedTransformerDecoder(nn.Module):
+MASK_HEADS = ("points", "logits")
+
+
+class MultiScaleMaskedTransformerDecoder(KernelSwitch, nn.Module):
     """forward(x: 3 features [B, C, H_l, W_l] (1/32, 1/16, 1/8), mask_features [B, mask_dim, H/4, W/4])
     -> {"pred_logits" [B, Q, K+1], "pred_masks" [B, Q, H/4, W/4], "aux_outputs": [dec_layers dicts]}.
+
+    Mask-free (``mask_head='points'`` with ``kernels='fused'``): no prediction builds its
+    [B, Q, H/4, W/4] mask logits. Each prediction carries ``"mask_embed"`` [B, Q, mask_dim]
+    instead (the output holds the shared ``"mask_features"``), which the criterion samples
+    at points (``m2f_kernels.point_mask_logits``); the attention masks come from the mask
+    features resized once per level, einsum(embed, resize(F)) = resize(einsum(embed, F))
+    (bilinear resizing is linear), as logits (blocked where < 0, i.e. sigmoid < 0.5). In eval
+    mode the last prediction's ``"pred_masks"`` is built as usual.
 
     Args:
         dec_layers: transformer layers (9 in the official configs, whose DEC_LAYERS = 10
             counts the prediction on the learnable queries too).
+        mask_head: 'points' (mask-free with the fused kernels) or 'logits' (always build
+            the mask logits, as the official code).
     """
 
     num_feature_levels = 3
 
     def __init__(self, in_channels: int, *, num_classes: int, hidden_dim: int = 256, num_queries: int = 100,
                  nheads: int = 8, dim_feedforward: int = 2048, dec_layers: int = 9, pre_norm: bool = False,
-                 mask_dim: int = 256, enforce_input_project: bool = False):
+                 mask_dim: int = 256, enforce_input_project: bool = False, mask_head: str = "points"):
         super().__init__()
+        if mask_head not in MASK_HEADS:
+            raise ValueError(f"mask_head must be one of {MASK_HEADS}, got {mask_head!r}")
+        self.mask_head = mask_head
         self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
         self.num_heads = nheads
         self.num_layers = dec_layers
@@ -149,16 +165,15 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
+        if self.mask_free:
+            return self._forward_mask_free(src, pos, size_list, query_embed, output, mask_features)
         classes, masks = [], []
         outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
         classes.append(outputs_class)
         masks.append(outputs_mask)
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
-            output = self.transformer_cross_attention_layers[i](output, src[level], attn_mask,
-                                                                pos=pos[level], query_pos=query_embed)
-            output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
-            output = self.transformer_ffn_layers[i](output)
+            output = self._layer(i, output, src[level], attn_mask, pos[level], query_embed)
             outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
                 output, mask_features, size_list[(i + 1) % self.num_feature_levels])
             classes.append(outputs_class)
@@ -168,6 +183,47 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             "pred_masks": masks[-1],
             "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1])],
         }
+
+    @property
+    def mask_free(self) -> bool:
+        return self.fused and self.mask_head == "points"
+
+    def _layer(self, i, output, src, attn_mask, pos, query_embed):
+        output = self.transformer_cross_attention_layers[i](output, src, attn_mask, pos=pos, query_pos=query_embed)
+        output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
+        return self.transformer_ffn_layers[i](output)
+
+    def _forward_mask_free(self, src, pos, size_list, query_embed, output, mask_features) -> Dict:
+        level_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                          for size in size_list]
+        classes, embeds = [], []
+        outputs_class, mask_embed, attn_mask = self.forward_embed_heads(output, level_features[0])
+        classes.append(outputs_class)
+        embeds.append(mask_embed)
+        for i in range(self.num_layers):
+            level = i % self.num_feature_levels
+            output = self._layer(i, output, src[level], attn_mask, pos[level], query_embed)
+            outputs_class, mask_embed, attn_mask = self.forward_embed_heads(
+                output, level_features[(i + 1) % self.num_feature_levels])
+            classes.append(outputs_class)
+            embeds.append(mask_embed)
+        out = {
+            "pred_logits": classes[-1],
+            "mask_embed": embeds[-1],
+            "mask_features": mask_features,
+            "aux_outputs": [{"pred_logits": c, "mask_embed": e} for c, e in zip(classes[:-1], embeds[:-1])],
+        }
+        if not self.training:
+            out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", embeds[-1], mask_features)
+        return out
+
+    def forward_embed_heads(self, output, level_features):
+        """-> (class logits [B, Q, K+1], mask embeddings [B, Q, mask_dim], attention-mask logits
+        [B, Q, h*w] at ``level_features``' size, blocked where < 0)."""
+        decoder_output = self.decoder_norm(output).transpose(0, 1)
+        mask_embed = self.mask_embed(decoder_output)
+        attn_logits = torch.einsum("bqc,bchw->bqhw", mask_embed, level_features).flatten(2).detach()
+        return self.class_embed(decoder_output), mask_embed, attn_logits
 
     def forward_prediction_heads(self, output, mask_features, attn_mask_target_size):
         """-> (class logits [B, Q, K+1], mask logits [B, Q, H/4, W/4], blocked [B, Q, h*w] bool)."""

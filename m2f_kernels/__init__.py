@@ -14,11 +14,12 @@ from .ops.assignment import linear_sum_assignment
 from .ops.masked_attention import masked_attention
 from .ops.ms_deform_attn import ms_deform_attn
 from .ops.point_loss import pairwise_mask_cost, point_mask_loss, point_sample, uncertain_point_coords
+from .ops.point_mask_logits import point_mask_logits
 
 __version__ = "0.1.0"
 
 __all__ = [
     "masked_attention", "ms_deform_attn", "point_sample", "uncertain_point_coords",
-    "point_mask_loss", "pairwise_mask_cost", "linear_sum_assignment",
+    "point_mask_loss", "pairwise_mask_cost", "linear_sum_assignment", "point_mask_logits",
     "set_backend", "get_backend", "use_backend", "BackendUnavailableError", "BACKENDS",
 ]

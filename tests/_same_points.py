@@ -32,7 +32,7 @@ def same_points(monkeypatch):
         fixed = torch.rand(self.num_points, 2, generator=torch.Generator().manual_seed(1234)).to(device)
         return fixed.expand(images, -1, -1)
 
-    def sample_points(self, pred_masks, index, generator=None):
+    def sample_points(self, outputs, index, generator=None):
         return _points_of(index[0], index[1], self.num_points)
 
     monkeypatch.setattr(HungarianMatcher, "draw_points", draw_points)

@@ -101,7 +101,7 @@ def test_autocast_kernels_are_registered():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"m2f_kernels::{name}", key), f"{name} {key}"
     assert set(autocast_rules.RULES) == {
         "masked_attention", "ms_deform_attn", "point_sample", "uncertain_point_coords", "point_mask_loss",
-        "pairwise_mask_cost", "linear_sum_assignment"}
+        "pairwise_mask_cost", "linear_sum_assignment", "point_mask_logits"}
 
 
 def _leaves(*tensors):

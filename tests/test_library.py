@@ -113,6 +113,9 @@ def _opcheck_cases():
                                (pred[bi, qi].detach().requires_grad_(), target, coords, 2.5, None, None, None,
                                 "reference")),
         "pairwise_mask_cost": (ops.pairwise_mask_cost.default, (pred[0].detach(), target, coords[0], "reference")),
+        "point_mask_logits": (ops.point_mask_logits.default,
+                              (torch.randn(2, 4, 3, dtype=F64, requires_grad=True),
+                               torch.randn(2, 3, 5, 6, dtype=F64, requires_grad=True), coords, bi, qi, "reference")),
         "linear_sum_assignment": (ops.linear_sum_assignment.default,
                                   (torch.rand(2, 5, 4), torch.tensor([4, 2]), "reference")),
     }

@@ -25,7 +25,7 @@ from ._same_points import same_points  # noqa: F401  (fixture)
 from .conftest import ON_GPU, TF32_TOLERANCE, TOLERANCE, rel_err, requires_gpu, requires_triton
 
 FUSED_OPS = ("masked_attention", "ms_deform_attn", "uncertain_point_coords", "point_mask_loss", "pairwise_mask_cost",
-             "linear_sum_assignment")
+             "linear_sum_assignment", "point_sample", "point_mask_logits")
 
 
 def fresh_seed() -> int:
@@ -114,9 +114,10 @@ def test_reference_and_fused_agree_cpu(mask_loss, same_points):
     compare(ref, fused, TOLERANCE[torch.float32], seed, f"cpu {mask_loss}")
 
 
-def test_fused_mode_calls_every_fused_op_and_reference_none(monkeypatch):
+@pytest.mark.parametrize("mask_head", ["points", "logits"])
+def test_fused_mode_calls_every_fused_op_and_reference_none(monkeypatch, mask_head):
     seed = fresh_seed()
-    model, images, targets = make_case(seed)
+    model, images, targets = make_case(seed, mask_head=mask_head)
     calls = dict.fromkeys(FUSED_OPS, 0)
 
     def counting(name, fn):
@@ -134,9 +135,13 @@ def test_fused_mode_calls_every_fused_op_and_reference_none(monkeypatch):
     dec, enc, preds = TINY["dec_layers"], TINY["enc_layers"], TINY["dec_layers"] + 1
     # train + eval forward each run the decoder and encoder once
     assert calls["masked_attention"] == 2 * dec and calls["ms_deform_attn"] == 2 * enc, calls
-    assert calls["pairwise_mask_cost"] == preds * images.shape[0], calls
     assert calls["linear_sum_assignment"] == 1, calls  # every prediction and image in one call
-    assert calls["uncertain_point_coords"] == preds and calls["point_mask_loss"] == preds, calls
+    if mask_head == "logits":
+        assert calls["pairwise_mask_cost"] == preds * images.shape[0], calls
+        assert calls["uncertain_point_coords"] == preds and calls["point_mask_loss"] == preds, calls
+    else:  # mask-free: the matcher samples features (point_sample), the losses read point logits
+        assert calls["point_sample"] == preds and calls["point_mask_logits"] == 2 * preds, calls
+        assert calls["pairwise_mask_cost"] == calls["uncertain_point_coords"] == calls["point_mask_loss"] == 0
 
 
 def test_switching_keeps_parameters_and_keys():
