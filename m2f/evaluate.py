@@ -60,7 +60,13 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DatasetInfo, devi
     Returns (metrics, examples): metrics has PQ/SQ/RQ(_th/_st) for panoptic datasets, mIoU,
     fwIoU, mACC, pACC, and AP/AP50/AP75 when there are thing classes; examples are this
     rank's first ``num_examples`` images with ground truth and predictions (for plots).
+    A per-pixel model (``model.task == 'semantic'``, SegFormer) gets the semantic metrics
+    only (``m2f.semantic.evaluate_semantic``).
     """
+    if getattr(model, "task", None) == "semantic":
+        from .semantic import evaluate_semantic
+
+        return evaluate_semantic(model, loader, info, device, amp=amp, num_examples=num_examples)
     was_training = model.training
     model.eval()
     pq = PanopticQuality(info.num_classes, info.thing_ids) if info.panoptic else None

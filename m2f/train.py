@@ -42,6 +42,7 @@ from .data.sample import DatasetInfo
 from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics
 from .graph_step import GraphStep, no_autocast_cache
 from .plots import read_log, save_loss_curve, save_predictions
+from .semantic import ARCHS, build_from_config as build_semantic_model, configure as configure_arch
 from .checkpoint import OptimizerStateMismatchError, load_optimizer_state
 from .solver import build_optimizer, build_scheduler, clip_gradients, current_lrs
 
@@ -138,7 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, help="base learning rate (official: 1e-4)")
     p.add_argument("--num-queries", type=int)
     p.add_argument("--model", action="append", metavar="KEY=VALUE",
-                   help="extra build_model override, e.g. --model dec_layers=6 (repeatable)")
+                   help="extra build_model override, e.g. --model dec_layers=6 (repeatable); or the architecture: "
+                   "--model segformer (with --backbone mit_b0..mit_b5; see m2f.semantic)")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: off)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>_<preset>)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
@@ -165,6 +167,8 @@ def _parse_overrides(items) -> Dict:
     for item in items or ():
         key, sep, value = item.partition("=")
         if not sep:
+            if key.strip() in ARCHS:  # the architecture (m2f.semantic.model_arch), not an override
+                continue
             raise SystemExit(f"--model expects KEY=VALUE, got {item!r}")
         try:
             out[key.strip()] = ast.literal_eval(value)
@@ -208,7 +212,7 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "compile": bool(args.compile),
         "cuda_graph": bool(args.cuda_graph),
     })
-    return cfg
+    return configure_arch(cfg, args)  # --model segformer: m2f.semantic
 
 
 def static_targets(cfg: Dict) -> bool:
@@ -254,6 +258,8 @@ def resume_config(args: argparse.Namespace, saved: Dict) -> Dict:
 
 
 def build_model_from_config(cfg: Dict, info: DatasetInfo) -> torch.nn.Module:
+    if cfg.get("arch") == "segformer":
+        return build_semantic_model(cfg, info)
     overrides = dict(cfg["model"])
     if cfg.get("weights"):
         overrides["backbone_weights"] = cfg["weights"]
