@@ -9,7 +9,7 @@
 
 The official ``build_optimizer`` makes one parameter group per parameter; here parameters
 that share (lr, weight decay) share a group (3-4 groups), with the same per-parameter
-values, so AdamW's foreach / fused implementations update a whole group in a few launches.
+values, so AdamW's fused (or foreach) implementation updates a whole group in a few launches.
 ``parameter_rules`` is the per-parameter rule in the official traversal order (checkpoints
 of the per-parameter layout are regrouped with it: ``m2f.checkpoint.load_optimizer_state``).
 
@@ -57,28 +57,31 @@ def param_groups(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
     return list(groups.values())
 
 
+# devices with fused AdamW kernels (one launch per group and dtype, step counts read on the
+# device); elsewhere the foreach implementation, which reads each step count on the host
+FUSED_DEVICES = ("cuda", "cpu", "xpu", "mps")
+
+
 def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.05,
                     backbone_multiplier: float = 0.1, device: Optional[Union[str, torch.device]] = None,
                     capturable: bool = False) -> torch.optim.AdamW:
-    """AdamW over ``param_groups``: ``fused=True`` on CUDA, ``foreach=True`` elsewhere.
+    """AdamW over ``param_groups``: ``fused=True`` on CUDA (and the CPU, where the fused
+    kernel also spares the per-parameter host reads of the step counts), ``foreach=True``
+    on devices without fused kernels.
 
-    ``capturable=True`` (CUDA only) is for a step captured in a CUDA graph: the optimizer
-    keeps its step counts on the device and each group's lr is a 0-dim float32 device tensor
-    that the schedule fills in place between replays (a Python float would be frozen into
-    the graph). ``device`` defaults to the parameters' device.
+    ``capturable=True`` (CUDA only) is for a step captured in a CUDA graph: each group's lr
+    is a 0-dim float32 device tensor that the schedule fills in place between replays (a
+    Python float would be frozen into the graph). ``device`` defaults to the parameters'.
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     groups = param_groups(model, lr, weight_decay, backbone_multiplier)
-    if device.type == "cuda":
-        options = {"fused": True, "capturable": capturable}
-        if capturable:
-            for group in groups:
-                group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=device)
-    elif capturable:
-        raise ValueError(f"a capturable optimizer needs CUDA parameters, got device {device}")
-    else:
-        options = {"foreach": True}
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **options)
+    if capturable:
+        if device.type != "cuda":
+            raise ValueError(f"a capturable optimizer needs CUDA parameters, got device {device}")
+        for group in groups:
+            group["lr"] = torch.tensor(group["lr"], dtype=torch.float32, device=device)
+    options = {"fused": True} if device.type in FUSED_DEVICES else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, capturable=capturable, **options)
 
 
 class PolyLambda:

@@ -48,8 +48,8 @@ def set_grads(model: nn.Module, seed: int) -> None:
         p.grad = torch.randn(p.shape, generator=g) * 1e-2
 
 
-# not kernels: profiler markers, and reads of a CPU scalar (the non-capturable foreach AdamW
-# keeps its step counters on the host and reads each one; the fused CUDA path has none)
+# not kernels: profiler markers, and reads of a CPU scalar (the foreach and for-loop AdamW
+# keep their step counts on the host and read each one; the fused one has none)
 NOT_LAUNCHES = ("_record_function_enter_new", "_record_function_exit", "_local_scalar_dense")
 
 
@@ -86,7 +86,7 @@ def test_groups_are_few_and_keep_every_parameters_lr_and_weight_decay():
     assert all(g["initial_lr"] == g["lr"] and isinstance(g["lr"], float) for g in groups)
     opt = build_optimizer(model)
     assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) <= 4
-    assert all(g["foreach"] and not g["fused"] and not g["capturable"] for g in opt.param_groups)  # CPU
+    assert all(g["fused"] and not g["capturable"] for g in opt.param_groups)  # the CPU has fused AdamW too
 
 
 def test_capturable_needs_cuda():
@@ -114,12 +114,14 @@ def test_grouped_step_equals_the_per_parameter_step():
 
 def test_an_optimizer_step_runs_far_fewer_ops():
     """Non-view aten ops of one (steady-state) AdamW step: on a GPU each is a kernel launch.
-    Per-parameter groups batch nothing, foreach or not; the grouped foreach step batches each
-    group into a few multi-tensor ops."""
-    counts = {}
+    Per-parameter groups batch nothing, foreach or not; grouped, foreach runs a few
+    multi-tensor ops per group and fused (build_optimizer) two, without reading anything on
+    the host."""
+    counts, host_reads = {}, {}
     for name, make in (("per-parameter", per_parameter_optimizer),
                        ("per-parameter foreach", lambda m: per_parameter_optimizer(m, foreach=True)),
-                       ("grouped", build_optimizer)):
+                       ("grouped foreach", lambda m: torch.optim.AdamW(param_groups(m), foreach=True)),
+                       ("grouped fused", build_optimizer)):
         model = tiny_model()
         opt = make(model)
         set_grads(model, 0)
@@ -127,9 +129,11 @@ def test_an_optimizer_step_runs_far_fewer_ops():
         set_grads(model, 1)
         with OpCounter() as counter:
             opt.step()
-        counts[name] = counter.launches
-    print(counts)
-    assert counts["grouped"] * 5 <= counts["per-parameter foreach"] <= counts["per-parameter"], counts
+        counts[name], host_reads[name] = counter.launches, counter.ops.get("_local_scalar_dense", 0)
+    print(counts, host_reads)
+    assert counts["grouped foreach"] * 5 <= counts["per-parameter foreach"] <= counts["per-parameter"], counts
+    groups = len(param_groups(tiny_model()))
+    assert counts["grouped fused"] <= 2 * groups and host_reads["grouped fused"] == 0, (counts, host_reads)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
@@ -176,7 +180,7 @@ def test_a_per_parameter_checkpoint_resumes_into_the_grouped_optimizer():
     sched = build_scheduler(opt, max_steps=10)
     load_optimizer_state(opt, saved_opt, model, sched, saved_sched)
     assert len(opt.param_groups) <= 4 and sched.last_epoch == 2
-    assert all(g["foreach"] for g in opt.param_groups)  # this optimizer's implementation, not the file's
+    assert all(g["fused"] for g in opt.param_groups)  # this optimizer's implementation, not the file's
     for step in (2, 3):  # both continue identically
         for m, o, s in ((model, opt, sched), (old_model, old_opt, old_sched)):
             set_grads(m, step)
@@ -204,7 +208,7 @@ def test_loading_keeps_tensor_lrs_and_refuses_other_layouts():
     load_optimizer_state(opt, old_opt.state_dict(), model, sched, old_sched.state_dict())
     assert [g["lr"] for g in opt.param_groups] == lr_tensors
     assert [g["lr"].item() for g in opt.param_groups] == pytest.approx(old_sched.get_last_lr())
-    assert not any(g["foreach"] for g in opt.param_groups)
+    assert not any(g["fused"] or g["foreach"] for g in opt.param_groups)
 
     bad = old_opt.state_dict()
     bad["param_groups"] = bad["param_groups"][:-1]
