@@ -18,7 +18,8 @@ from typing import Optional
 # official code path where the table has it, else the reference backend.
 BASELINES = ("official", "original", "reference")
 # The model cases (bench/test_bench_model.py): the paper's claim is a/b.
-TRAIN_CONFIGS = ("a-full-reference", "b-point-reference", "c-point-fused")
+TRAIN_CONFIGS = ("a-full-reference", "b-point-reference", "c-point-fused")  # the 3x table's rows
+MASK_FREE, COMPILED, CUDA_GRAPH = "d-point-mask-free", "e-mask-free-compiled", "f-mask-free-cuda-graph"
 PAPER_MEMORY_RATIO = 3.0  # Table 5 of arXiv 2112.01527: 18 GB -> 6 GB per image
 MiB, GB = 2.0**20, 1e9
 
@@ -180,11 +181,14 @@ def model_rows(data: dict) -> tuple:
             step[name] = r["time_ms"]["median"]
             train_rows.append([label, dtype, name, _ms(step[name]), "-" if mem[name] is None else f"{mem[name]:.2f}"])
         a, b, c = TRAIN_CONFIGS
+        d = MASK_FREE
         ratio_rows.append([
             label, dtype,
             _ratio(mem.get(a), mem.get(b)), f"{PAPER_MEMORY_RATIO:.0f}x",
-            _ratio(mem.get(b), mem.get(c)), _ratio(mem.get(a), mem.get(c)),
+            _ratio(mem.get(b), mem.get(c)), _ratio(mem.get(a), mem.get(c)), _ratio(mem.get(a), mem.get(d)),
             _ratio(step.get(a), step.get(b)), _ratio(step.get(b), step.get(c)), _ratio(step.get(a), step.get(c)),
+            _ratio(step.get(b), step.get(d)), _ratio(step.get(b), step.get(COMPILED)),
+            _ratio(step.get(b), step.get(CUDA_GRAPH)), _ratio(step.get(d), step.get(CUDA_GRAPH)),
         ])
     for (label, dtype), group in model_groups(infer).items():
         ref = group.get("reference")
@@ -201,14 +205,16 @@ def model_section(data: dict, heading: str = "## {}") -> str:
         return ""
     parts = [heading.format("Mask2Former training step and inference (the 3x claim)") + "\n",
              "Configs: (a) whole-mask matching and losses, reference kernels; (b) point-sampled, "
-             "reference kernels (the official code path); (c) point-sampled, fused kernels. "
+             "reference kernels (the official code path); (c) point-sampled, fused kernels; (d) "
+             "point + mask-free (fused, no mask logits built); (e) (d) compiled; (f) (d) as one "
+             "CUDA graph. "
              "Memory is the peak allocated during one step above what was allocated before the "
              "case (model, optimizer state, inputs and activations), divided by the batch.\n"]
     if train_rows:
         parts.append(_table(["model", "dtype", "config", "step ms", "peak GB / image"], train_rows))
         parts.append("\n" + _table(
-            ["model", "dtype", "memory a/b", "paper a/b", "memory b/c", "memory a/c",
-             "time a/b", "time b/c", "time a/c"], ratio_rows))
+            ["model", "dtype", "memory a/b", "paper a/b", "memory b/c", "memory a/c", "memory a/d",
+             "time a/b", "time b/c", "time a/c", "time b/d", "time b/e", "time b/f", "time d/f"], ratio_rows))
     if infer_rows:
         parts.append("\nInference latency per image:\n\n" + _table(
             ["model", "dtype", "kernels", "ms / image", "speedup vs reference"], infer_rows))

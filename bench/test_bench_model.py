@@ -5,7 +5,13 @@ decay 0.05 as in the official configs), on random images with T box-shaped insta
 masks per image at the input resolution, for
   (a) 'a-full-reference':  whole-mask matching and losses, reference kernels,
   (b) 'b-point-reference': point-sampled, reference kernels (the official code path),
-  (c) 'c-point-fused':     point-sampled, fused kernels.
+  (c) 'c-point-fused':     point-sampled, fused kernels, mask logits built (mask_head='logits'),
+  (d) 'd-point-mask-free': point-sampled, fused kernels, mask-free (mask_head='points'), eager,
+  (e) 'e-mask-free-compiled':   (d) under torch.compile (model and loss),
+  (f) 'f-mask-free-cuda-graph': (d) captured once in a CUDA graph and replayed
+      (m2f.graph_step.GraphStep; targets padded to T slots).
+Every provider steps the project's AdamW (m2f.solver.build_optimizer: a few parameter
+groups, fused on CUDA), so the rows differ in the model and criterion path only.
 dtype 'bf16' means torch.autocast(bfloat16) around forward + loss (parameters and
 optimizer state stay float32); 'fp32' is plain float32. Peak memory: the step's
 max_memory_allocated above what was allocated before the case (so it includes the
@@ -25,7 +31,8 @@ from bench.harness import Block, Inputs, OpSpec, Unavailable
 NUM_CLASSES = 133  # COCO panoptic
 R50 = {"backbone": "resnet50", "queries": 100, "image": 1024, "T": 30}
 SWIN_L = {"backbone": "swin_large", "queries": 200, "image": 1024, "T": 30}
-TRAIN = ("a-full-reference", "b-point-reference", "c-point-fused")
+TRAIN = ("a-full-reference", "b-point-reference", "c-point-fused", "d-point-mask-free", "e-mask-free-compiled",
+         "f-mask-free-cuda-graph")
 INFER = ("reference", "fused")
 
 
@@ -56,10 +63,11 @@ def _autocast(dtype: torch.dtype):
     return torch.autocast("cuda", dtype=dtype)
 
 
-def _build_model(meta: dict, kernels: str, mask_loss: str, device):
+def _build_model(meta: dict, kernels: str, mask_loss: str, device, mask_head: str = "points"):
     from m2f import build_model
 
     overrides = dict(meta.get("overrides", ()))  # small configurations for the CPU tests
+    overrides.setdefault("mask_head", mask_head)
     try:
         model = build_model(backbone=meta["backbone"], num_classes=NUM_CLASSES, num_queries=meta["queries"],
                             kernels=kernels, mask_loss=mask_loss, **overrides)
@@ -68,27 +76,40 @@ def _build_model(meta: dict, kernels: str, mask_loss: str, device):
     return model.to(device)
 
 
-def _train(kernels: str, mask_loss: str):
+def _train(kernels: str, mask_loss: str, mask_head: str = "points", run: str = "eager"):
     def build(inputs: Inputs):
+        from m2f.solver import build_optimizer
+
         meta = inputs.meta
         images = inputs["images"]
-        model = _build_model(meta, kernels, mask_loss, images.device)
+        if run == "cuda-graph" and images.device.type != "cuda":
+            raise Unavailable("a CUDA graph needs a CUDA device")
+        model = _build_model(meta, kernels, mask_loss, images.device, mask_head)
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        optimizer = build_optimizer(model, lr=1e-4, weight_decay=0.05, capturable=run == "cuda-graph")
         meta["metrics"] = {"parameters": sum(p.numel() for p in model.parameters())}
+        forward = torch.compile(model) if run == "compiled" else model
+        targets = meta["targets"]
+        if run != "eager":  # the same shapes every step
+            targets = model.pad_targets(targets, model.preprocess(images[:1]).shape[-2:], meta["T"])
 
-        def step():
-            optimizer.zero_grad(set_to_none=True)
+        def step_fn(images, *target_tensors):
+            optimizer.zero_grad(set_to_none=False)
             with _autocast(meta["dtype"]):
-                losses = model(images, meta["targets"])
+                losses = forward(images, type(targets)(*target_tensors) if target_tensors else targets)
                 loss = sum(losses.values())
             loss.backward()
             optimizer.step()
-            return loss.detach()
+            return {"loss": loss.detach()}
 
-        return step
+        if run != "cuda-graph":
+            return lambda: step_fn(images)["loss"]
+        from m2f.graph_step import GraphStep
 
-    build.__doc__ = f"training step, kernels={kernels!r}, mask_loss={mask_loss!r}"
+        graph = GraphStep(step_fn, images.device)
+        return lambda: graph((images, *targets))["loss"]
+
+    build.__doc__ = f"training step, kernels={kernels!r}, mask_loss={mask_loss!r}, mask_head={mask_head!r}, {run}"
     return build
 
 
@@ -126,8 +147,16 @@ TABLE = OpSpec(
     settings={"min_rounds": 3, "max_rounds": 5, "warmup_rounds": 0, "budget_ms": 1.0},
 )
 
-for _name, _kernels, _loss in zip(TRAIN, ("reference", "reference", "fused"), ("full", "point", "point")):
-    TABLE.provider(_name, requires=_requires_m2f, modes=("train",))(_train(_kernels, _loss))
+_TRAIN_PATHS = {  # provider -> (kernels, mask_loss, mask_head, run)
+    "a-full-reference": ("reference", "full", "logits", "eager"),
+    "b-point-reference": ("reference", "point", "logits", "eager"),
+    "c-point-fused": ("fused", "point", "logits", "eager"),
+    "d-point-mask-free": ("fused", "point", "points", "eager"),
+    "e-mask-free-compiled": ("fused", "point", "points", "compiled"),
+    "f-mask-free-cuda-graph": ("fused", "point", "points", "cuda-graph"),
+}
+for _name in TRAIN:
+    TABLE.provider(_name, requires=_requires_m2f, modes=("train",))(_train(*_TRAIN_PATHS[_name]))
 for _kernels in INFER:
     TABLE.provider(_kernels, requires=_requires_m2f, modes=("infer",))(_infer(_kernels))
 

@@ -81,7 +81,8 @@ def test_tables_cover_the_design_shapes():
     assert {c.params["P"] for c in POINT_LOSS.cases()} == {12544}
 
     r50 = {(c.provider, c.dtype) for c in MODEL.cases() if c.mode == "train" and c.params["backbone"] == "resnet50"}
-    assert {(p, d) for p in report.TRAIN_CONFIGS for d in ("fp32", "bf16")} == r50
+    steps = report.TRAIN_CONFIGS + (report.MASK_FREE, report.COMPILED, report.CUDA_GRAPH)
+    assert {(p, d) for p in steps for d in ("fp32", "bf16")} == r50
     assert all(c.params["image"] == 1024 and c.params["batch"] == 2 for c in MODEL.cases() if c.mode == "train")
 
 
@@ -468,3 +469,14 @@ def test_bench_suite_wiring_end_to_end_on_cpu(tmp_path):
     assert stats["stats"]["rounds"] == ok["time_ms"]["rounds"]
     assert stats["stats"]["median"] * 1e3 == pytest.approx(ok["time_ms"]["median"])
     assert stats["extra_info"]["median_ms"] == pytest.approx(ok["time_ms"]["median"])
+
+
+@pytest.mark.parametrize("provider", ["d-point-mask-free", "e-mask-free-compiled"])
+def test_mask_free_step_cases_run_on_cpu(provider):
+    pytest.importorskip("m2f", reason="the model package m2f is not importable")
+    tiny = {"backbone": "resnet18", "queries": 4, "image": 64, "T": 2, "batch": 1,
+            "overrides": (("hidden_dim", 32), ("dim_feedforward", 64), ("dec_layers", 1), ("enc_layers", 1),
+                          ("enc_dim_feedforward", 64), ("num_points", 16), ("backbone_width", 8))}
+    case = Case.make("model", provider, tiny, "fp32", "train", ("backbone",))
+    record = harness.run_case(MODEL, case, "cpu", settings=Settings(1.0, 1, 1, 0))
+    assert record["status"] == "ok", record.get("reason")
