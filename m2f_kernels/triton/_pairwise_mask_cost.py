@@ -39,10 +39,10 @@ class PairwiseConfig:
 # Defaults per pred dtype; bench/sweep_point_loss.py times the alternatives. Every entry must
 # fit the shared memory of sm_80, sm_86 and sm_90 for every pred/target dtype
 # (tests/test_op_point_loss.py checks the estimate, and a compile for sm_80 and sm_90).
-# The default compiles (real launch specialisation, fp32 pred, bool targets) to 149
-# registers on sm_90 (128 on sm_80), no spills, 10 KiB shared: on sm_90 one 8-warp program
-# per SM by registers, so the ~224 programs of the standard shape take two waves (a
-# candidate for the GPU sweep: bench/notes/point_loss.md).
+# The default compiles (real launch specialisation, every pred dtype, bool targets) to 124
+# registers on sm_90 (125 on sm_80), no spills, 10 KiB shared: two 8-warp programs per SM
+# by registers, so the ~224 programs of the standard shape fit one wave on an H100 / H200
+# (a compile result, not a GPU measurement; the sweep: bench/notes/point_loss.md).
 PAIRWISE_CONFIGS = {
     torch.float32: PairwiseConfig(),
     torch.float16: PairwiseConfig(),
@@ -87,6 +87,14 @@ def pairwise_split(config: PairwiseConfig, q: int, t: int, p: int) -> tuple:
 
 
 @triton.jit
+def _row_taps(cx, cy, H, W):
+    """:func:`_taps` of points [BLOCK_P] as [1, BLOCK_P] rows, for gathers of [rows, BLOCK_P] tiles."""
+    x0, y0, wx0, wx1, wy0, wy1, v00, v01, v10, v11 = _taps(cx, cy, H, W)
+    return (x0[None, :], y0[None, :], wx0[None, :], wx1[None, :], wy0[None, :], wy1[None, :],
+            v00[None, :], v01[None, :], v10[None, :], v11[None, :])
+
+
+@triton.jit
 def _pairwise_partial_kernel(
     pred, target, coords, part,
     Q, T, P, CHUNK, E, Hp, Wp, Ht, Wt,
@@ -106,8 +114,10 @@ def _pairwise_partial_kernel(
     rt = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     qm = rq < Q
     tm = rt < T
-    pred_rows = pred + rq.to(tl.int64)[:, None] * s_pq
-    target_rows = target + rt.to(tl.int64)[:, None] * s_tt
+    # Rows past Q / T read row Q - 1 / T - 1 (their sums are never stored), so the gathers
+    # are masked by point only.
+    pred_rows = pred + tl.minimum(rq, Q - 1).to(tl.int64)[:, None] * s_pq
+    target_rows = target + tl.minimum(rt, T - 1).to(tl.int64)[:, None] * s_tt
 
     acc_xt = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
     acc_st = tl.zeros([BLOCK_Q, BLOCK_T], dtype=tl.float32)
@@ -120,21 +130,16 @@ def _pairwise_partial_kernel(
         offs = p0 + tl.arange(0, BLOCK_P)
         pm = offs < p_hi
         cx, cy = _load_coords(coords, offs, s_cp, s_cxy, pm)
-        x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, Hp, Wp)
-        xm = qm[:, None] & pm[None, :]
-        x = _gather(pred_rows, s_ph, s_pw, x0[None, :], x1[None, :], y0[None, :], y1[None, :],
-                    wx0[None, :], wx1[None, :], wy0[None, :], wy1[None, :], xm)
-        a0, a1, b0, b1, wa0, wa1, wb0, wb1 = _taps(cx, cy, Ht, Wt)
-        t = _gather(target_rows, s_th, s_tw, a0[None, :], a1[None, :], b0[None, :], b1[None, :],
-                    wa0[None, :], wa1[None, :], wb0[None, :], wb1[None, :],
-                    tm[:, None] & pm[None, :])
-        s = tl.where(xm, tl.sigmoid(x), 0.0)
+        pm_row = pm[None, :]
+        x = _gather(pred_rows, s_ph, s_pw, *_row_taps(cx, cy, Hp, Wp), pm_row)
+        t = _gather(target_rows, s_th, s_tw, *_row_taps(cx, cy, Ht, Wt), pm_row)
+        s = tl.where(pm_row, tl.sigmoid(x), 0.0)
         softplus = tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
-        # x and t are 0 outside (q, p) / (t, p) range, so the dots need no masking.
+        # x, s and t are 0 at points past P, so the dots need no masking.
         t_trans = tl.trans(t)
         acc_xt += tl.dot(x, t_trans, input_precision=PRECISION)
         acc_st += tl.dot(s, t_trans, input_precision=PRECISION)
-        sp_sum += tl.sum(tl.where(xm, softplus, 0.0), 1)
+        sp_sum += tl.sum(tl.where(pm_row, softplus, 0.0), 1)
         s_sum += tl.sum(s, 1)
         t_sum += tl.sum(t, 1)
 

@@ -35,14 +35,13 @@ def _mask_points(
     pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
     s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED: tl.constexpr,
 ):
-    """Logits x and labels t (fp32, 0 where not pm) of mask n at points offs, plus pred taps."""
+    """Logits x and labels t (fp32, 0 where not pm) of mask n at points offs, plus pred's
+    taps (the tuple of :func:`_taps`)."""
     cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
-    x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, Hp, Wp)
-    x = _gather(pred + _pred_base(bidx, qidx, n, s_pb, s_pq, INDEXED), s_ph, s_pw,
-                x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
-    a0, a1, b0, b1, wa0, wa1, wb0, wb1 = _taps(cx, cy, Ht, Wt)
-    t = _gather(target + n * s_tn, s_th, s_tw, a0, a1, b0, b1, wa0, wa1, wb0, wb1, pm)
-    return x, t, x0, x1, y0, y1, wx0, wx1, wy0, wy1
+    pred_taps = _taps(cx, cy, Hp, Wp)
+    x = _gather(pred + _pred_base(bidx, qidx, n, s_pb, s_pq, INDEXED), s_ph, s_pw, *pred_taps, pm)
+    t = _gather(target + n * s_tn, s_th, s_tw, *_taps(cx, cy, Ht, Wt), pm)
+    return x, t, pred_taps
 
 
 @triton.jit
@@ -56,7 +55,7 @@ def _mask_loss_stats_kernel(
     blk = tl.program_id(1)
     offs = blk * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = offs < P
-    x, t, _, _, _, _, _, _, _, _ = _mask_points(
+    x, t, _ = _mask_points(
         pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
         s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED)
     s = tl.where(pm, tl.sigmoid(x), 0.0)
@@ -123,7 +122,7 @@ def _mask_loss_grad_kernel(
     offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = offs < P
     # The gathers first, so their latency overlaps the reads of the mask's sums below.
-    x, t, x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _mask_points(
+    x, t, pred_taps = _mask_points(
         pred, bidx, qidx, target, coords, n, offs, pm, Hp, Wp, Ht, Wt,
         s_pb, s_pq, s_ph, s_pw, s_tn, s_th, s_tw, s_cn, s_cp, s_cxy, INDEXED)
     # This mask's dice sums from the stats partials (every block of the mask).
@@ -149,7 +148,7 @@ def _mask_loss_grad_kernel(
     if HAS_WEIGHT:
         gx = gx * tl.load(weight + n)
     dst = grad_pred + _pred_base(bidx, qidx, n, s_gb, s_gq, INDEXED)
-    _scatter(dst, Wp, 1, gx, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
+    _scatter(dst, Wp, 1, gx, *pred_taps, pm)
 
 
 def _block_k(nblk: int) -> int:

@@ -66,57 +66,39 @@ def _pred_base(bidx, qidx, n, s_b, s_q, INDEXED: tl.constexpr):
 def _taps(cx, cy, H, W):
     """Bilinear taps of points (cx, cy) in [0, 1] on an H x W map.
 
-    Returns in-range int64 indices x0, x1, y0, y1 and fp32 weights wx0, wx1, wy0, wy1; a
-    tap outside the map has weight 0 and a clamped index, so callers may load every tap
-    unmasked (per point) and still get zero padding.
+    Returns int64 x0, y0 (the top-left tap; the others are x0 + 1, y0 + 1), fp32 weights
+    wx0, wx1 (columns x0, x0 + 1), wy0, wy1 (rows y0, y0 + 1), NaN for a non-finite
+    coordinate, and whether each tap lies inside the map: v00, v01, v10, v11 for
+    (x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1). A tap outside the map is never
+    read (its load is masked: zero padding) nor written, whatever its weight, as in
+    grid_sample.
     """
-    ix, iy, fx, fy = bilinear_cell(cx, cy, H, W)  # clamped, so the int casts cannot overflow
-    lx = ix - fx
-    ly = iy - fy
-    x0 = fx.to(tl.int64)
-    y0 = fy.to(tl.int64)
-    x1 = x0 + 1
-    y1 = y0 + 1
-    wx0 = tl.where((x0 >= 0) & (x0 < W), 1.0 - lx, 0.0)
-    wx1 = tl.where((x1 >= 0) & (x1 < W), lx, 0.0)
-    wy0 = tl.where((y0 >= 0) & (y0 < H), 1.0 - ly, 0.0)
-    wy1 = tl.where((y1 >= 0) & (y1 < H), ly, 0.0)
-    x0 = tl.minimum(tl.maximum(x0, 0), W - 1)
-    x1 = tl.minimum(tl.maximum(x1, 0), W - 1)
-    y0 = tl.minimum(tl.maximum(y0, 0), H - 1)
-    y1 = tl.minimum(tl.maximum(y1, 0), H - 1)
-    return x0, x1, y0, y1, wx0, wx1, wy0, wy1
+    fx, fy, x0f, y0f, vx0, vx1, vy0, vy1 = bilinear_cell(cx, cy, H, W)
+    return (x0f.to(tl.int64), y0f.to(tl.int64), 1.0 - fx, fx, 1.0 - fy, fy,
+            vy0 & vx0, vy0 & vx1, vy1 & vx0, vy1 & vx1)
 
 
 @triton.jit
-def _gather(ptr, stride_h, stride_w, x0, x1, y0, y1, wx0, wx1, wy0, wy1, mask):
-    """fp32 bilinear value at the taps of :func:`_taps` (``ptr`` may be a broadcast row base)."""
-    r0 = y0 * stride_h
-    r1 = y1 * stride_h
-    c0 = x0 * stride_w
-    c1 = x1 * stride_w
-    v00 = tl.load(ptr + r0 + c0, mask=mask, other=0).to(tl.float32)
-    v01 = tl.load(ptr + r0 + c1, mask=mask, other=0).to(tl.float32)
-    v10 = tl.load(ptr + r1 + c0, mask=mask, other=0).to(tl.float32)
-    v11 = tl.load(ptr + r1 + c1, mask=mask, other=0).to(tl.float32)
-    return wy0 * (wx0 * v00 + wx1 * v01) + wy1 * (wx0 * v10 + wx1 * v11)
+def _gather(ptr, stride_h, stride_w, x0, y0, wx0, wx1, wy0, wy1, v00, v01, v10, v11, mask):
+    """fp32 bilinear value at the taps of :func:`_taps` (``ptr`` may be a broadcast row base);
+    taps outside the map read 0, so a NaN weight gives NaN."""
+    p00 = ptr + y0 * stride_h + x0 * stride_w
+    t00 = tl.load(p00, mask=mask & v00, other=0).to(tl.float32)
+    t01 = tl.load(p00 + stride_w, mask=mask & v01, other=0).to(tl.float32)
+    t10 = tl.load(p00 + stride_h, mask=mask & v10, other=0).to(tl.float32)
+    t11 = tl.load(p00 + stride_h + stride_w, mask=mask & v11, other=0).to(tl.float32)
+    return wy0 * (wx0 * t00 + wx1 * t01) + wy1 * (wx0 * t10 + wx1 * t11)
 
 
 @triton.jit
-def _scatter(ptr, stride_h, stride_w, g, x0, x1, y0, y1, wx0, wx1, wy0, wy1, mask):
-    """Atomically add ``g`` times each tap's weight into the fp32 map at ``ptr`` (taps outside skip)."""
-    r0 = y0 * stride_h
-    r1 = y1 * stride_h
-    c0 = x0 * stride_w
-    c1 = x1 * stride_w
-    w00 = wy0 * wx0
-    w01 = wy0 * wx1
-    w10 = wy1 * wx0
-    w11 = wy1 * wx1
-    tl.atomic_add(ptr + r0 + c0, g * w00, mask=mask & (w00 != 0), sem="relaxed")
-    tl.atomic_add(ptr + r0 + c1, g * w01, mask=mask & (w01 != 0), sem="relaxed")
-    tl.atomic_add(ptr + r1 + c0, g * w10, mask=mask & (w10 != 0), sem="relaxed")
-    tl.atomic_add(ptr + r1 + c1, g * w11, mask=mask & (w11 != 0), sem="relaxed")
+def _scatter(ptr, stride_h, stride_w, g, x0, y0, wx0, wx1, wy0, wy1, v00, v01, v10, v11, mask):
+    """Atomically add ``g`` times each tap's weight into the fp32 map at ``ptr``: every tap
+    inside the map, none outside (a non-finite coordinate has none inside)."""
+    p00 = ptr + y0 * stride_h + x0 * stride_w
+    tl.atomic_add(p00, g * (wy0 * wx0), mask=mask & v00, sem="relaxed")
+    tl.atomic_add(p00 + stride_w, g * (wy0 * wx1), mask=mask & v01, sem="relaxed")
+    tl.atomic_add(p00 + stride_h, g * (wy1 * wx0), mask=mask & v10, sem="relaxed")
+    tl.atomic_add(p00 + stride_h + stride_w, g * (wy1 * wx1), mask=mask & v11, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- point_sample
@@ -138,11 +120,11 @@ def _point_sample_fwd_kernel(
     offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = offs < P
     cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
-    x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, H, W)
+    taps = _taps(cx, cy, H, W)
     src = inp + _pred_base(bidx, qidx, n, s_ib, s_in, INDEXED)
     dst = out + n * C * P + offs
     for _ in range(C):
-        v = _gather(src, s_ih, s_iw, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
+        v = _gather(src, s_ih, s_iw, *taps, pm)
         if NEG_ABS:
             v = -tl.abs(v)
         tl.store(dst, v.to(out.dtype.element_ty), mask=pm)
@@ -161,12 +143,12 @@ def _point_sample_bwd_kernel(
     offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     pm = offs < P
     cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
-    x0, x1, y0, y1, wx0, wx1, wy0, wy1 = _taps(cx, cy, H, W)
+    taps = _taps(cx, cy, H, W)
     src = grad_out + n * s_gn + offs * s_gp
     dst = grad_in + n * C * H * W
     for _ in range(C):
         g = tl.load(src, mask=pm, other=0.0).to(tl.float32)
-        _scatter(dst, W, 1, g, x0, x1, y0, y1, wx0, wx1, wy0, wy1, pm)
+        _scatter(dst, W, 1, g, *taps, pm)
         src += s_gc
         dst += H * W
 

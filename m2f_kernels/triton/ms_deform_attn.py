@@ -31,29 +31,19 @@ from ._launch import cdiv, chosen, next_pow2
 
 # ----------------------------------------------------------------------------- helpers
 @triton.jit
-def _corner(x, y, hl, wl, start, qmask):
-    """(pixel index along S as int64, in-bounds mask) of corner (x, y) of one level."""
-    valid = qmask & (x >= 0) & (x < wl) & (y >= 0) & (y < hl)
-    return start + y.to(tl.int64) * wl + x, valid
-
-
-@triton.jit
 def _corners(lx, ly, hl, wl, start, qmask):
     """The 4 bilinear corners of points (lx, ly) on level (hl x wl, first pixel ``start``).
 
-    Returns fp32 offsets fx, fy from the top-left corner, then (index, in-bounds mask) of
-    the corners a = (x0, y0), b = (x0 + 1, y0), c = (x0, y0 + 1), d = (x0 + 1, y0 + 1).
+    Returns fp32 offsets fx, fy from the top-left corner (NaN for a non-finite location),
+    then (pixel index along S as int64, in-bounds mask) of the corners a = (x0, y0),
+    b = (x0 + 1, y0), c = (x0, y0 + 1), d = (x0 + 1, y0 + 1). A corner outside the map is
+    masked: it reads 0 and gets no gradient, as in grid_sample.
     """
-    px, py, x0f, y0f = bilinear_cell(lx, ly, hl, wl)  # clamped: the int32 casts cannot overflow
-    x0 = x0f.to(tl.int32)
-    y0 = y0f.to(tl.int32)
-    fx = px - x0f
-    fy = py - y0f
-    ia, ma = _corner(x0, y0, hl, wl, start, qmask)
-    ib, mb = _corner(x0 + 1, y0, hl, wl, start, qmask)
-    ic, mc = _corner(x0, y0 + 1, hl, wl, start, qmask)
-    i_d, md = _corner(x0 + 1, y0 + 1, hl, wl, start, qmask)
-    return fx, fy, ia, ma, ib, mb, ic, mc, i_d, md
+    fx, fy, x0f, y0f, vx0, vx1, vy0, vy1 = bilinear_cell(lx, ly, hl, wl)  # clamped: the int casts cannot overflow
+    ia = start + y0f.to(tl.int32).to(tl.int64) * wl + x0f.to(tl.int32)
+    ic = ia + wl
+    return (fx, fy, ia, qmask & vy0 & vx0, ia + 1, qmask & vy0 & vx1,
+            ic, qmask & vy1 & vx0, ic + 1, qmask & vy1 & vx1)
 
 
 @triton.jit
