@@ -22,12 +22,13 @@ from m2f_kernels.nn.ms_deform_attn import MSDeformAttn, MSDeformAttnFunction
 from m2f_kernels.reference import ms_deform_attn as reference
 from ._inputs import (
     DEFORM_OUTPUTS, EXACT, FD_TOL, LOOP_LEVELS, LOW_PRECISION, OfficialMSDeformAttn, assert_deform_matches,
-    assert_deterministic_twice, bilinear, deform_api, deform_direct, fd_grads, levels, loop_deform_inputs, make_deform_inputs, np64,
-    official_core, smooth_coord, softmax, special_coords, special_points, standard_deform_inputs,
+    assert_deterministic_twice, bilinear, deform_api, deform_direct, fd_grads, levels, loop_deform_inputs,
+    make_deform_inputs, np64, official_core, smooth_coord, softmax, special_coords, special_points,
+    standard_deform_inputs,
 )
 from .conftest import (
-    CUDA_EXTENSION_BUILT, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close, op_module, per_backend, poisoned,
-    requires_cuda_backend, requires_gpu,
+    ALL_BACKENDS, CUDA_EXTENSION_BUILT, DEVICE, KERNEL_BACKENDS, TOLERANCE, assert_close, op_module, per_backend,
+    poisoned, requires_cuda_backend, requires_gpu,
 )
 
 pytestmark = pytest.mark.usefixtures("seed")
@@ -358,7 +359,6 @@ class TestReferenceMatchesLoops:
 
 MODULE_CFG = dict(d_model=16, n_levels=3, n_heads=2, n_points=2)
 MODULE_LEVELS = [(5, 7), (3, 3), (1, 1)]
-MODULE_BACKENDS = [pytest.param("reference", id="reference"), *KERNEL_BACKENDS]
 
 
 def official_grid_init(n_heads, n_levels, n_points):
@@ -405,7 +405,7 @@ def _module_case(ref_dim, dtype):
 
 
 @pytest.mark.parametrize("ref_dim", [2, 4])
-@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_module_matches_official(backend, ref_dim, seed):
     dtype = torch.float64 if backend == "reference" else torch.float32
     ours, theirs, args = _module_case(ref_dim, dtype)
@@ -425,7 +425,7 @@ def test_module_matches_official(backend, ref_dim, seed):
         assert_close(prm.grad, theirs_params[name].grad, TOLERANCE[dtype], f"grad of {name} (seed {seed})")
 
 
-@pytest.mark.parametrize("backend", MODULE_BACKENDS)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_function_apply_matches_official_core(backend, seed):
     dtype = torch.float64 if backend == "reference" else torch.float32
     value, shapes, starts, loc, weights, _ = make_deform_inputs(MODULE_LEVELS, b=2, lq=5, h=2, d=8, p=2, dtype=dtype)

@@ -175,7 +175,8 @@ LOSS_SIZES = {  # name: (masks N, points P)
 # partial-sum step reduces (the step, 64 blocks, lowered to 4 to keep the interpreter fast).
 # cuda: every size in every dtype.
 LOSS_SIZE_CASES = {
-    "triton": [(dtype, name, None) for dtype in POINT_DTYPES for name in ("one_point_one_mask", "one_mask", "one_point")]
+    "triton": [(dtype, name, None) for dtype in POINT_DTYPES
+               for name in ("one_point_one_mask", "one_mask", "one_point")]
     + [(torch.float32, "many_masks", None), (torch.float32, "several_blocks", None), (torch.float32, "many_blocks", 4)],
     "cuda": [(dtype, name, None) for dtype in POINT_DTYPES for name in LOSS_SIZES],
 }
