@@ -17,7 +17,8 @@ from m2f.data.sample import semantic_from_panoptic
 from m2f.data.shapes import INFO as SHAPES_INFO
 from m2f.data.transforms import LargeScaleJitter, ResizePad, SemanticCrop
 
-from .test_train import keep_global_rng  # noqa: F401  (autouse: the CLI seeds the global RNGs)
+from ._rng import keep_global_rng  # noqa: F401  (autouse: the CLI seeds the global RNGs)
+
 
 def check_panoptic_sample(s, info, size):
     assert s["image"].shape == (3, size, size) and s["image"].dtype == torch.uint8

@@ -33,9 +33,9 @@ from .conftest import (
 
 try:
     import triton
-    from m2f_kernels.triton import masked_attention as tri
+    from m2f_kernels.triton import _masked_attention_kernels as tri_kernels, masked_attention as tri
 except ImportError:  # no triton: the triton cases skip (requires_triton)
-    triton = tri = None
+    triton = tri = tri_kernels = None
 
 pytestmark = [
     pytest.mark.usefixtures("seed"),
@@ -198,19 +198,19 @@ def test_no_host_sync_gpu(backend, dtype):
 
 
 # ============================================================================ triton internals
-# Tilings that reach each path of the kernels (tri.Config is built when a test runs: the
+# Tilings that reach each path of the kernels (tri.MaskedAttentionConfig is built when a test runs: the
 # module may lack triton).
 TILINGS = {
     # one query block, many key splits: the combine kernel (all-keys partials discarded)
     # and the backward's single-block path over several key chunks, whose dq partials the
     # last chunk program to arrive sums
-    "split": lambda: tri.Config(block_q=64, block_n=16, kb_per_split=1),
-    "split_skip": lambda: tri.Config(block_q=64, block_n=16, kb_per_split=3, skip_tiles=True),
+    "split": lambda: tri.MaskedAttentionConfig(block_q=64, block_n=16, kb_per_split=1),
+    "split_skip": lambda: tri.MaskedAttentionConfig(block_q=64, block_n=16, kb_per_split=3, skip_tiles=True),
     # several query blocks: the backward's multi-block path (dq read-modify-write)
-    "multi_qb": lambda: tri.Config(block_q=16, block_n=32, kb_per_split=2),
-    "multi_qb_skip": lambda: tri.Config(block_q=16, block_n=16, kb_per_split=100, skip_tiles=True),
+    "multi_qb": lambda: tri.MaskedAttentionConfig(block_q=16, block_n=32, kb_per_split=2),
+    "multi_qb_skip": lambda: tri.MaskedAttentionConfig(block_q=16, block_n=16, kb_per_split=100, skip_tiles=True),
     # one chunk, one query block: dq written directly, no partials
-    "one_chunk": lambda: tri.Config(block_q=64, block_n=32, kb_per_split=100, num_stages=3),
+    "one_chunk": lambda: tri.MaskedAttentionConfig(block_q=64, block_n=32, kb_per_split=100, num_stages=3),
 }
 
 # Plain TF32 (opt-in, never a default): dq = dS @ K follows the cancellation dP - delta,
@@ -220,16 +220,16 @@ OPT_IN_TF32_TOLERANCE = 5e-3
 
 
 def _tri_result(q, k, v, mask, scale, g, cfg):
-    """(out, lse, dq, dk, dv) from tri.forward / tri.backward under ``cfg``."""
-    out, lse = tri.forward(q, k, v, mask, scale, cfg)
-    return (out, lse, *tri.backward(g, q, k, v, mask, out, lse, scale, cfg))
+    """(out, lse, dq, dk, dv) from tri.masked_attention_fwd / _bwd under ``cfg``."""
+    out, lse = tri.masked_attention_fwd(q, k, v, mask, scale, config=cfg)
+    return (out, lse, *tri.masked_attention_bwd(g, q, k, v, mask, out, lse, scale, config=cfg))
 
 
 def count_launches(monkeypatch):
     """List that collects the name of every Triton kernel launched from now on (compiled
     kernels and the interpreter's alike)."""
     launched = []
-    kernel_type = type(tri._fwd_kernel)
+    kernel_type = type(tri_kernels._fwd_kernel)
     real = kernel_type.run
 
     def run(self, *args, **kwargs):
@@ -263,7 +263,7 @@ class TestTriton:
         output finite and exact, while the same call without skipping turns NaN."""
         B, H, Q, N, D = 1, 2, 12, 96, 16
         # one split: rows switch mode in tile 0
-        cfg = tri.Config(block_q=16, block_n=16, kb_per_split=100, skip_tiles=True)
+        cfg = tri.MaskedAttentionConfig(block_q=16, block_n=16, kb_per_split=100, skip_tiles=True)
         q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
         mask = make_mask(B, H, Q, N, "bool", False, visible=0.5)
         mask[:, :, :16] = False  # tile 0 fully visible: no row is empty
@@ -275,14 +275,15 @@ class TestTriton:
         assert_attention_outputs(got, reference_attention(q, k, v, mask, 0.3, g), TOLERANCE[torch.float32])
         dk, dv = got[3], got[4]
         assert (dk[:, :, 32:64] == 0).all() and (dv[:, :, 32:64] == 0).all()
-        out_all, _ = tri.forward(q, k_nan, v_nan, mask, 0.3, dataclasses.replace(cfg, skip_tiles=False))
+        out_all, _ = tri.masked_attention_fwd(q, k_nan, v_nan, mask, 0.3,
+                                               config=dataclasses.replace(cfg, skip_tiles=False))
         assert not torch.isfinite(out_all).all()
 
     @pytest.mark.parametrize("kb_per_split", [1, 100], ids=["splits", "one_split"])
     def test_skipping_keeps_tiles_empty_rows_need(self, kb_per_split):
         """Tiles that no row sees are still read for an empty row (it attends to all keys)."""
         B, H, Q, N, D = 1, 2, 9, 64, 16
-        cfg = tri.Config(block_q=16, block_n=16, kb_per_split=kb_per_split, skip_tiles=True)
+        cfg = tri.MaskedAttentionConfig(block_q=16, block_n=16, kb_per_split=kb_per_split, skip_tiles=True)
         q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
         mask = torch.ones(B, Q, N, dtype=torch.bool, device=DEVICE)
         mask[:, :, :16] = torch.rand(B, Q, 16, device=DEVICE) < 0.5  # keys only in tile 0...
@@ -295,11 +296,11 @@ class TestTriton:
     def test_many_key_splits(self):
         """More key splits (19) than the combine merges at once (16): several merge rounds."""
         B, H, Q, N, D = 1, 2, 6, 300, 16
-        cfg = tri.Config(block_q=16, block_n=16, kb_per_split=1)
+        cfg = tri.MaskedAttentionConfig(block_q=16, block_n=16, kb_per_split=1)
         q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
         mask = make_mask(B, H, Q, N, "bool", False)
         with poisoned_empty():
-            out, lse = tri.forward(q, k, v, mask, 0.25, cfg)
+            out, lse = tri.masked_attention_fwd(q, k, v, mask, 0.25, config=cfg)
         want = reference_attention(q, k, v, mask, 0.25, torch.zeros(B, H, Q, D, device=DEVICE))
         assert_close_floored(out, want[0], TOLERANCE[torch.float32], "out")
         assert_close_floored(lse, want[1], TOLERANCE[torch.float32], "lse")
@@ -307,7 +308,7 @@ class TestTriton:
     def test_tf32_config(self):
         """fp32 inputs with plain TF32 dots (the opt-in fast fp32 path) stay within the bound
         documented for it."""
-        cfg = tri.Config(block_q=64, block_n=32, kb_per_split=1, fp32_dot="tf32")
+        cfg = tri.MaskedAttentionConfig(block_q=64, block_n=32, kb_per_split=1, fp32_dot="tf32")
         B, H, Q, N, D = 1, 2, 20, 70, 32
         q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
         mask = make_mask(B, H, Q, N, "bool", False)
@@ -321,14 +322,14 @@ class TestTriton:
     def test_backward_is_deterministic(self):
         """dq is summed over key chunks in chunk order by whichever program finishes last:
         two runs agree bit for bit."""
-        cfg = tri.Config(block_q=32, block_n=16, kb_per_split=1)
+        cfg = tri.MaskedAttentionConfig(block_q=32, block_n=16, kb_per_split=1)
         B, H, Q, N, D = 1, 2, 30, 100, 16
         q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
         mask = make_mask(B, H, Q, N, "bool", False)
         g = torch.randn(B, H, Q, D, device=DEVICE)
-        out, lse = tri.forward(q, k, v, mask, 0.25, cfg)
-        first = tri.backward(g, q, k, v, mask, out, lse, 0.25, cfg)
-        second = tri.backward(g, q, k, v, mask, out, lse, 0.25, cfg)
+        out, lse = tri.masked_attention_fwd(q, k, v, mask, 0.25, config=cfg)
+        first = tri.masked_attention_bwd(g, q, k, v, mask, out, lse, 0.25, config=cfg)
+        second = tri.masked_attention_bwd(g, q, k, v, mask, out, lse, 0.25, config=cfg)
         for a, b in zip(first, second):
             assert torch.equal(a, b)
 
@@ -339,13 +340,13 @@ class TestTriton:
         q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
         mask = make_mask(B, H, Q, N, "bool", False)
         g = torch.randn(B, H, Q, D, device=DEVICE)
-        for cfg in (tri.Config(block_q=16, block_n=16, kb_per_split=1),
-                    tri.Config(block_q=16, block_n=16, kb_per_split=100)):
+        for cfg in (tri.MaskedAttentionConfig(block_q=16, block_n=16, kb_per_split=1),
+                    tri.MaskedAttentionConfig(block_q=16, block_n=16, kb_per_split=100)):
             launched = count_launches(monkeypatch)
-            out, lse = tri.forward(q, k, v, mask, 0.25, cfg)
+            out, lse = tri.masked_attention_fwd(q, k, v, mask, 0.25, config=cfg)
             assert launched == (["_fwd_kernel"] if cfg.kb_per_split == 100 else ["_fwd_kernel", "_combine_kernel"])
             launched.clear()
-            tri.backward(g, q, k, v, mask, out, lse, 0.25, cfg)
+            tri.masked_attention_bwd(g, q, k, v, mask, out, lse, 0.25, config=cfg)
             assert launched == ["_bwd_prologue_kernel", "_bwd_kernel"]
             monkeypatch.undo()
 
@@ -361,26 +362,31 @@ class TestTriton:
                 tri.parse_rules_override(bad)
         q, k, v = (torch.empty(2, 8, s, 32, device=DEVICE) for s in (100, 16384, 16384))
         monkeypatch.setenv(tri.CONFIG_ENV, "fwd.fp32:block_n=16,num_warps=4,block_q_max=64")
-        cfg = tri.fwd_config(q, k, v)
+        cfg = tri.masked_attention_config(q, k, v, False)
         assert (cfg.block_n, cfg.num_warps, cfg.block_q) == (16, 4, 64)
-        assert tri.fwd_config(q.bfloat16(), k.bfloat16(), v.bfloat16()).block_n == tri.RULES[("fwd", "16bit")].block_n
+        cfg_16bit = tri.masked_attention_config(q.bfloat16(), k.bfloat16(), v.bfloat16(), False)
+        assert cfg_16bit.block_n == tri.RULES[("fwd", "16bit")].block_n
         monkeypatch.delenv(tri.CONFIG_ENV)
-        assert tri.fwd_config(q, k, v).block_n == tri.RULES[("fwd", "fp32")].block_n
+        assert tri.masked_attention_config(q, k, v, False).block_n == tri.RULES[("fwd", "fp32")].block_n
 
     def test_fp32_dots_follow_torch_matmul_precision(self, monkeypatch):
         """fp32 inputs take TF32 dots exactly when torch allows TF32 for fp32 matmuls; 16-bit
         inputs and an explicit M2F_MA_CONFIG are unaffected."""
         monkeypatch.delenv(tri.CONFIG_ENV, raising=False)
         q, k, v = (torch.empty(2, 8, s, 32, device=DEVICE) for s in (100, 1024, 1024))
+
+        def fp32_dots():  # (forward, backward)
+            return tuple(tri.masked_attention_config(q, k, v, bwd).fp32_dot for bwd in (False, True))
+
         saved = torch.get_float32_matmul_precision()
         try:
-            assert tri.fwd_config(q, k, v).fp32_dot == tri.bwd_config(q, k, v).fp32_dot == "tf32x3"
+            assert fp32_dots() == ("tf32x3", "tf32x3")
             for precision in ("high", "medium"):
                 torch.set_float32_matmul_precision(precision)
-                assert tri.fwd_config(q, k, v).fp32_dot == tri.bwd_config(q, k, v).fp32_dot == "tf32"
+                assert fp32_dots() == ("tf32", "tf32")
             assert tri.rules_for(True, fp32=False) == tri.RULES[("bwd", "16bit")]
             monkeypatch.setenv(tri.CONFIG_ENV, "bwd.fp32:fp32_dot=tf32x3")
-            assert tri.bwd_config(q, k, v).fp32_dot == "tf32x3"
+            assert tri.masked_attention_config(q, k, v, True).fp32_dot == "tf32x3"
         finally:
             torch.set_float32_matmul_precision(saved)
 
@@ -390,7 +396,7 @@ class TestTriton:
                                            "bwd:block_n=16,min_tiles=1,programs_per_sm=4,skip_tiles=1")
         B, H, Q, N, D = 1, 2, 19, 90, 16
         q, k, v = make_qkv(B, H, Q, N, D, torch.float32)
-        assert tri.bwd_config(q, k, v).kb_per_split < triton.cdiv(N, 16)  # several chunks
+        assert tri.masked_attention_config(q, k, v, True).kb_per_split < triton.cdiv(N, 16)  # several chunks
         assert_attention_matches("triton", q, k, v, make_mask(B, H, Q, N, "logits", False))
 
 

@@ -37,9 +37,10 @@ from .conftest import (
 
 try:
     import triton
+    from m2f_kernels.triton import _pairwise_mask_cost as tri_pairwise, _point_mask_loss as tri_loss
     from m2f_kernels.triton import point_loss as tri
 except ImportError:  # no triton: the triton cases skip (requires_triton)
-    triton = tri = None
+    triton = tri = tri_pairwise = tri_loss = None
 
 pytestmark = [
     pytest.mark.usefixtures("seed"),
@@ -189,7 +190,7 @@ def test_point_mask_loss_sizes(backend, dtype, size, block_k, form, monkeypatch,
     """One point / one mask, many masks, several and many point blocks."""
     n, p = LOSS_SIZES[size]
     if block_k is not None:
-        monkeypatch.setattr(tri, "_BLOCK_K", block_k)
+        monkeypatch.setattr(tri_loss, "_BLOCK_K", block_k)
         assert triton.cdiv(p, tri.LOSS_CONFIG.block_p) > 2 * block_k
     inputs = make_loss_inputs(dtype, form, n=n, p=p, pred_hw=(5, 7), target_hw=(9, 6))
     assert_loss_matches(backend, dtype, *inputs, num_masks=float(n), seed=seed, repeat_forward=backend == "cuda")
@@ -290,7 +291,7 @@ PAIRWISE_CONFIG_CASES = {
     "one_split_many_steps": (lambda: tri.PairwiseConfig(16, 16, 16, programs=1), 100,
                              lambda splits, steps: splits == 1 and steps > 1),
     "more_splits_than_a_finish_step": (lambda: tri.PairwiseConfig(32, 32, 16, programs=4096), 530,
-                                       lambda splits, steps: splits > tri._FINISH_BLOCK_S),
+                                       lambda splits, steps: splits > tri_pairwise._FINISH_BLOCK_S),
     "tf32x3": (lambda: tri.PairwiseConfig(64, 32, 16, programs=8, precision="tf32x3"), 90,
                lambda splits, steps: True),
 }
@@ -356,7 +357,7 @@ class TestTriton:
         pred = torch.randn(q, 6, 7, device=DEVICE) * 3
         target = make_target("uint8", t, 9, 8, padded=True)
         coords = make_coords(1, p, [(6, 7), (9, 8)])[0]
-        assert_costs_match(tri.pairwise_mask_cost_with(pred, target, coords, config), pred, target, coords, seed)
+        assert_costs_match(tri.pairwise_mask_cost(pred, target, coords, config=config), pred, target, coords, seed)
 
     def test_pairwise_configs_fit_shared_memory(self):
         """Every default matcher config fits sm_80, sm_86 and sm_90 for every pred and target
