@@ -135,53 +135,78 @@ class SetCriterion(KernelSwitch, nn.Module):
     # --- static shapes (kernels='fused', mask_loss='point') -----------------------------------
 
     def _static_forward(self, outputs: Dict, targets: PaddedTargets, generator) -> Dict[str, torch.Tensor]:
+        """All L predictions (final, then the auxiliary ones) as one batch: one matcher cost
+        pass, one assignment call, one class loss, and (mask-free) one point-loss pass."""
         shared = {"mask_features": outputs["mask_features"]} if "mask_features" in outputs else {}
         predictions = [outputs] + [{**aux, **shared} for aux in outputs.get("aux_outputs", [])]
+        num = len(predictions)
         batch, slots = targets.labels.shape
         num_masks = average_num_masks(targets.num_targets.sum(), outputs["pred_logits"].device)
         with torch.no_grad():
-            costs = torch.cat([self.matcher.cost_matrix(p, targets, generator) for p in predictions])
-            matched = m2f_kernels.linear_sum_assignment(costs, targets.num_targets.repeat(len(predictions)))
-        matched = matched.view(len(predictions), batch, slots)
-        valid = targets.valid()
-        batch_index = torch.arange(batch, device=matched.device).repeat_interleave(slots)  # [B*T]
+            costs = self.matcher.cost_matrices(predictions, targets, generator)  # [L, B, Q, T]
+            matched = m2f_kernels.linear_sum_assignment(costs.flatten(0, 1), targets.num_targets.repeat(num))
+        matched = matched.view(num, batch, slots)
+        pairs = targets.valid() & (matched >= 0)  # [L, B, T]: slots that hold a matched target
+        loss_ce = self._static_class_loss(predictions, targets, matched, pairs)
+        if "mask_embed" in outputs:
+            loss_mask, loss_dice = self._mask_free_losses(predictions, targets, matched, pairs, num_masks, generator)
+        else:
+            masks = [self._static_mask_losses(p, targets, matched[i], pairs[i], num_masks, generator)
+                     for i, p in enumerate(predictions)]
+            loss_mask, loss_dice = (torch.stack(x) for x in zip(*masks))
         losses = {}
-        for i, prediction in enumerate(predictions):
+        for i in range(num):
             suffix = "" if i == 0 else f"_{i - 1}"
-            for k, v in self._static_losses(prediction, targets, matched[i], valid, batch_index, num_masks,
-                                            generator).items():
-                losses[k + suffix] = v
+            losses.update({"loss_ce" + suffix: loss_ce[i], "loss_mask" + suffix: loss_mask[i],
+                           "loss_dice" + suffix: loss_dice[i]})
         return losses
 
-    def _static_losses(self, outputs: Dict, targets: PaddedTargets, query: torch.Tensor, valid: torch.Tensor,
-                       batch_index: torch.Tensor, num_masks: torch.Tensor, generator) -> Dict[str, torch.Tensor]:
-        """Losses of one prediction; ``query`` [B, T] the query matched to each slot (-1: none),
-        ``batch_index`` [B*T] each slot's image."""
-        logits = outputs["pred_logits"]
-        batch, num_queries = logits.shape[:2]
-        slots = query.shape[1]
-        pairs = valid & (query >= 0)  # [B, T]
-        # class targets: matched queries get their target's label; the rest (and the writes of
-        # unmatched slots, sent to a spare column Q) the no-object class
-        target_classes = torch.full((batch, num_queries + 1), self.num_classes, dtype=torch.int64,
+    def _static_class_loss(self, predictions, targets: PaddedTargets, matched, pairs) -> torch.Tensor:
+        """[L] the official weighted cross-entropy of each prediction: matched queries get their
+        target's label, the rest the no-object class (the unmatched slots write to a spare
+        column Q)."""
+        logits = torch.stack([p["pred_logits"] for p in predictions]).float()  # [L, B, Q, K+1]
+        num, batch, num_queries = logits.shape[:3]
+        target_classes = torch.full((num, batch, num_queries + 1), self.num_classes, dtype=torch.int64,
                                     device=logits.device)
-        target_classes.scatter_(1, torch.where(pairs, query, num_queries),
-                                torch.where(pairs, targets.labels, self.num_classes))
-        loss_ce = F.cross_entropy(logits.float().transpose(1, 2), target_classes[:, :num_queries], self.empty_weight)
-        index = (batch_index, query.clamp(min=0).reshape(-1))
-        weight = pairs.reshape(-1).float()
+        target_classes.scatter_(2, torch.where(pairs, matched, num_queries),
+                                torch.where(pairs, targets.labels.expand_as(matched), self.num_classes))
+        target_classes = target_classes[..., :num_queries]
+        weighted = F.cross_entropy(logits.flatten(0, 1).transpose(1, 2), target_classes.flatten(0, 1),
+                                   self.empty_weight, reduction="none")  # [L*B, Q]: weight * nll
+        return weighted.view(num, -1).sum(1) / self.empty_weight[target_classes].view(num, -1).sum(1)
+
+    def _static_mask_losses(self, outputs: Dict, targets: PaddedTargets, query, pairs, num_masks, generator):
+        """(loss_mask, loss_dice) of one prediction with mask logits; ``query`` [B, T] the query
+        matched to each slot, ``pairs`` [B, T] the slots that count."""
+        batch, slots = query.shape
+        index = (torch.arange(batch, device=query.device).repeat_interleave(slots), query.clamp(min=0).reshape(-1))
         point_coords = self.sample_points(outputs, index, generator)
-        if "mask_embed" in outputs:  # mask-free: logits at the points, never the masks
-            point_logits = m2f_kernels.point_mask_logits(outputs["mask_embed"], outputs["mask_features"],
-                                                         point_coords, index)
-            point_labels = sample_masks(targets.masks, point_coords.view(batch, slots, -1, 2)).flatten(0, 1)
-            loss_bce = (sigmoid_ce_loss(point_logits.float(), point_labels, 1.0, reduce=False) * weight).sum()
-            loss_dice = (dice_loss(point_logits.float(), point_labels, 1.0, reduce=False) * weight).sum()
-            return {"loss_ce": loss_ce, "loss_mask": loss_bce / num_masks, "loss_dice": loss_dice / num_masks}
-        loss_bce, loss_dice = m2f_kernels.point_mask_loss(outputs["pred_masks"], targets.masks.flatten(0, 1),
-                                                          point_coords, num_masks, pred_index=index,
-                                                          mask_weight=weight)
-        return {"loss_ce": loss_ce, "loss_mask": loss_bce, "loss_dice": loss_dice}
+        return m2f_kernels.point_mask_loss(outputs["pred_masks"], targets.masks.flatten(0, 1), point_coords,
+                                           num_masks, pred_index=index, mask_weight=pairs.reshape(-1).float())
+
+    def _mask_free_losses(self, predictions, targets: PaddedTargets, matched, pairs, num_masks, generator):
+        """([L] loss_mask, [L] loss_dice) of all predictions in one pass, from logits at points
+        (``point_mask_logits``): the L predictions' embeddings side by side, [B, L*Q, C], and
+        one entry per (image, slot, prediction), so each target mask is sampled once for all
+        its predictions' points."""
+        num, batch, slots = matched.shape
+        embed = torch.cat([p["mask_embed"] for p in predictions], dim=1)  # [B, L*Q, C]
+        features = predictions[0]["mask_features"]
+        num_queries = predictions[0]["mask_embed"].shape[1]
+        offsets = torch.arange(num, device=matched.device) * num_queries
+        query = (matched.clamp(min=0) + offsets[:, None, None]).permute(1, 2, 0).reshape(-1)  # (b, t, l) order
+        index = (torch.arange(batch, device=matched.device).repeat_interleave(slots * num), query)
+        outputs = {"mask_embed": embed, "mask_features": features, "queries_per_prediction": num_queries}
+        point_coords = self.sample_points(outputs, index, generator)  # [B*T*L, P, 2]
+        point_logits = m2f_kernels.point_mask_logits(embed, features, point_coords, index).float()
+        points = point_coords.shape[1]
+        point_labels = sample_masks(targets.masks, point_coords.view(batch, slots, num * points, 2))
+        point_labels = point_labels.view(-1, points)
+        weight = pairs.permute(1, 2, 0).reshape(-1).float()
+        loss_bce = sigmoid_ce_loss(point_logits, point_labels, 1.0, reduce=False) * weight
+        loss_dice = dice_loss(point_logits, point_labels, 1.0, reduce=False) * weight
+        return (loss_bce.view(-1, num).sum(0) / num_masks, loss_dice.view(-1, num).sum(0) / num_masks)
 
 
 def _uncertain_points_mask_free(outputs: Dict, index, num_points: int, oversample_ratio: float,

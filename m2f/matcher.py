@@ -10,9 +10,9 @@ Two entry points:
 - ``forward(outputs, targets)`` (the official matcher, per-image lists): solved per image
   with scipy's ``linear_sum_assignment`` on the host; the point costs come from
   ``m2f_kernels.pairwise_mask_cost`` with ``kernels='fused'``.
-- ``cost_matrix(outputs, padded)`` (static shapes, :class:`~m2f.targets.PaddedTargets`):
-  the [B, Q, T] costs on the device, for ``m2f_kernels.linear_sum_assignment`` to solve
-  all predictions and images of a step in one call (the fused criterion).
+- ``cost_matrices(predictions, padded)`` (static shapes, :class:`~m2f.targets.PaddedTargets`):
+  the [L, B, Q, T] costs of all L predictions on the device, for
+  ``m2f_kernels.linear_sum_assignment`` to solve in one call (the fused criterion).
 """
 from __future__ import annotations
 
@@ -65,30 +65,33 @@ class HungarianMatcher(KernelSwitch, nn.Module):
         return torch.rand(images, self.num_points, 2, device=device, generator=generator)
 
     @torch.no_grad()
-    def cost_matrix(self, outputs: Dict, targets: PaddedTargets,
-                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """[B, Q, T] float32 costs between every query and every target slot of each image
-        (padding slots hold finite garbage: the solver ignores them). Point costs only."""
+    def cost_matrices(self, predictions: List[Dict], targets: PaddedTargets,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """[L, B, Q, T] float32 costs between every query and every target slot of each image,
+        for each of the L predictions (padding slots hold finite garbage: the solver ignores
+        them). One set of points per prediction and image. Point costs only."""
         if self.mask_loss != "point":
-            raise ValueError("cost_matrix computes point costs; mask_loss='full' takes forward()")
-        logits = outputs["pred_logits"]
-        b, q = logits.shape[:2]
+            raise ValueError("cost_matrices computes point costs; mask_loss='full' takes forward()")
+        logits = torch.stack([p["pred_logits"] for p in predictions]).float()  # [L, B, Q, K+1]
+        num, b, q = logits.shape[:3]
         slots = targets.labels.shape[1]
-        prob = logits.float().softmax(-1)
-        cost_class = -prob.gather(2, targets.labels[:, None, :].expand(b, q, slots))
-        coords = self.draw_points(b, logits.device, generator)
-        if "mask_embed" in outputs:
-            # mask-free: each image's features sampled once at its points, then the logits of
-            # all queries there are one batched matmul; targets sampled at the same points
-            features = m2f_kernels.point_sample(outputs["mask_features"], coords)  # [B, C, P]
-            point_logits = torch.bmm(outputs["mask_embed"], features).float()  # [B, Q, P]
-            point_labels = sample_masks(targets.masks, coords)  # [B, T, P]
+        cost_class = -logits.softmax(-1).gather(3, targets.labels[None, :, None, :].expand(num, b, q, slots))
+        coords = self.draw_points(num * b, logits.device, generator).view(num, b, -1, 2)
+        if "mask_embed" in predictions[0]:
+            # mask-free: each image's features sampled at each prediction's points, the logits of
+            # all queries there a batched matmul; the targets sampled at all points in one call
+            features = predictions[0]["mask_features"]
+            point_logits = torch.stack([torch.bmm(p["mask_embed"], m2f_kernels.point_sample(features, coords[i]))
+                                        for i, p in enumerate(predictions)]).float()  # [L, B, Q, P]
+            points = coords.shape[2]
+            labels = sample_masks(targets.masks, coords.transpose(0, 1).reshape(b, num * points, 2))
+            point_labels = labels.view(b, slots, num, points).permute(2, 0, 1, 3)  # [L, B, T, P]
             cost_mask, cost_dice = self._costs(point_logits, point_labels)
         else:
-            pred_masks = outputs["pred_masks"]
-            costs = [self._point_costs(pred_masks[i], targets.masks[i], coords[i]) for i in range(b)]
-            cost_mask = torch.stack([c[0] for c in costs])
-            cost_dice = torch.stack([c[1] for c in costs])
+            costs = [self._point_costs(p["pred_masks"][i], targets.masks[i], coords[n, i])
+                     for n, p in enumerate(predictions) for i in range(b)]
+            cost_mask = torch.stack([c[0] for c in costs]).view(num, b, q, slots)
+            cost_dice = torch.stack([c[1] for c in costs]).view(num, b, q, slots)
         return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
 
     def _point_costs(self, out_mask: torch.Tensor, tgt_mask: torch.Tensor, coords: torch.Tensor):

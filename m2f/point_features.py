@@ -1,4 +1,5 @@
-"""The official point-sampling helpers (detectron2 PointRend), used by the reference path.
+"""The official point-sampling helpers (detectron2 PointRend), used by the reference path, and
+``sample_masks``, the fused criterion's sampling of the target masks.
 
 A ``generator`` argument is added to the random draws so the fused path (which draws in
 the same order through m2f_kernels.uncertain_point_coords) can see identical points.
@@ -9,6 +10,8 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
+import m2f_kernels
 
 
 def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -60,21 +63,12 @@ def sample_masks(masks: torch.Tensor, point_coords: torch.Tensor) -> torch.Tenso
     """Bilinear samples of masks (bool or floating) [B, T, H, W] at (x, y) in [0, 1]:
     point_coords [B, P, 2] (shared by an image's masks) or [B, T, P, 2] -> [B, T, P] float32.
 
-    The ``point_sample`` convention (align_corners=False, zero padding) by gathering the four
-    taps, so a bool mask is read as it is (no float copy of the whole mask).
+    ``m2f_kernels.point_sample`` (the ``point_sample`` convention); a bool mask is read as
+    bytes, never copied to float at full resolution.
     """
     b, t, h, w = masks.shape
     if point_coords.dim() == 3:
-        point_coords = point_coords[:, None].expand(b, t, -1, 2)
-    x = point_coords[..., 0].float() * w - 0.5
-    y = point_coords[..., 1].float() * h - 0.5
-    x0, y0 = x.floor(), y.floor()
-    flat = masks.reshape(b, t, h * w)
-    out = 0
-    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1)):
-        xi, yi = x0 + dx, y0 + dy
-        weight = (1 - (x - xi).abs()) * (1 - (y - yi).abs())
-        inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
-        index = (yi.clamp(0, h - 1) * w + xi.clamp(0, w - 1)).long()
-        out = out + torch.where(inside, weight, 0) * flat.gather(2, index).float()
-    return out
+        return m2f_kernels.point_sample(masks, point_coords).float()
+    p = point_coords.shape[2]
+    samples = m2f_kernels.point_sample(masks.reshape(b * t, 1, h, w), point_coords.reshape(b * t, p, 2))
+    return samples.view(b, t, p).float()

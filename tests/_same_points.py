@@ -6,7 +6,8 @@ gradients for the same points and assignment, the ``same_points`` fixture replac
 
 - the matcher's draws by one fixed set of points (every image, every prediction);
 - the loss's importance sampling (``SetCriterion.sample_points``, both paths) by points that
-  are a fixed function of the matched (image, query) pair, whichever order it comes in.
+  are a fixed function of the matched (image, query) pair, whichever order it comes in
+  (the same for every prediction).
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def same_points(monkeypatch):
         return fixed.expand(images, -1, -1)
 
     def sample_points(self, outputs, index, generator=None):
-        return _points_of(index[0], index[1], self.num_points)
+        # the mask-free criterion numbers queries across predictions (l * Q + q)
+        return _points_of(index[0], index[1] % outputs.get("queries_per_prediction", 2**62), self.num_points)
 
     monkeypatch.setattr(HungarianMatcher, "draw_points", draw_points)
     monkeypatch.setattr(SetCriterion, "sample_points", sample_points)

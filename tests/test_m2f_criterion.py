@@ -78,7 +78,7 @@ def test_uniform_point_loss_estimates_the_full_mask_loss(kernels):
     point = make_criterion("point", num_points=100_000, importance=0.0, kernels=kernels)(
         outputs, targets, torch.Generator().manual_seed(1))
     assert full.keys() == point.keys() == {"loss_ce", "loss_mask", "loss_dice"}
-    assert torch.equal(full["loss_ce"], point["loss_ce"])
+    assert rel_error(full["loss_ce"], point["loss_ce"]) < 1e-6  # the fused criterion sums in another order
     for k in ("loss_mask", "loss_dice"):
         assert rel_error(point[k], full[k]) < 2e-2, (k, point[k].item(), full[k].item())
 

@@ -139,8 +139,10 @@ def test_fused_mode_calls_every_fused_op_and_reference_none(monkeypatch, mask_he
     if mask_head == "logits":
         assert calls["pairwise_mask_cost"] == preds * images.shape[0], calls
         assert calls["uncertain_point_coords"] == preds and calls["point_mask_loss"] == preds, calls
-    else:  # mask-free: the matcher samples features (point_sample), the losses read point logits
-        assert calls["point_sample"] == preds and calls["point_mask_logits"] == 2 * preds, calls
+    else:  # mask-free, every prediction in one pass: the matcher samples the features per
+        # prediction and the targets once (point_sample); the loss samples the targets once and
+        # reads point logits twice (importance sampling, loss)
+        assert calls["point_sample"] == preds + 2 and calls["point_mask_logits"] == 2, calls
         assert calls["pairwise_mask_cost"] == calls["uncertain_point_coords"] == calls["point_mask_loss"] == 0
 
 

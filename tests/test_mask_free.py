@@ -75,8 +75,8 @@ def test_matcher_costs_equal_the_mask_logits_path(same_points):
     out = _outputs(aux=0)
     targets = pad_targets(random_targets(2, TINY["num_classes"], 32, 32, max_targets=5), (32, 32))
     matcher = _criterion("points").matcher
-    free = matcher.cost_matrix(out, targets)
-    logits = matcher.cost_matrix(_as_logits(out), targets)
+    free = matcher.cost_matrices([out], targets)
+    logits = matcher.cost_matrices([_as_logits(out)], targets)
     assert rel_err(free, logits) < 1e-5, seed
 
 
@@ -128,9 +128,11 @@ class _Allocations(TorchDispatchMode):
 def test_training_never_builds_mask_logits(mask_head):
     """Forward and backward of a fused training step: no tensor of shape [..., Q, H/4, W/4] or
     of Q*(H/4)*(W/4) elements per image (the check must fire on the mask-logits path)."""
-    queries, size, batch = 13, 64, 2
+    queries, size, batch = 13, 96, 2
     torch.manual_seed(0)
-    model = build_model("resnet18", kernels="fused", mask_head=mask_head, **{**TINY, "num_queries": queries})
+    # 50 points: no point tensor's size is a multiple of Q*h*w by chance
+    model = build_model("resnet18", kernels="fused", mask_head=mask_head,
+                        **{**TINY, "num_queries": queries, "num_points": 50})
     images = random_images(batch, size, size)
     targets = random_targets(batch, model.num_classes, size, size)
     h = w = size // 4

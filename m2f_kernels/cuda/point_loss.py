@@ -21,7 +21,12 @@ def _weight_reason(pred, target, coords, num_masks, batch_index, query_index, we
     return None if weight is None else "got mask_weight (or a tensor num_masks)"
 
 
-LIMITS = {"point_mask_loss": Limit("no per-mask weights", _weight_reason)}
+def _byte_input_reason(input, coords):
+    return None if input.is_floating_point() else f"got a {input.dtype} input"
+
+
+LIMITS = {"point_mask_loss": Limit("no per-mask weights", _weight_reason),
+          "point_sample": Limit("floating inputs", _byte_input_reason)}
 
 
 def _check_device(op: str, ref: torch.Tensor, **tensors) -> None:

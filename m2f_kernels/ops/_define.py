@@ -77,7 +77,9 @@ class Op:
         the graph: a later set_backend() does not retrace an already compiled function.
         """
         tensor = args[self._dispatch_arg]
-        chosen = _choose(self.name, backend, str(tensor.device), str(tensor.dtype).replace("torch.", ""))
+        # a bool / integer input (masks read as bytes) takes the float32 kernels' backends
+        dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
+        chosen = _choose(self.name, backend, str(tensor.device), str(dtype).replace("torch.", ""))
         reasons = []
         for candidate in chosen:
             limit = self.limits.get(candidate)

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from .._validation import (
-    check_coords, check_dim, check_float, check_pred_index, check_same_device, check_spatial, check_tensor,
+    check_coords, check_dim, check_finite, check_float, check_pred_index, check_same_device, check_spatial,
+    check_tensor,
 )
 from ._autocast import FP32
 from .._dispatch import CUDA_FIRST
@@ -27,12 +28,13 @@ from ._define import Backward, accumulate_dtype, define_op, implementation
 def _point_sample(input: Tensor, coords: Tensor, backend: str) -> Tensor:
     """[N, C, P]."""
     if input.numel() == 0 or coords.numel() == 0:
-        return input.new_zeros(input.shape[0], input.shape[1], coords.shape[1])
+        return _point_sample_fake(input, coords, backend).zero_()
     return implementation(backend, "point_sample", "fwd")(input, coords)
 
 
 def _point_sample_fake(input, coords, backend):
-    return input.new_empty(input.shape[0], input.shape[1], coords.shape[1])
+    dtype = input.dtype if input.is_floating_point() else torch.float32
+    return input.new_empty(input.shape[0], input.shape[1], coords.shape[1], dtype=dtype)
 
 
 def _point_sample_bwd(grad_out: Tensor, input: Tensor, coords: Tensor, backend: str) -> Tensor:
@@ -60,18 +62,22 @@ def point_sample(input: Tensor, coords: Tensor, *, backend: Optional[str] = None
     """Bilinear samples of ``input`` at ``coords`` (the official ``point_sample``).
 
     Args:
-        input: [N, C, H, W].
+        input: [N, C, H, W] floating, or bool / uint8 (0/1 masks, read as bytes: no float
+            copy of the maps).
         coords: [N, P, 2], (x, y) in [0, 1]; zero padding outside, grid_sample
             (align_corners=False) convention.
     Returns:
-        [N, C, P] in input's dtype, differentiable in input.
+        [N, C, P] in input's dtype (float32 for bool / uint8), differentiable in a
+        floating input.
     """
     check_tensor("input", input, (4,), "[N, C, H, W]")
-    check_float("input", input)
+    if input.dtype not in (torch.bool, torch.uint8):
+        check_float("input", input)
     check_spatial("input", input, "[N, C, H, W]")
     check_coords("coords", coords, 3, "[N, P, 2]")
     check_same_device(("input", "coords"), (input, coords))
     check_dim("coords", coords, 0, input.shape[0], "N, as input")
+    check_finite((("input", input), ("coords", coords)))
     return POINT_SAMPLE(input, coords, backend=backend)
 
 
@@ -140,6 +146,7 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
     dtype = accumulate_dtype(logits)
     candidates = torch.rand(n, num_sampled, 2, device=logits.device, dtype=dtype, generator=generator)
     random = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, dtype=dtype, generator=generator)
+    check_finite((("logits", logits),))
     # detached: point selection has no gradient, and a graph through it would only cost memory
     return UNCERTAIN_POINT_COORDS(logits.detach(), candidates, random, num_uncertain, batch_index, query_index,
                                   backend=backend)
@@ -227,6 +234,8 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: Uni
     check_dim("coords", coords, 0, n, "matched masks, as target")
     if coords.shape[1] < 1:
         raise ValueError(f"coords must hold at least one point per mask [N, P >= 1, 2], got shape {tuple(coords.shape)}")
+    check_finite((("pred", pred), ("target", target), ("coords", coords), ("num_masks", num_masks),
+                  ("mask_weight", mask_weight)))
     if mask_weight is not None:
         check_tensor("mask_weight", mask_weight, (1,), "[N]")
         check_float("mask_weight", mask_weight)
@@ -297,6 +306,7 @@ def pairwise_mask_cost(pred: Tensor, target: Tensor, coords: Tensor, *,
     if coords.shape[0] < 1:
         raise ValueError(f"coords must hold at least one point [P >= 1, 2], got shape {tuple(coords.shape)}")
     check_same_device(("pred", "target", "coords"), (pred, target, coords))
+    check_finite((("pred", pred), ("target", target), ("coords", coords)))
     return PAIRWISE_MASK_COST(pred.detach(), target.detach(), coords.detach(), backend=backend)
 
 

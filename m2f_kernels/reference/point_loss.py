@@ -19,8 +19,9 @@ def _sample(input: torch.Tensor, coords: torch.Tensor, ct) -> torch.Tensor:
 
 
 def point_sample_fwd(input, coords):
-    """[N, C, P] in input.dtype."""
-    return _sample(input, coords, compute_dtype(input)).to(input.dtype).contiguous()
+    """[N, C, P] in input.dtype (float32 for a bool or uint8 input)."""
+    dtype = input.dtype if input.is_floating_point() else torch.float32
+    return _sample(input, coords, compute_dtype(input)).to(dtype).contiguous()
 
 
 def point_sample_bwd(grad_out, input, coords):

@@ -178,10 +178,14 @@ def _launch_point_sample(input, coords, out, neg_abs: bool, config: PointConfig,
 
 
 def point_sample_fwd(input, coords, *, config: "PointConfig | None" = None):
-    """input [N, C, H, W], coords [N, P, 2] -> [N, C, P] in input.dtype. ``config``: the
-    launch configuration (None: :func:`point_sample_config`)."""
+    """input [N, C, H, W], coords [N, P, 2] -> [N, C, P] in input.dtype (float32 for a bool or
+    uint8 input, read as bytes). ``config``: the launch configuration (None:
+    :func:`point_sample_config`)."""
     n, c = input.shape[:2]
-    out = torch.empty((n, c, coords.shape[1]), dtype=input.dtype, device=input.device)
+    dtype = input.dtype if input.is_floating_point() else torch.float32
+    if input.dtype == torch.bool:
+        input = input.view(torch.uint8)
+    out = torch.empty((n, c, coords.shape[1]), dtype=dtype, device=input.device)
     _launch_point_sample(input, coords, out, False, chosen(config, PointConfig, point_sample_config, input))
     return out
 
