@@ -7,6 +7,8 @@ before any kernel. Checks read shapes, dtypes and devices only, except where not
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -61,6 +63,40 @@ def check_coords(name: str, coords: torch.Tensor, ndim: int, shape_desc: str) ->
         raise ValueError(f"{name} must end in 2 (x, y) {shape_desc}, got shape {tuple(coords.shape)}")
 
 
+CHECK_FINITE_ENV = "M2F_KERNELS_CHECK_FINITE"
+
+
+def check_finite(named: Sequence[tuple], allow_posinf: Sequence[str] = (), allow_inf: Sequence[str] = ()) -> None:
+    """With ``M2F_KERNELS_CHECK_FINITE=1``: ``ValueError`` naming the first of ``named``
+    ((name, value) pairs: floating tensors and Python floats are read, anything else is
+    skipped) that holds NaN or an infinity (+inf allowed in the ``allow_posinf`` names, both
+    infinities in the ``allow_inf`` names). One host sync per call, so opt-in; off (the
+    default), the cost is one environment read. Eager calls only: under ``torch.compile``
+    nothing is read."""
+    if torch.compiler.is_compiling() or os.environ.get(CHECK_FINITE_ENV, "0") in ("", "0"):
+        return
+    names, flags = [], []
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            if name in allow_inf:
+                bad = t.isnan()
+            elif name in allow_posinf:
+                bad = t.isnan() | (t == float("-inf"))
+            else:
+                bad = ~t.isfinite()
+            names.append(name)
+            flags.append(bad.any())
+        elif isinstance(t, float) and not math.isfinite(t):
+            names.append(name)
+            flags.append(torch.tensor(True))
+    if flags:
+        device = flags[0].device
+        for name, bad in zip(names, torch.stack([f.to(device) for f in flags]).tolist()):
+            if bad:
+                what = "NaN" if name in allow_inf else "NaN or -inf" if name in allow_posinf else "NaN or inf"
+                raise ValueError(f"{name} holds {what} (the check of {CHECK_FINITE_ENV}=1)")
+
+
 def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     """value [B, S, H, D] against spatial_shapes [L, 2] and level_start_index [L] (host read)."""
     check_tensor("spatial_shapes", spatial_shapes, (2,), "[L, 2]")
@@ -110,7 +146,13 @@ def level_shapes(spatial_shapes: torch.Tensor) -> list:
     return [(int(hh), int(ww)) for hh, ww in spatial_shapes.tolist()]
 
 
-def _check_index_values(name: str, idx: torch.Tensor, size: int, what: str) -> None:
+def check_count_values(name: str, counts: torch.Tensor, limit: int, what: str) -> None:
+    """``counts`` values in [0, limit], checked as :func:`_check_index_values` checks indices:
+    ValueError at once on the CPU, a device-side assert on a GPU (no host sync)."""
+    _check_index_values(name, counts, limit + 1, what, f"{name} values must be in [0, {limit}] {what}")
+
+
+def _check_index_values(name: str, idx: torch.Tensor, size: int, what: str, message: Optional[str] = None) -> None:
     """``idx`` values in [0, size), checked on the device without a host sync, so no kernel
     reads out of bounds: on a GPU a bad value is a device-side assert (a CUDA error at the next
     sync), on the CPU a ValueError at once. A tensor checked against ``size`` is not checked
@@ -120,7 +162,7 @@ def _check_index_values(name: str, idx: torch.Tensor, size: int, what: str) -> N
     stamp = (idx._version, size)
     if getattr(idx, "_m2f_kernels_checked", None) == stamp:
         return
-    message = f"{name} values must be in [0, {size}) {what}"
+    message = message or f"{name} values must be in [0, {size}) {what}"
     try:
         torch._assert_async(((idx >= 0) & (idx < size)).all(), message)
     except RuntimeError:  # raised at once only where the check ran synchronously (the CPU)

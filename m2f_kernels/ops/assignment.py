@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import check_float, check_same_device, check_tensor
+from .._validation import check_count_values, check_finite, check_float, check_same_device, check_tensor
 from ._define import define_op, implementation
 
 OP = "linear_sum_assignment"
@@ -68,7 +68,9 @@ def linear_sum_assignment(cost: Tensor, num_targets: Optional[Tensor] = None, *,
         if num_targets.shape[0] != cost.shape[0]:
             raise ValueError(f"num_targets must hold one count per matrix ({cost.shape[0]}), "
                              f"got shape {tuple(num_targets.shape)}")
+        check_count_values("num_targets", num_targets, cost.shape[2], f"(cost is {tuple(cost.shape)})")
     if cost.device.type == "cpu" and not torch.compiler.is_compiling() and torch.isnan(cost).any():
         raise ValueError("cost holds NaN (use +inf for a pair that must not be matched)")
+    check_finite((("cost", cost),), allow_posinf=("cost",))
     out = LINEAR_SUM_ASSIGNMENT(cost.detach(), num_targets, backend=backend)
     return out[0] if single else out

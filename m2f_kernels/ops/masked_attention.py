@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import check_dim, check_float, check_same_device, check_same_dtype, check_tensor
+from .._validation import check_dim, check_finite, check_float, check_same_device, check_same_dtype, check_tensor
 from ._autocast import LOW
 from ._define import Backward, accumulate_dtype, define_op, implementation
 
@@ -90,8 +90,10 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: Op
         k: [B, H, N, D] keys; v: [B, H, N, Dv] values (same dtype as q).
         mask: [B, Q, N] (shared by all heads) or [B, H, Q, N]; bool with True = blocked
             (the ``nn.MultiheadAttention`` convention), or floating mask logits, blocked
-            where logit < 0 (sigmoid < 0.5). A row with every key blocked attends to all
-            keys (the official empty-row rule). The mask gets no gradient.
+            where logit < 0 (sigmoid < 0.5); a NaN logit is not blocked (the official
+            ``sigmoid(logit) < 0.5`` is False for NaN), -inf is, +inf is not. A row with
+            every key blocked attends to all keys (the official empty-row rule). The mask
+            gets no gradient.
         scale: score scale, default D ** -0.5.
         backend: 'auto', 'reference', 'triton' or 'cuda'; None uses the current default.
 
@@ -102,5 +104,6 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, *, scale: Op
     """
     _check(q, k, v, mask, scale)
     scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    check_finite((("q", q), ("k", k), ("v", v), ("mask", mask), ("scale", scale)), allow_inf=("mask",))
     out, _ = MASKED_ATTENTION(q, k, v, mask, scale, backend=backend)
     return out

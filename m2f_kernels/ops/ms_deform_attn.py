@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validation import check_dim, check_float, check_same_device, check_tensor, spatial_layout
+from .._validation import check_dim, check_finite, check_float, check_same_device, check_tensor, spatial_layout
 from ._autocast import FP32, LOW
 from ._define import Backward, define_op, implementation
 
@@ -121,5 +121,7 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, level_start_index: Ten
     _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    check_finite((("value", value), ("sampling_locations", sampling_locations),
+                  ("attention_weights", attention_weights)))
     return MS_DEFORM_ATTN(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                           bool(softmax), bool(deterministic), backend=backend)
