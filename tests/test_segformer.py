@@ -313,3 +313,22 @@ def test_cli_backbone_implies_segformer_and_weight_errors_are_one_line(tmp_path)
         train_mod.build_model_from_config(cfg, INFO)
     assert "missing keys" in str(exc.value) and "shape mismatches (1)" in str(exc.value)
     assert "\n" not in str(exc.value)
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def test_bench_counts_the_flops_of_a_real_forward_and_marks_gpu_columns_pending():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.segformer_vs_mask2former import PENDING, count_gflops, markdown
+
+    model = small_model().eval()
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as real:
+        model(random_images(1, 64, 64))
+    assert count_gflops(model, 64) == real.get_total_flops() / 1e9 > 0
+    row = {"model": "SegFormer B0", "kernels": None, "size": 512, "params_M": 3.75, "gflops": 16.8,
+           "infer_img_s": None, "train_step_ms": None, "peak_gb_per_image": None, "miou_shapes": None}
+    table = markdown([row], [512])
+    assert table.count(PENDING) == 4 and "| SegFormer B0 | - | 3.8 | 16.8 |" in table
