@@ -32,7 +32,7 @@ from .kernels import KernelSwitch
 from .losses import dice_loss, sigmoid_ce_loss
 from .matcher import MASK_LOSSES, HungarianMatcher
 from .point_features import (
-    calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample, sample_masks,
+    calculate_uncertainty, get_uncertain_point_coords_with_randomness, point_sample, sample_masks, uniform,
 )
 from .targets import PaddedTargets, pad_targets
 
@@ -218,8 +218,8 @@ def _uncertain_points_mask_free(outputs: Dict, index, num_points: int, oversampl
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     device = mask_embed.device
-    candidates = torch.rand(n, num_sampled, 2, device=device, generator=generator)
-    random = torch.rand(n, num_points - num_uncertain, 2, device=device, generator=generator)
+    candidates = uniform(n, num_sampled, 2, device=device, generator=generator)
+    random = uniform(n, num_points - num_uncertain, 2, device=device, generator=generator)
     if num_uncertain == 0 or n == 0:
         return torch.cat([candidates[:, :num_uncertain], random], dim=1)
     uncertainty = -m2f_kernels.point_mask_logits(mask_embed, mask_features, candidates, index).abs()

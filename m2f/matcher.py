@@ -27,7 +27,7 @@ import m2f_kernels
 
 from .kernels import KernelSwitch
 from .losses import batch_dice_loss, batch_sigmoid_ce_loss
-from .point_features import point_sample, sample_masks
+from .point_features import point_sample, sample_masks, uniform
 from .targets import PaddedTargets
 
 MASK_LOSSES = ("point", "full")
@@ -62,7 +62,7 @@ class HungarianMatcher(KernelSwitch, nn.Module):
 
     def draw_points(self, images: int, device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """[images, num_points, 2] uniform points, one set per image shared by all its masks."""
-        return torch.rand(images, self.num_points, 2, device=device, generator=generator)
+        return uniform(images, self.num_points, 2, device=device, generator=generator)
 
     @torch.no_grad()
     def cost_matrices(self, predictions: List[Dict], targets: PaddedTargets,

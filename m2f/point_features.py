@@ -14,6 +14,15 @@ import torch.nn.functional as F
 import m2f_kernels
 
 
+def uniform(*shape: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``torch.rand(*shape)`` from ``generator``, except under torch.compile, which cannot
+    trace a generator argument: a compiled step draws from the default generator of the
+    device (seeded by ``torch.manual_seed``, saved in checkpoints with the other RNG states)."""
+    if torch.compiler.is_compiling():
+        generator = None
+    return torch.rand(*shape, device=device, generator=generator)
+
+
 def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> torch.Tensor:
     """grid_sample at (x, y) in [0, 1]: input [N, C, H, W], point_coords [N, P, 2] -> [N, C, P]."""
     add_dim = point_coords.dim() == 3

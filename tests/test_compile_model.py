@@ -4,8 +4,8 @@
   transformer decoder (``torch._dynamo.explain``), and its whole eval forward compiles
   with ``fullgraph=True``.
 - Compiled results equal eager ones: eval outputs, and a training step's losses and
-  parameter gradients (the criterion's matcher and its ``.item()`` break the graph by
-  design: scipy and a host-side normaliser).
+  parameter gradients; with padded targets the training forward and criterion (matcher,
+  device-side assignment, mask-free losses) compile with ``fullgraph=True``.
 - The ops' backward under compile with non-contiguous inputs (the decoder's strided
   head views): fake and real outputs must agree on strides.
 
@@ -189,3 +189,32 @@ def test_inductor_training_step_matches_eager_on_gpu():
     got = _eval_outputs(torch.compile(model, fullgraph=True), images)
     for name, g, w in zip(("pred_logits", "pred_masks"), got, want):
         assert rel_err(g, w) <= 1e-3, f"inductor eval {name}: {rel_err(g, w):.2e} (seed {seed})"
+
+
+def test_static_training_step_compiles_in_one_graph():
+    """The fused training forward and criterion with padded targets (static shapes, mask-free,
+    the assignment solver on the device): torch.compile(fullgraph=True), equal to eager."""
+    from m2f.targets import PaddedTargets
+
+    seed = torch.seed() % 2**31
+    model = tiny_model(train=True)
+    images = random_images(2, 64, 64, device=DEVICE)
+    padded = model.pad_targets(random_targets(2, TINY["num_classes"], 64, 64, device=DEVICE), (64, 64), 5)
+
+    def step(images, labels, masks, num_targets):
+        losses = model(images, PaddedTargets(labels, masks, num_targets))
+        return torch.stack([losses[k] for k in sorted(losses)])
+
+    def run(fn):
+        torch.manual_seed(seed)  # a compiled step draws its points from the default generator
+        model.zero_grad(set_to_none=True)
+        losses = fn(images, *padded)
+        losses.sum().backward()
+        return losses.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    want = run(step)
+    torch._dynamo.reset()
+    got = run(torch.compile(step, backend=CPU_BACKEND, fullgraph=True))
+    assert rel_err(got[0], want[0]) <= 1e-4, f"losses (seed {seed})"
+    for name, g in want[1].items():
+        assert rel_err(got[1][name], g) <= 1e-3, f"gradient of {name} (seed {seed})"
