@@ -88,7 +88,8 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device``, built once per
         layout and reused: the op checks a pair it has seen without reading it again (a host
         sync on the GPU), and a CUDA graph replays with the same tensors."""
-        key = (tuple(shapes), str(device))
+        # inference-mode tensors may not be saved for a backward: a cache of their own
+        key = (tuple(shapes), str(device), torch.is_inference_mode_enabled())
         cached = None if torch.compiler.is_compiling() else self._level_cache.get(key)
         if cached is None:
             sizes = [hh * ww for hh, ww in shapes]

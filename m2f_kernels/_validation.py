@@ -16,6 +16,11 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place edit counter (an inference tensor has none: it counts as unedited)."""
+    return 0 if t.is_inference() else t._version
+
+
 def check_tensor(name: str, t, ndim: Optional[Sequence[int]] = None, shape_desc: str = "") -> None:
     """``t`` is a tensor with one of the ranks in ``ndim``."""
     if not isinstance(t, torch.Tensor):
@@ -118,7 +123,7 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     # Reading CUDA tensors costs a host sync, so a pair already checked is not read again:
     # the stamp names the exact objects, their versions (in-place edits bump them) and S.
     # The pixel decoder passes one pair to all its layers: one check per forward, not six.
-    stamp = (id(level_start_index), level_start_index._version, spatial_shapes._version, value.shape[1])
+    stamp = (id(level_start_index), _version(level_start_index), _version(spatial_shapes), value.shape[1])
     if getattr(spatial_shapes, "_m2f_kernels_checked", (None,))[0] == stamp:
         return
     shapes = spatial_shapes.tolist()
@@ -141,7 +146,7 @@ def level_shapes(spatial_shapes: torch.Tensor) -> list:
     """[(H_l, W_l)] as Python ints: the list :func:`spatial_layout` read when it checked this
     tensor (unedited since), else read now (a host sync for a device tensor)."""
     checked = getattr(spatial_shapes, "_m2f_kernels_checked", None)
-    if checked is not None and checked[0][2] == spatial_shapes._version:
+    if checked is not None and checked[0][2] == _version(spatial_shapes):
         return checked[1]
     return [(int(hh), int(ww)) for hh, ww in spatial_shapes.tolist()]
 
@@ -159,7 +164,7 @@ def _check_index_values(name: str, idx: torch.Tensor, size: int, what: str, mess
     again until it is edited in place (the criterion passes one index to two ops)."""
     if not idx.numel() or torch.compiler.is_compiling():
         return
-    stamp = (idx._version, size)
+    stamp = (_version(idx), size)
     if getattr(idx, "_m2f_kernels_checked", None) == stamp:
         return
     message = message or f"{name} values must be in [0, {size}) {what}"

@@ -182,39 +182,69 @@ def _triton_implements(op: str) -> bool:
     return m2f_kernels._dispatch.why_not("triton", op, torch.device("cuda" if ON_GPU else "cpu"), torch.float32) is None
 
 
-@requires_triton
-@pytest.mark.parametrize("op", FUSED_OPS)
-def test_fused_with_one_triton_op_agrees(op, monkeypatch, same_points):
-    """Each op the Triton backend implements, alone on Triton inside the tiny model."""
-    if not _triton_implements(op):
-        pytest.skip(f"the triton backend does not implement {op} yet")
-    seed = fresh_seed()
+# the ops of the mask-logits criterion (mask_head='logits'); the rest run in the default one
+LOGITS_HEAD_OPS = ("uncertain_point_coords", "point_mask_loss", "pairwise_mask_cost")
+
+
+def _triton_case(seed, mask_head="points"):
     device = "cuda" if ON_GPU else "cpu"
     # 64x64: smaller images leave 1x1 res5 maps whose calibrated norms are ill-conditioned
-    model, images, targets = make_case(seed, device=device, size=64, batch=2, targets=(1, 2),
-                                       num_queries=4, dec_layers=2, enc_layers=1, num_points=16)
+    return make_case(seed, device=device, size=64, batch=2, targets=(1, 2), num_queries=4, dec_layers=2,
+                     enc_layers=1, num_points=16, mask_head=mask_head)
+
+
+def _on_triton(monkeypatch, op):
+    """Route ``m2f_kernels.<op>`` to the triton backend; returns the list its calls append to."""
+    calls, real = [], getattr(m2f_kernels, op)
+    monkeypatch.setattr(m2f_kernels, op, lambda *a, **k: calls.append(1) or real(*a, **{**k, "backend": "triton"}))
+    return calls
+
+
+@requires_triton
+@pytest.mark.parametrize("op", [op for op in FUSED_OPS if op != "uncertain_point_coords"])
+def test_fused_with_one_triton_op_agrees(op, monkeypatch, same_points):
+    """Each op the Triton backend implements, alone on Triton inside the tiny model, against
+    the official path (same points)."""
+    if not _triton_implements(op):
+        pytest.skip(f"the triton backend does not implement {op}")
+    seed = fresh_seed()
+    model, images, targets = _triton_case(seed, "logits" if op in LOGITS_HEAD_OPS else "points")
     ref = run(model, "reference", images, targets, seed)
-    monkeypatch.setattr(m2f_kernels, op, functools.partial(getattr(m2f_kernels, op), backend="triton"))
+    calls = _on_triton(monkeypatch, op)
     fused = run(model, "fused", images, targets, seed)
+    assert calls, f"the fused model never called {op}"
     tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
     compare(ref, fused, tol, seed, f"triton {op}")
 
 
 @requires_triton
-def test_fused_all_on_triton_agrees(same_points):
-    """The whole fused path under ``m2f_kernels.use_backend('triton')``."""
-    missing = [op for op in FUSED_OPS if not _triton_implements(op)]
-    if missing:
-        pytest.skip(f"the triton backend does not implement {missing} yet")
+def test_fused_importance_sampling_on_triton_agrees(monkeypatch):
+    """uncertain_point_coords picks the points, so it is compared inside the fused path (same
+    draws in the same order) rather than against the official one."""
     seed = fresh_seed()
-    device = "cuda" if ON_GPU else "cpu"
-    model, images, targets = make_case(seed, device=device, size=64, batch=2, targets=(1, 2),
-                                       num_queries=4, dec_layers=2, enc_layers=1, num_points=16)
-    ref = run(model, "reference", images, targets, seed)
-    with m2f_kernels.use_backend("triton"):
-        fused = run(model, "fused", images, targets, seed)
+    model, images, targets = _triton_case(seed, "logits")
+    ref = run(model, "fused", images, targets, seed)
+    calls = _on_triton(monkeypatch, "uncertain_point_coords")
+    fused = run(model, "fused", images, targets, seed)
+    assert calls, "the fused model never called uncertain_point_coords"
     tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
-    compare(ref, fused, tol, seed, "triton, all ops")
+    compare(ref, fused, tol, seed, "triton uncertain_point_coords")
+
+
+@requires_triton
+@pytest.mark.parametrize("mask_head", ["points", "logits"])
+def test_fused_all_on_triton_agrees(same_points, monkeypatch, mask_head):
+    """Every op the Triton backend implements on Triton at once (the solver, which it lacks,
+    on its default backend)."""
+    seed = fresh_seed()
+    model, images, targets = _triton_case(seed, mask_head)
+    ref = run(model, "reference", images, targets, seed)
+    for op in FUSED_OPS:
+        if _triton_implements(op):
+            monkeypatch.setattr(m2f_kernels, op, functools.partial(getattr(m2f_kernels, op), backend="triton"))
+    fused = run(model, "fused", images, targets, seed)
+    tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
+    compare(ref, fused, tol, seed, f"triton, all ops, mask_head={mask_head}")
 
 
 # ----------------------------------------------------------------------------- GPU, full size

@@ -103,3 +103,16 @@ def test_build_model_rejects_bad_arguments():
         build_model("resnet18", kernels="cuda")
     with pytest.raises(ValueError, match="mask_loss must be one of"):
         build_model("resnet18", mask_loss="dense")
+
+
+def test_fused_model_under_inference_mode_then_training():
+    """inference_mode tensors carry no version counter and cannot be saved for a backward:
+    the fused model's cached level index must serve both."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", kernels="fused", **TINY).eval()
+    images = random_images(2, 64, 64)
+    with torch.inference_mode():
+        out = model(images)
+    assert out["pred_masks"].shape[:2] == (2, TINY["num_queries"])
+    model.train()
+    sum(model(images, random_targets(2, model.num_classes, 64, 64)).values()).backward()

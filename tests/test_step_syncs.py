@@ -44,15 +44,16 @@ def _step_fn(backbone="resnet18", batch=2, **overrides):
 
 
 @contextlib.contextmanager
-def _solver_exempt(counter: HostSyncs, monkeypatch):
-    """Pause counting inside linear_sum_assignment on a CPU cost (its reference backend)."""
-    real = m2f_kernels.linear_sum_assignment
+def _solver_exempt(counter: HostSyncs, monkeypatch, module=m2f_kernels):
+    """Pause counting inside ``module.linear_sum_assignment`` on a CPU cost (its reference
+    backend, which may read its flags on the host; the cuda backend never does)."""
+    real = module.linear_sum_assignment
 
     def solver(cost, *args, **kwargs):
         with counter.paused() if cost.device.type == "cpu" else contextlib.nullcontext():
             return real(cost, *args, **kwargs)
 
-    monkeypatch.setattr(m2f_kernels, "linear_sum_assignment", solver)
+    monkeypatch.setattr(module, "linear_sum_assignment", solver)
     yield
 
 
@@ -93,7 +94,7 @@ def test_patched_hf_mask2former_adds_no_host_sync(monkeypatch):
     syncs only where HF's own code does (its encoder layers' isfinite guard and the decoder's
     layerdrop draw); the unpatched step syncs in the matcher (scipy) too."""
     hf_testing = pytest.importorskip("bench.hf_testing", reason="transformers is not installed")
-    from m2f_kernels.integrations.transformers import apply_m2f_kernels_to_mask2former
+    from m2f_kernels.integrations import transformers as patch
 
     torch.manual_seed(0)
     config = hf_testing.make_config("tiny")
@@ -103,28 +104,15 @@ def test_patched_hf_mask2former_adds_no_host_sync(monkeypatch):
     def count() -> HostSyncs:
         model(**batch).loss.backward()
         syncs = HostSyncs()
-        with _solver_exempt_hf(syncs, monkeypatch), syncs:
+        with _solver_exempt(syncs, monkeypatch, patch), syncs:
             model(**batch).loss.backward()
         return syncs
 
     hf_own = count()
     assert any("linear_sum_assignment" in k for k in hf_own.where), dict(hf_own.where)
-    apply_m2f_kernels_to_mask2former(model=model)
+    patch.apply_m2f_kernels_to_mask2former(model=model)
     patched = count()
     assert set(patched.where) <= set(hf_own.where), f"syncs the patch added: {set(patched.where) - set(hf_own.where)}"
     assert all(k.split(" at ")[1].startswith("mask2former/modeling_mask2former.py") for k in patched.where), \
         dict(patched.where)
 
-
-@contextlib.contextmanager
-def _solver_exempt_hf(counter: HostSyncs, monkeypatch):
-    from m2f_kernels.integrations import transformers as patch
-
-    real = patch.linear_sum_assignment
-
-    def solver(cost, *args, **kwargs):
-        with counter.paused() if cost.device.type == "cpu" else contextlib.nullcontext():
-            return real(cost, *args, **kwargs)
-
-    monkeypatch.setattr(patch, "linear_sum_assignment", solver)
-    yield

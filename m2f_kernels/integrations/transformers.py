@@ -100,7 +100,7 @@ class _FusedDeformableAttention(_Fused):
         """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device``, built once per
         layout from HF's Python shapes and reused, so the op checks them once (HF builds a new
         level_start_index each forward; reading it is a host sync on the GPU)."""
-        key = (tuple((int(h), int(w)) for h, w in spatial_shapes_list), str(device))
+        key = (tuple((int(h), int(w)) for h, w in spatial_shapes_list), str(device), torch.is_inference_mode_enabled())
         cache = self.__dict__.setdefault("_m2f_levels", {})
         if torch.compiler.is_compiling() or key not in cache:
             sizes = [h * w for h, w in key[0]]
