@@ -79,17 +79,25 @@ struct Bilinear {
   float fx, fy;    // fractional offsets
 };
 
+// 0 for a finite x, NaN for a NaN or infinite one: what 0 * x gives, from the bits, so
+// fast-math flags cannot fold it away.
+__device__ __forceinline__ float zero_times(float x) {
+  return (__float_as_uint(x) & 0x7f800000u) == 0x7f800000u ? __uint_as_float(0x7fc00000u) : 0.0f;
+}
+
 __device__ __forceinline__ Bilinear bilinear(float lx, float ly, int64_t hl, int64_t wl, int64_t start) {
   const float wf = static_cast<float>(wl);
   const float hf = static_cast<float>(hl);
-  // Far-away points would overflow the int conversion; clamped, all corners stay outside.
-  const float x = fminf(fmaxf(lx * wf - 0.5f, -2.0f), wf + 1.0f);
-  const float y = fminf(fmaxf(ly * hf - 0.5f, -2.0f), hf + 1.0f);
+  const float x = lx * wf - 0.5f;
+  const float y = ly * hf - 0.5f;
   const float x0f = floorf(x);
   const float y0f = floorf(y);
-  const int64_t x0 = static_cast<int64_t>(x0f);
-  const int64_t y0 = static_cast<int64_t>(y0f);
+  // Far-away points would overflow the int conversion; from the floors clamped to
+  // [-2, size + 1] (fmaxf maps NaN to -2) all their corners stay outside.
+  const int64_t x0 = static_cast<int64_t>(fminf(fmaxf(x0f, -2.0f), wf + 1.0f));
+  const int64_t y0 = static_cast<int64_t>(fminf(fmaxf(y0f, -2.0f), hf + 1.0f));
   Bilinear b;
+  // From the unclamped coordinates: NaN for a NaN or infinite location, as in grid_sample.
   b.fx = x - x0f;
   b.fy = y - y0f;
   const float gx = 1.0f - b.fx;
@@ -157,6 +165,7 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
     float acc[VEC];
 #pragma unroll
     for (int i = 0; i < VEC; ++i) acc[i] = 0.0f;
+    float outside = 0.0f;  // what the corners outside the maps add: 0 * (w * coef), 0 or NaN
     for (int l = 0; l < L; ++l) {
       const int64_t hl = shapes[2 * l];
       const int64_t wl = shapes[2 * l + 1];
@@ -165,6 +174,9 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
         const int64_t j = aux0 + l * P + p;
         const float w = attention_weight(attw, w_t, j, softmax, st);
         const Bilinear bl = point_bilinear(loc, loc_t, j, hl, wl, start);
+        // A corner outside reads 0; 0 * (w * coef) is NaN for a non-finite location (NaN
+        // coefs, all corners outside) or weight, and then so for every corner.
+        if (!(bl.valid[0] && bl.valid[1] && bl.valid[2] && bl.valid[3])) outside += zero_times(w * bl.coef[0]);
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (!bl.valid[k]) continue;
@@ -176,6 +188,8 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
         }
       }
     }
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] += outside;
     store_vec<scalar_t, VEC>(out + row * D + c0, acc);
   }
 }
@@ -215,9 +229,17 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       const float w = attention_weight(attw, w_t, j, softmax, st);
       const Bilinear bl = point_bilinear(loc, loc_t, j, hl, wl, start);
       float dot[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // this lane's part of <grad_out, value at corner k>
+      const bool inside = bl.valid[0] && bl.valid[1] && bl.valid[2] && bl.valid[3];
       for (int c0 = lane * VEC; c0 < D; c0 += kWarp * VEC) {
         float g[VEC];
         load_vec<scalar_t, VEC>(g_row + c0, g);
+        if (!inside) {  // a corner outside reads 0: <g, 0>, NaN where grad_out is not finite
+          float g_zero = 0.0f;
+#pragma unroll
+          for (int i = 0; i < VEC; ++i) g_zero += zero_times(g[i]);
+#pragma unroll
+          for (int k = 0; k < 4; ++k) dot[k] += bl.valid[k] ? 0.0f : g_zero;
+        }
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           if (!bl.valid[k]) continue;
