@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2f_kernels.nn.ms_deform_attn import level_index
+
 from .kernels import KernelSwitch
 from .layers import Conv2d, PositionEmbeddingSine, c2_xavier_fill
 from .ms_deform_attn import MSDeformAttn
@@ -84,21 +86,6 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         nn.init.normal_(self.level_embed)
         self._level_cache: Dict = {}
 
-    def _level_index(self, shapes: List[Tuple[int, int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device``, built once per
-        layout and reused: the op checks a pair it has seen without reading it again (a host
-        sync on the GPU), and a CUDA graph replays with the same tensors."""
-        # inference-mode tensors may not be saved for a backward: a cache of their own
-        key = (tuple(shapes), str(device), torch.is_inference_mode_enabled())
-        cached = None if torch.compiler.is_compiling() else self._level_cache.get(key)
-        if cached is None:
-            sizes = [hh * ww for hh, ww in shapes]
-            cached = (torch.tensor(shapes, dtype=torch.long).to(device),
-                      torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.long).to(device))
-            if not torch.compiler.is_compiling():
-                self._level_cache[key] = cached
-        return cached
-
     def forward(self, srcs: List[torch.Tensor], pos_embeds: List[torch.Tensor]):
         """srcs/pos_embeds: per level [B, C, H_l, W_l] -> (memory [B, S, C], shapes list)."""
         shapes = [tuple(x.shape[-2:]) for x in srcs]
@@ -106,7 +93,7 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         pos_flatten = torch.cat(
             [p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1) for lvl, p in enumerate(pos_embeds)], 1
         )
-        spatial_shapes, level_start_index = self._level_index(shapes, src_flatten.device)
+        spatial_shapes, level_start_index = level_index(shapes, src_flatten.device, self._level_cache)
         memory = self.encoder(src_flatten, spatial_shapes, level_start_index, pos_flatten, shapes)
         return memory, shapes
 

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..compat import ms_deform_attn_core_pytorch
 from ..nn.masked_attention import MaskedMultiheadAttention
-from ..nn.ms_deform_attn import MSDeformAttn
+from ..nn.ms_deform_attn import MSDeformAttn, level_index
 from ..ops.assignment import linear_sum_assignment
 from ..ops.point_loss import pairwise_mask_cost, point_mask_loss, uncertain_point_coords
 
@@ -90,26 +90,13 @@ class _FusedDeformableAttention(_Fused):
                                    position_embeddings, reference_points, spatial_shapes_list, level_start_index,
                                    output_attentions)
         query = hidden_states if position_embeddings is None else hidden_states + position_embeddings
-        shapes, starts = self._m2f_level_index(spatial_shapes_list, hidden_states.device)
+        # HF builds a new level_start_index each forward: one pair per layout is checked once
+        shapes, starts = level_index(spatial_shapes_list, hidden_states.device,
+                                     self.__dict__.setdefault("_m2f_levels", {}))
         # HF's module has the official parameter and attribute names, so the official forward applies
         out = MSDeformAttn.forward(self, query, reference_points, encoder_hidden_states, shapes, starts,
                                    attention_mask)
         return out, None
-
-    def _m2f_level_index(self, spatial_shapes_list, device):
-        """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device``, built once per
-        layout from HF's Python shapes and reused, so the op checks them once (HF builds a new
-        level_start_index each forward; reading it is a host sync on the GPU)."""
-        key = (tuple((int(h), int(w)) for h, w in spatial_shapes_list), str(device), torch.is_inference_mode_enabled())
-        cache = self.__dict__.setdefault("_m2f_levels", {})
-        if torch.compiler.is_compiling() or key not in cache:
-            sizes = [h * w for h, w in key[0]]
-            pair = (torch.tensor(key[0], dtype=torch.int64).to(device),
-                    torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64).to(device))
-            if torch.compiler.is_compiling():
-                return pair
-            cache[key] = pair
-        return cache[key]
 
 
 class FusedMultiheadAttention(nn.MultiheadAttention):

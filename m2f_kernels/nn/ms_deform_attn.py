@@ -144,3 +144,24 @@ class MSDeformAttn(nn.Module):
         (softmax fused into the op). Subclasses may swap the implementation here."""
         return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_logits,
                               softmax=True)
+
+
+def level_index(shapes, device, cache: dict) -> tuple:
+    """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device`` for the level sizes
+    ``shapes`` [(H_l, W_l)], built once per layout into ``cache`` and reused: the op checks a
+    pair it has seen without reading it again (a host sync on the GPU), and a CUDA graph
+    replays with the same tensors. Under torch.compile they are traced into the graph."""
+    shapes = tuple((int(h), int(w)) for h, w in shapes)
+    sizes = [h * w for h, w in shapes]
+
+    def build():
+        return (torch.tensor(shapes, dtype=torch.int64).to(device),
+                torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64).to(device))
+
+    if torch.compiler.is_compiling():
+        return build()
+    # inference-mode tensors may not be saved for a backward: a cache of their own
+    key = (shapes, str(device), torch.is_inference_mode_enabled())
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
