@@ -471,7 +471,7 @@ def test_bench_suite_wiring_end_to_end_on_cpu(tmp_path):
     assert stats["extra_info"]["median_ms"] == pytest.approx(ok["time_ms"]["median"])
 
 
-@pytest.mark.parametrize("provider", ["d-point-mask-free", "e-mask-free-compiled"])
+@pytest.mark.parametrize("provider", ["d-point-mask-free"])  # (e) compiles: minutes on a CPU
 def test_mask_free_step_cases_run_on_cpu(provider):
     pytest.importorskip("m2f", reason="the model package m2f is not importable")
     tiny = {"backbone": "resnet18", "queries": 4, "image": 64, "T": 2, "batch": 1,
