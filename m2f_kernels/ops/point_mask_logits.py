@@ -5,7 +5,9 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from .._validation import check_coords, check_dim, check_float, check_pred_index, check_same_dtype, check_tensor
+from .._validation import (
+    check_coords, check_dim, check_finite, check_float, check_pred_index, check_same_dtype, check_tensor,
+)
 from ._autocast import FP32, LOW
 from ._define import Backward, define_op, implementation
 
@@ -83,5 +85,6 @@ def point_mask_logits(mask_embed: Tensor, mask_features: Tensor, coords: Tensor,
         raise ValueError("pred_index=(batch_index, query_index) is required: the matched masks of mask_embed")
     check_pred_index("mask_embed", mask_embed.unsqueeze(-1), pred_index, "[B, Q, C]",
                      (("mask_features", mask_features), ("coords", coords)), coords.shape[0], "as coords")
+    check_finite((("mask_embed", mask_embed), ("mask_features", mask_features), ("coords", coords)))
     batch_index, query_index = pred_index
     return POINT_MASK_LOGITS(mask_embed, mask_features, coords, batch_index, query_index, backend=backend)
