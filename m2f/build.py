@@ -14,6 +14,16 @@ from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 
+def checked_overrides(cls, overrides: dict, caller: str):
+    """``cls(**overrides)`` (a dataclass of a builder's optional settings), or a TypeError
+    naming the unknown keys and the valid ones."""
+    valid = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise TypeError(f"{caller} got unknown overrides {unknown}; valid: {sorted(valid)}")
+    return cls(**overrides)
+
+
 @dataclass
 class Overrides:
     """Everything ``build_model`` accepts besides its named arguments (official defaults)."""
@@ -77,11 +87,7 @@ def build_model(backbone: str = "resnet50", num_classes: int = 133, num_queries:
     check_kernels(kernels)
     if mask_loss not in MASK_LOSSES:
         raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
-    valid = {f.name for f in dataclasses.fields(Overrides)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(f"build_model got unknown overrides {unknown}; valid: {sorted(valid)}")
-    cfg = Overrides(**overrides)
+    cfg = checked_overrides(Overrides, overrides, "build_model")
     if num_queries is None:
         num_queries = 200 if SWINS.get(backbone) == "large" else 100
     conv_dim = cfg.conv_dim or cfg.hidden_dim

@@ -87,3 +87,22 @@ class PositionEmbeddingSine(nn.Module):
         pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
         pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+class PixelNormalizer(nn.Module):
+    """Input normalisation shared by the segmentation models: ``preprocess(images)`` =
+    (images - mean) / std, zero-padded on the right/bottom to ``size_divisibility``.
+    ``pixel_mean`` / ``pixel_std`` are non-persistent buffers (not in checkpoints)."""
+
+    def _init_pixels(self, pixel_mean, pixel_std, size_divisibility: int) -> None:
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(images - mean) / std, zero-padded on the right/bottom to ``size_divisibility``."""
+        x = (images - self.pixel_mean) / self.pixel_std
+        d = self.size_divisibility
+        if d > 1:
+            x = F.pad(x, (0, (-x.shape[-1]) % d, 0, (-x.shape[-2]) % d))
+        return x

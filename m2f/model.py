@@ -5,11 +5,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .criterion import SetCriterion
 from .targets import PaddedTargets, pad_targets
 from .kernels import get_kernels, set_kernels
+from .layers import PixelNormalizer
 from .pixel_decoder import MSDeformAttnPixelDecoder
 from .transformer_decoder import MultiScaleMaskedTransformerDecoder
 
@@ -29,7 +29,7 @@ class MaskFormerHead(nn.Module):
         return self.predictor(multi_scale_features, mask_features)
 
 
-class Mask2Former(nn.Module):
+class Mask2Former(PixelNormalizer):
     """Normalise, pad to ``size_divisibility``, backbone, head; losses in training.
 
     forward(images [B, 3, H, W] float RGB in 0..255, targets=None, *, generator=None):
@@ -53,11 +53,9 @@ class Mask2Former(nn.Module):
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
         self.num_queries = num_queries
-        self.size_divisibility = size_divisibility
         self.deep_supervision = deep_supervision
         self.max_targets = max_targets
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self._init_pixels(pixel_mean, pixel_std, size_divisibility)
 
     @property
     def num_classes(self) -> int:
@@ -70,14 +68,6 @@ class Mask2Former(nn.Module):
     def set_kernels(self, mode: str) -> "Mask2Former":
         """Switch every hotspot between 'reference' and 'fused' (weights untouched)."""
         return set_kernels(self, mode)
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(images - mean) / std, zero-padded on the right/bottom to ``size_divisibility``."""
-        x = (images - self.pixel_mean) / self.pixel_std
-        d = self.size_divisibility
-        if d > 1:
-            x = F.pad(x, (0, (-x.shape[-1]) % d, 0, (-x.shape[-2]) % d))
-        return x
 
     def forward(self, images: torch.Tensor, targets: Optional[List[Dict]] = None, *,
                 generator: Optional[torch.Generator] = None):

@@ -31,7 +31,6 @@ downloaded.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -42,6 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backbone.swin import drop_path
+from .build import checked_overrides
+from .layers import PixelNormalizer
 
 IGNORE_INDEX = 255
 
@@ -265,7 +266,7 @@ class SegFormerHead(nn.Module):
 # ----------------------------------------------------------------------------- model
 
 
-class SegFormer(nn.Module):
+class SegFormer(PixelNormalizer):
     """Normalise, pad, MiT encoder (``backbone``), all-MLP decoder (``decode_head``);
     cross-entropy in training. See the module docstring for inputs and outputs."""
 
@@ -277,22 +278,12 @@ class SegFormer(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
-        self.size_divisibility = size_divisibility
         self.ignore_index = ignore_index
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
+        self._init_pixels(pixel_mean, pixel_std, size_divisibility)
 
     @property
     def num_classes(self) -> int:
         return self.decode_head.num_classes
-
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(images - mean) / std, zero-padded on the right/bottom to ``size_divisibility``."""
-        x = (images - self.pixel_mean) / self.pixel_std
-        d = self.size_divisibility
-        if d > 1:
-            x = F.pad(x, (0, (-x.shape[-1]) % d, 0, (-x.shape[-2]) % d))
-        return x
 
     def forward(self, images: torch.Tensor, targets=None, *, generator: Optional[torch.Generator] = None):
         """Training: ``{"loss_ce": scalar}``; eval: ``{"sem_seg_logits": [B, K, H'/4, W'/4]}``
@@ -378,11 +369,7 @@ def build_segformer(variant: str = "mit_b0", num_classes: int = 150, **overrides
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown SegFormer variant {variant!r}; choose one of {SEGFORMERS}")
-    valid = {f.name for f in dataclasses.fields(SegFormerOverrides)}
-    unknown = sorted(set(overrides) - valid)
-    if unknown:
-        raise TypeError(f"build_segformer got unknown overrides {unknown}; valid: {sorted(valid)}")
-    cfg = SegFormerOverrides(**overrides)
+    cfg = checked_overrides(SegFormerOverrides, overrides, "build_segformer")
     v = VARIANTS[variant]
     embed_dims = tuple(cfg.embed_dims or v.embed_dims)
     backbone = MixVisionTransformer(embed_dims, tuple(cfg.depths or v.depths), tuple(cfg.num_heads or v.num_heads),
