@@ -18,23 +18,12 @@ from m2f import CheckpointMismatchError, build_segformer, load_segformer_weights
 from m2f.segformer import PAPER_PARAMS_M, SEGFORMERS, VARIANTS, EfficientSelfAttention, count_parameters
 
 from .conftest import rel_err
+from ._rng import keep_global_rng  # noqa: F401  (autouse fixture)
 
 # B0's layout at a fraction of its width and depth: a training step in a few ms on a CPU
 SMALL = dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 1, 1), decoder_dim=32)
 SMALL_CLI = ["--model", "segformer", "--backbone", "mit_b0", "--model", "embed_dims=(16,32,40,64)",
              "--model", "depths=(1,1,1,1)", "--model", "decoder_dim=32"]
-
-
-@pytest.fixture(autouse=True)
-def keep_global_rng():
-    """The CLI seeds the global RNGs; restore them so later tests keep fresh random inputs."""
-    import random
-
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
 
 
 def small_model(num_classes: int = 5, **kw):

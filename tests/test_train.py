@@ -17,21 +17,10 @@ import m2f.train as train_mod
 from m2f.solver import build_optimizer, build_scheduler, clip_gradients
 
 from .conftest import requires_gpu
+from ._rng import keep_global_rng  # noqa: F401  (autouse fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--preset", "micro", "--device", "cpu", "--num-workers", "0", "--eval-images", "4"]
-
-
-@pytest.fixture(autouse=True)
-def keep_global_rng():
-    """The CLI seeds the global RNGs; restore them so later tests keep fresh random inputs."""
-    import random
-
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
 
 
 def fresh_seed() -> int:
