@@ -175,12 +175,7 @@ def _solve(m: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor,
                 if n_searching == 0:
                     break
                 if 2 * n_searching <= searching.numel():  # shrink to the searching matrices
-                    state = (s_spc, s_step, s_min, s_sink)
-                    if result is None:
-                        result = state
-                    else:
-                        for res, t in zip(result, state):
-                            res[pos] = t
+                    result = _merged(result, pos, (s_spc, s_step, s_min, s_sink))
                     keep = searching.nonzero()[:, 0]
                     pos, s_g, s_v, s_code, s_spc, s_step, s_blocked, s_min, s_sink, i = (
                         t.index_select(0, keep) for t in
@@ -204,13 +199,7 @@ def _solve(m: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor,
             s_sink = torch.where(searching & free, j, s_sink)
             i = torch.where(searching & ~free, row, i)
             searching = searching & ~free
-        state = (s_spc, s_step, s_min, s_sink)
-        if result is None:
-            result = state
-        else:
-            for res, t in zip(result, state):
-                res[pos] = t
-        spc, step_of, min_val, sink = result
+        spc, step_of, min_val, sink = _merged(result, pos, (s_spc, s_step, s_min, s_sink))
 
         # Duals: u[cur] += min_val; for each scanned column j, delta = min_val - spc[j] >= 0:
         # v[j] -= delta, and its row u += delta. Unscanned columns have spc >= min_val (inf
@@ -242,3 +231,13 @@ def _solve(m: torch.Tensor, n_rows: torch.Tensor, n_cols: torch.Tensor,
             j = prev
             going = going & (pi != cur)
     return col4row, row4col
+
+
+def _merged(result, pos, state):
+    """The search state of all matrices: ``state`` (of the matrices ``pos``) written into
+    ``result``, or ``state`` itself while no matrix has been dropped yet."""
+    if result is None:
+        return state
+    for res, t in zip(result, state):
+        res[pos] = t
+    return result
