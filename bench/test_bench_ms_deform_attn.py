@@ -5,12 +5,24 @@ value [B, S, H, D] in the case dtype; sampling locations [B, Lq, H, L, P, 2] flo
 each query's pixel (see bench.data.deformable_locations); attention weights
 [B, Lq, H, L, P] float32, softmax-normalised over L*P. Locations and weights stay float32
 in bf16 cases, as they come out of the official module under autocast.
+
+Providers: the m2f_kernels backends (``reference``, ``triton``, ``cuda``, and the
+deterministic backward of the last two), and the peers ``original`` (Deformable-DETR's op
+as transformers 4.46.3 shipped it), ``dcnv4`` (DCNv4's FlashDeformAttn) and ``mmcv``, built
+from their upstream archives by ``python -m bench.peers build`` (bench/peers.py) and skipped
+with that command as the reason until then. The peers take locations and weights in the
+value's dtype and none keeps bf16 accurate, so bf16 cases run them in fp16: locations in
+fp16 alone move the output by about 1%, 2% and 4% at 512^2, 1024^2 and 2048^2 (the
+reference with fp16-rounded locations, measured on the CPU), so at 2048^2 their forward
+check (3e-2 in bf16) is expected to fail: the numbers are recorded all the same. In
+backward modes each peer's gradients are compared with the reference's on the same
+inputs (``metrics.grad_check`` of the record: relative error per input).
 """
 from __future__ import annotations
 
 import torch
 
-from bench import harness
+from bench import harness, peers
 from bench.data import deformable_locations
 from bench.harness import Block, Inputs, OpSpec
 
@@ -19,8 +31,9 @@ SETTINGS = (
     {"setting": "coco1024", "B": 2, "levels": ((128, 128), (64, 64), (32, 32)), "H": 8, "D": 32, "P": 4},
     # ADE20K 512^2 semantic, batch 16.
     {"setting": "ade512", "B": 16, "levels": ((64, 64), (32, 32), (16, 16)), "H": 8, "D": 32, "P": 4},
+    # 2048^2, batch 1: four times the queries of one 1024^2 image.
+    {"setting": "hires2048", "B": 1, "levels": ((256, 256), (128, 128), (64, 64)), "H": 8, "D": 32, "P": 4},
 )
-IM2COL_STEP = 128  # Mask2Former's value for the original CUDA op
 
 
 def make_inputs(shape: dict, dtype: torch.dtype, device) -> Inputs:
@@ -78,64 +91,61 @@ TABLE.provider("reference", note="m2f_kernels.ms_deform_attn(backend='reference'
 TABLE.provider("triton")(_m2f("triton"))
 TABLE.provider("triton-deterministic", modes=("bwd", "fwd+bwd"))(_m2f("triton", deterministic=True))
 TABLE.provider("cuda")(_m2f("cuda"))
+TABLE.provider("cuda-deterministic", modes=("bwd", "fwd+bwd"))(_m2f("cuda", deterministic=True))
 
 
-def _original_function():
-    """The official MSDeformAttnFunction around the vendored extension (Deformable DETR / Mask2Former)."""
-    import MultiScaleDeformableAttention as MSDA
-    from torch.autograd.function import once_differentiable
-
-    class MSDeformAttnFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, value, shapes, starts, locations, weights, im2col_step):
-            ctx.im2col_step = im2col_step
-            out = MSDA.ms_deform_attn_forward(value, shapes, starts, locations, weights, im2col_step)
-            ctx.save_for_backward(value, shapes, starts, locations, weights)
-            return out
-
-        @staticmethod
-        @once_differentiable
-        def backward(ctx, grad_output):
-            value, shapes, starts, locations, weights = ctx.saved_tensors
-            gv, gl, gw = MSDA.ms_deform_attn_backward(
-                value, shapes, starts, locations, weights, grad_output.contiguous(), ctx.im2col_step)
-            return gv, None, None, gl, gw, None
-
-    return MSDeformAttnFunction
+def _grad_check(name: str, inputs: Inputs, run) -> dict:
+    """Relative error of the peer's gradients against the reference's on the same inputs
+    (the harness checks forward outputs only). DCNv4 differentiates its weight logits: its
+    weight gradient is compared with the reference's taken through the softmax."""
+    wrt = inputs.grad_tensors()
+    reference = TABLE.providers["reference"].build(inputs)()
+    grad_out = torch.randn_like(reference)
+    ref = torch.autograd.grad(reference, wrt, grad_out)
+    out = run()
+    got = torch.autograd.grad(out, wrt, grad_out.to(out.dtype))
+    if name == "dcnv4":
+        w, g = inputs["attention_weights"], ref[2].float()
+        ref = ref[:2] + ((w * (g - (w * g).sum((-2, -1), keepdim=True))),)
+    errors = {n: harness.rel_err(a, b) for n, a, b in zip(inputs.grad, got, ref)}
+    return {"against": "reference", **errors}
 
 
-@TABLE.provider(
-    "original",
-    requires=harness.requires_module(
-        "MultiScaleDeformableAttention",
-        "the original CUDA op is not installed (build Mask2Former's ops/ or install an ms-deform-attn wheel)"),
-    dtypes=("fp32",),
-)
-def original(inputs: Inputs):
-    """The original Deformable-DETR CUDA op (module MultiScaleDeformableAttention), im2col_step 128."""
-    function = _original_function()
-    args = [inputs[n] for n in _ARGS]
-    return lambda: function.apply(*args, IM2COL_STEP)
+def _peer(name: str):
+    """A peer built by bench/peers.py, called through bench.peers.load(name).bind: the inputs
+    are converted to the peer's layout and dtype once, outside the timed call."""
+    spec = peers.PEERS[name]
+
+    def build(inputs: Inputs):
+        if inputs["value"].device.type != "cuda":
+            raise harness.Unavailable(f"{spec.what} runs on CUDA only")
+        op = peers.load(name)
+        args = [inputs[n] for n in _ARGS]
+        dtype, _ = op.peer_dtype(args[0].dtype)
+        run = op.bind(*args)
+        metrics = inputs.meta.setdefault("metrics", {})
+        metrics["peer_dtype"] = str(dtype).replace("torch.", "")
+        if any(t.requires_grad for t in inputs.grad_tensors()):
+            metrics["grad_check"] = _grad_check(name, inputs, run)
+        return run
+
+    dtypes = ", ".join(f"{d} runs in {peer}" + (f" ({why})" if why else "")
+                       for d, (peer, why) in spec.dtypes.items() if d != peer)
+    build.__doc__ = (f"{spec.what} built from {spec.archive} by python -m bench.peers; "
+                     f"inputs converted to its layout and dtype outside the timed call; {dtypes}")
+    return build
 
 
-@TABLE.provider(
-    "dcnv4",
-    requires=harness.requires_module("DCNv4", "DCNv4 (flash deformable attention) is not installed"),
-)
-def dcnv4(inputs: Inputs):
-    """DCNv4's FlashDeformAttnFunction: locations and weight logits concatenated per head
-    (its layout), softmax fused in the kernel; log(weights) are passed as the logits."""
-    from DCNv4.functions import FlashDeformAttnFunction
+def _peer_requires(name: str):
+    def requires():
+        return peers.unavailable(name)
 
-    value, shapes, starts, loc, w = (inputs[n] for n in _ARGS)
-    b, lq, h, l, p, _ = loc.shape
+    requires.__name__ = f"requires_peer_{name}"
+    return requires
 
-    def run():
-        loc_attn = torch.cat([loc.reshape(b, lq, h, l * p * 2), w.log().reshape(b, lq, h, l * p)], dim=-1)
-        out = FlashDeformAttnFunction.apply(value, shapes, starts, loc_attn.to(value.dtype), 64, p)
-        return out.view(b, lq, -1)
 
-    return run
+for _name in peers.PEERS:
+    TABLE.provider(_name, requires=_peer_requires(_name))(_peer(_name))
 
 
 def test_ms_deform_attn(case, bench_run):

@@ -1,0 +1,946 @@
+"""Peer MSDeformAttn kernels for the benchmarks, built at bench time from upstream source archives.
+
+The peers are third-party code under their own licences: the project holds none of their
+sources. A user (or the GPU check) points this module at the upstream archives; it
+extracts the files each peer needs into a build directory outside the tracked tree,
+applies the one-line fixes a current PyTorch / nvcc needs (patch steps below: each names
+its file, the text it replaces and why), and builds a torch extension with
+``torch.utils.cpp_extension.load``::
+
+    python -m bench.peers build ARCHIVE... [--out DIR] [--arch 9.0] [--background]
+    python -m bench.peers build             # every peer archive found in the default places
+    python -m bench.peers status            # built / building / failed (log tail) / not built
+    python -m bench.peers wait [--timeout S]
+
+Peers, and the archive each comes from:
+
+- ``original``: the Deformable-DETR MSDeformAttn CUDA op as transformers 4.46.3 shipped it
+  (``transformers/kernels/deformable_detr/``; the op the official Mask2Former builds in
+  ``ops/make.sh``). Any archive holding that folder works: the transformers 4.46.3 sdist
+  or wheel, or the kernels-only tarball kept beside the project.
+- ``dcnv4``: DCNv4's FlashDeformAttn (the ``DCNv4==1.0.0.post2`` sdist).
+- ``mmcv``: mmcv's MultiScaleDeformableAttention op only (the ``mmcv==2.2.0`` sdist), bound
+  by a small generated pybind file.
+
+``load(name)`` returns a :class:`PeerOp`: a callable with the project's MSDeformAttn
+signature (value [B, S, H, D], spatial_shapes, level_start_index, sampling_locations
+[B, Lq, H, L, P, 2], attention_weights [B, Lq, H, L, P] softmaxed) that adapts the peer's
+input layout and dtypes, differentiable in value, locations and weights. A peer that is
+not built raises ``bench.harness.Unavailable`` with the command that builds it.
+
+Build directory: ``--out``, else ``$M2F_PEERS_DIR``, else ``build/peers`` in the
+repository (git-ignored). Each peer gets ``<dir>/<peer>/``: ``src/`` (the extracted,
+patched sources), ``ext/`` (the torch extension build), ``build.log``, ``status.json``.
+Archives searched when none are named: ``$M2F_PEER_ARCHIVES`` (directories separated by
+the path separator), ``build/peer-archives/`` and ``../shared/peers/`` beside the
+repository.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz", ".zip", ".whl")
+
+THC_INCLUDE = "#include <THC/THCAtomics.cuh>"
+ATEN_ATOMIC = "#include <ATen/cuda/Atomic.cuh>"
+THC_WHY = "THC left PyTorch: its atomicAdd overloads are in ATen/cuda/Atomic.cuh"
+# What the peers' own builds pass to nvcc (DCNv4's setup.py; the others use the same set).
+NVCC_FLAGS = ("-DCUDA_HAS_FP16=1", "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+              "-D__CUDA_NO_HALF2_OPERATORS__", "-O3")
+
+
+class PeerError(RuntimeError):
+    """An archive that holds no known peer, a missing file, a patch that no longer applies."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace ``old`` by ``new`` in ``file`` (relative to the peer's source root).
+
+    Applies when ``old`` occurs (every occurrence is replaced; ``count``, if given, is how
+    many there must be); a file that already holds ``new`` and not ``old`` is left as is;
+    anything else is a PeerError (the upstream file changed).
+    """
+
+    file: str
+    old: str
+    new: str
+    why: str
+    count: Optional[int] = None
+
+    def apply(self, root: Path) -> int:
+        path = root / self.file
+        if not path.is_file():
+            raise PeerError(f"patch step for {self.file}: the file is missing under {root}")
+        text = path.read_text()
+        found = text.count(self.old)
+        if found == 0:
+            if self.new in text:
+                return 0
+            raise PeerError(f"patch step for {self.file} does not apply: {self.old!r} not found "
+                            f"(is this the upstream version the peer table names?)")
+        if self.count is not None and found != self.count:
+            raise PeerError(f"patch step for {self.file}: {self.old!r} occurs {found} times, expected {self.count}")
+        path.write_text(text.replace(self.old, self.new))
+        return found
+
+
+def _thc(*files: str) -> tuple:
+    return tuple(Patch(f, THC_INCLUDE, ATEN_ATOMIC, THC_WHY, 1) for f in files)
+
+
+# mmcv's op ships without a binding of its own (mmcv registers it in a device registry):
+# the two functions of pytorch/cuda/ms_deform_attn_cuda.cu, declared and exported.
+MMCV_BINDING = """\
+// Generated by bench/peers.py: exports mmcv's two MSDeformAttn CUDA entry points.
+#include <torch/extension.h>
+
+at::Tensor ms_deform_attn_cuda_forward(const at::Tensor &value, const at::Tensor &spatial_shapes,
+                                       const at::Tensor &level_start_index, const at::Tensor &sampling_loc,
+                                       const at::Tensor &attn_weight, const int im2col_step);
+void ms_deform_attn_cuda_backward(const at::Tensor &value, const at::Tensor &spatial_shapes,
+                                  const at::Tensor &level_start_index, const at::Tensor &sampling_loc,
+                                  const at::Tensor &attn_weight, const at::Tensor &grad_output,
+                                  at::Tensor &grad_value, at::Tensor &grad_sampling_loc,
+                                  at::Tensor &grad_attn_weight, const int im2col_step);
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("ms_deform_attn_forward", &ms_deform_attn_cuda_forward, "mmcv ms_deform_attn forward");
+  m.def("ms_deform_attn_backward", &ms_deform_attn_cuda_backward, "mmcv ms_deform_attn backward (in place)");
+}
+"""
+
+
+@dataclass(frozen=True)
+class PeerSpec:
+    """Where a peer's sources are in its archive and how to build them.
+
+    anchor: a path suffix that identifies the peer's archive; anchor_file: the same file
+    relative to the peer's source root (root = the member's path minus anchor_file).
+    files: what to extract (relative to the root); sources / include_dirs likewise.
+    """
+
+    name: str
+    what: str
+    archive: str  # the upstream archive's usual file name
+    anchor: str
+    anchor_file: str
+    files: tuple
+    sources: tuple
+    include_dirs: tuple = (".",)
+    cflags: tuple = ()
+    cuda_cflags: tuple = NVCC_FLAGS
+    patches: tuple = ()
+    generated: tuple = ()  # (file name, text) pairs written into the root
+    dtypes: dict = field(default_factory=dict)  # case dtype -> (the peer's dtype, why)
+    im2col_step: int = 64
+    compile_note: str = ""
+
+    @property
+    def module_name(self) -> str:
+        return f"m2f_peer_{self.name}"
+
+
+PEERS = {
+    "original": PeerSpec(
+        name="original",
+        what="the original CUDA op",
+        archive="transformers-4.46.3-deformable_detr-kernels.tar.gz",
+        anchor="deformable_detr/cuda/ms_deform_attn_cuda.cu",
+        anchor_file="cuda/ms_deform_attn_cuda.cu",
+        files=("vision.cpp", "ms_deform_attn.h", "cpu/ms_deform_attn_cpu.cpp", "cpu/ms_deform_attn_cpu.h",
+               "cuda/ms_deform_attn_cuda.cu", "cuda/ms_deform_attn_cuda.h", "cuda/ms_deform_im2col_cuda.cuh"),
+        sources=("vision.cpp", "cpu/ms_deform_attn_cpu.cpp", "cuda/ms_deform_attn_cuda.cu"),
+        cflags=("-DWITH_CUDA=1",),
+        patches=_thc("cuda/ms_deform_im2col_cuda.cuh") + (
+            Patch("cuda/ms_deform_attn_cuda.cu", ", value.type(), ", ", value.scalar_type(), ",
+                  "the dispatch macros take a ScalarType (nvcc rejects DeprecatedTypeProperties there)", 2),),
+        dtypes={"fp32": ("fp32", ""), "fp16": ("fp16", ""),
+                "bf16": ("fp16", "its bf16 path carries the locations in bf16 (steps of 0.5 px on a 128-px map, "
+                                 "18% error at 1024^2): run in fp16, the 16-bit type it keeps accurate")},
+        im2col_step=128,  # Mask2Former's value
+        compile_note="about 1-2 min",
+    ),
+    "dcnv4": PeerSpec(
+        name="dcnv4",
+        what="DCNv4 FlashDeformAttn",
+        archive="DCNv4-1.0.0.post2.tar.gz",
+        anchor="src/cuda/flash_deform_attn_cuda.cu",
+        anchor_file="src/cuda/flash_deform_attn_cuda.cu",
+        files=("src/vision.cpp", "src/dcnv4.h", "src/cuda/common.h", "src/cuda/dcnv4_col2im_cuda.cuh",
+               "src/cuda/dcnv4_cuda.cu", "src/cuda/dcnv4_cuda.h", "src/cuda/dcnv4_im2col_cuda.cuh",
+               "src/cuda/flash_deform_attn_cuda.cu", "src/cuda/flash_deform_attn_cuda.h",
+               "src/cuda/flash_deform_col2im_cuda.cuh", "src/cuda/flash_deform_im2col_cuda.cuh",
+               "DCNv4/functions/flash_deform_attn_func.py"),
+        sources=("src/vision.cpp", "src/cuda/flash_deform_attn_cuda.cu", "src/cuda/dcnv4_cuda.cu"),
+        include_dirs=("src",),
+        cflags=("-DWITH_CUDA",),
+        cuda_cflags=NVCC_FLAGS + ("-DWITH_CUDA",),
+        patches=_thc("src/cuda/common.h", "src/cuda/flash_deform_im2col_cuda.cuh",
+                     "src/cuda/flash_deform_col2im_cuda.cuh", "src/cuda/dcnv4_im2col_cuda.cuh",
+                     "src/cuda/dcnv4_col2im_cuda.cuh"),
+        dtypes={"fp32": ("fp32", ""), "fp16": ("fp16", ""),
+                "bf16": ("fp16", "its bf16 backward reads bf16 gradient buffers as float (flash_deform_attn_cuda.cu) "
+                                 "and its locations travel in the value dtype: run in fp16")},
+        compile_note="minutes: flash_deform_attn_cuda.cu alone took 8 min on 2 busy cores",
+    ),
+    "mmcv": PeerSpec(
+        name="mmcv",
+        what="mmcv MultiScaleDeformableAttention",
+        archive="mmcv-2.2.0.tar.gz",
+        anchor="mmcv/ops/csrc/pytorch/cuda/ms_deform_attn_cuda.cu",
+        anchor_file="pytorch/cuda/ms_deform_attn_cuda.cu",
+        files=("pytorch/cuda/ms_deform_attn_cuda.cu", "common/cuda/ms_deform_attn_cuda_kernel.cuh",
+               "common/cuda/common_cuda_helper.hpp", "common/pytorch_cuda_helper.hpp"),
+        sources=("pytorch/cuda/ms_deform_attn_cuda.cu", "m2f_peer_mmcv_binding.cpp"),
+        include_dirs=("common/cuda", "common"),
+        patches=_thc("pytorch/cuda/ms_deform_attn_cuda.cu", "common/pytorch_cuda_helper.hpp"),
+        generated=(("m2f_peer_mmcv_binding.cpp", MMCV_BINDING),),
+        dtypes={"fp32": ("fp32", ""), "fp16": ("fp16", ""),
+                "bf16": ("fp16", "mmcv's op has no bf16 (fp32/fp64/fp16 dispatch)")},
+        compile_note="about 2 min",
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- places
+
+
+def default_dir() -> Path:
+    env = os.environ.get("M2F_PEERS_DIR")
+    return Path(env) if env else REPO / "build" / "peers"
+
+
+def archive_dirs() -> list:
+    dirs = [Path(p) for p in os.environ.get("M2F_PEER_ARCHIVES", "").split(os.pathsep) if p]
+    return dirs + [REPO / "build" / "peer-archives", REPO.parent / "shared" / "peers"]
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES)
+
+
+def find_archives(dirs: Optional[Sequence[Path]] = None) -> dict:
+    """{peer: archive path} for the peer archives in ``dirs`` (first found wins)."""
+    found = {}
+    for d in dirs if dirs is not None else archive_dirs():
+        if not Path(d).is_dir():
+            continue
+        for path in sorted(Path(d).iterdir()):
+            if not _is_archive(path):
+                continue
+            try:
+                peer, _ = identify(path)
+            except PeerError:
+                continue
+            found.setdefault(peer.name, path)
+    return found
+
+
+def _hint(name: str) -> str:
+    """The archive to name in a build command: one found locally, else its usual file name."""
+    path = find_archives().get(name)
+    return str(path) if path is not None else PEERS[name].archive
+
+
+# ----------------------------------------------------------------------------- archives
+
+
+class _Archive:
+    """Member names and bytes of a tar or zip archive (regular files only)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise PeerError(f"{self.path}: no such file")
+        if zipfile.is_zipfile(self.path):
+            self._zip = zipfile.ZipFile(self.path)
+            self._tar = None
+            self.names = [i.filename for i in self._zip.infolist() if not i.is_dir()]
+        else:
+            try:
+                self._tar = tarfile.open(self.path)
+            except (tarfile.TarError, OSError):
+                raise PeerError(f"{self.path}: not a tar or zip archive") from None
+            self._zip = None
+            self._members = {m.name: m for m in self._tar.getmembers() if m.isfile()}
+            self.names = list(self._members)
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(name)
+        return self._tar.extractfile(self._members[name]).read()
+
+    def close(self) -> None:
+        (self._zip or self._tar).close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def identify(path: Path):
+    """(PeerSpec, source root inside the archive) of the peer an archive holds."""
+    with _Archive(path) as archive:
+        for peer in PEERS.values():
+            for name in archive.names:
+                if name == peer.anchor or name.endswith("/" + peer.anchor):
+                    return peer, name[: len(name) - len(peer.anchor_file)]
+    raise PeerError(f"{path}: holds none of the peers ({', '.join(f'{p.name}: .../{p.anchor}' for p in PEERS.values())})")
+
+
+def _safe_relative(rel: str) -> PurePosixPath:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts:
+        raise PeerError(f"refusing to extract {rel!r} (outside the source root)")
+    return p
+
+
+def unpack(archive_path: Path, out: Optional[Path] = None) -> tuple:
+    """Extract the peer's files from ``archive_path`` into ``<out>/<peer>/src`` (replacing
+    any earlier copy), apply its patch steps and write its generated files.
+
+    Returns (PeerSpec, source root, [(patch, replacements)]).
+    """
+    out = Path(out) if out is not None else default_dir()
+    peer, root = identify(archive_path)
+    src = out / peer.name / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    with _Archive(archive_path) as archive:
+        names = set(archive.names)
+        for rel in peer.files:
+            member = root + rel
+            if member not in names:
+                raise PeerError(f"{archive_path}: {peer.name} needs {member}, which the archive lacks")
+            dest = src / _safe_relative(rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(archive.read(member))
+    for rel, text in peer.generated:
+        (src / _safe_relative(rel)).write_text(text)
+    applied = [(patch, patch.apply(src)) for patch in peer.patches]
+    left = [rel for rel in peer.files if THC_INCLUDE in (src / rel).read_text(errors="replace")]
+    if left:
+        raise PeerError(f"{peer.name}: still includes the removed {THC_INCLUDE} after patching: {left}")
+    return peer, src, applied
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- status
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+_CHILDREN: dict = {}  # pid -> Popen of builds this process started (polled, so none stays a zombie)
+
+
+def _alive(pid: Optional[int]) -> bool:
+    if not pid:
+        return False
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def log_tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def peer_status(name: str, out: Optional[Path] = None) -> dict:
+    """{'peer', 'state': 'built' | 'building' | 'failed' | 'not built', ...} from the build directory."""
+    if name not in PEERS:
+        raise KeyError(f"unknown peer {name!r}: {', '.join(PEERS)}")
+    base = (Path(out) if out is not None else default_dir()) / name
+    status = _read_json(base / "status.json")
+    if status is not None:
+        return status
+    started = _read_json(base / "started.json")
+    if started is None:
+        return {"peer": name, "state": "not built"}
+    if _alive(started.get("pid")):
+        return dict(started, state="building")
+    return dict(started, state="failed",
+                error=f"the build process {started.get('pid')} ended without a result",
+                log_tail=log_tail(base / "build.log"))
+
+
+def unavailable(name: str, out: Optional[Path] = None) -> Optional[str]:
+    """Why ``load(name)`` cannot give the peer now (None when it is built)."""
+    spec = PEERS[name]
+    status = peer_status(name, out)
+    state = status["state"]
+    prefix = f"{spec.what} is not installed; "
+    flag = "" if out is None else f" --out {out}"
+    if state == "not built":
+        return prefix + f"{name} is not built: python -m bench.peers build {_hint(name)}{flag}"
+    if state == "building":
+        return prefix + f"{name} is still building (pid {status.get('pid')}, log {status.get('log')}): " \
+                        f"python -m bench.peers wait{flag}"
+    if state == "failed":
+        last = next((line for line in reversed(status.get("log_tail", "").splitlines()) if line.strip()), "")
+        return prefix + (f"{name} failed to build ({status.get('error', 'see the log')}; log {status.get('log')}"
+                         f"{': ' + last if last else ''}): python -m bench.peers build {_hint(name)}{flag}")
+    if not Path(status.get("library", "")).is_file():
+        return prefix + f"{name}'s library {status.get('library')} is gone: python -m bench.peers build {_hint(name)}{flag}"
+    import torch
+
+    if status.get("torch") != torch.__version__:
+        return prefix + (f"{name} was built against torch {status.get('torch')}, this is torch {torch.__version__}: "
+                         f"python -m bench.peers build --force {_hint(name)}{flag}")
+    return None
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _default_arch() -> str:
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if env:
+        return env
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "{}.{}".format(*torch.cuda.get_device_capability())
+    except Exception:  # noqa: BLE001 - a broken CUDA setup still gets the default
+        pass
+    return "9.0"
+
+
+def _up_to_date(name: str, out: Path, sha: str, arch: str) -> bool:
+    import torch
+
+    status = peer_status(name, out)
+    return (status["state"] == "built" and status.get("archive_sha256") == sha and status.get("arch") == arch
+            and status.get("torch") == torch.__version__ and Path(status.get("library", "")).is_file())
+
+
+def start_build(archive: Path, out: Optional[Path] = None, arch: Optional[str] = None, *,
+                nice: int = 0, force: bool = False) -> dict:
+    """Unpack and patch ``archive`` here, then compile it in a child process (logged to
+    ``<out>/<peer>/build.log``). Returns {'peer', 'state', 'pid'?, 'log', ...}; state is
+    'building' (the child runs), 'built' (already built from the same archive, torch and
+    arch; ``force`` rebuilds) or 'failed' (the unpack or a patch step failed)."""
+    out = Path(out) if out is not None else default_dir()
+    archive = Path(archive).resolve()
+    peer, _ = identify(archive)
+    arch = arch or _default_arch()
+    base = out / peer.name
+    base.mkdir(parents=True, exist_ok=True)
+    log = base / "build.log"
+    current = peer_status(peer.name, out)
+    if current["state"] == "building":
+        return dict(current, note="already building")
+    sha = _sha256(archive)
+    if not force and _up_to_date(peer.name, out, sha, arch):
+        return dict(peer_status(peer.name, out), note="up to date")
+    for stale in ("status.json", "started.json"):
+        (base / stale).unlink(missing_ok=True)
+    record = {"peer": peer.name, "archive": str(archive), "archive_sha256": sha, "arch": arch,
+              "log": str(log), "started": time.time()}
+    try:
+        _, src, applied = unpack(archive, out)
+    except PeerError as exc:
+        log.write_text(f"unpack / patch of {archive} failed: {exc}\n")
+        status = dict(record, state="failed", error=str(exc), log_tail=str(exc))
+        _write_json(base / "status.json", status)
+        return status
+    with open(log, "w") as f:
+        f.write(f"{peer.name}: {archive} -> {src}\n")
+        for patch, n in applied:
+            f.write(f"patch {patch.file}: {patch.old!r} -> {patch.new!r} ({n}x; {patch.why})\n")
+        f.flush()
+        cmd = [sys.executable, "-m", "bench.peers", "_compile", peer.name, "--out", str(out), "--arch", arch,
+               "--archive", str(archive), "--sha256", sha]
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   PYTHONUNBUFFERED="1")
+        preexec = (lambda: os.nice(nice)) if nice else None
+        child = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdout=f, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec)
+    _CHILDREN[child.pid] = child
+    started = dict(record, pid=child.pid)
+    _write_json(base / "started.json", started)
+    return dict(started, state="building")
+
+
+def compile_peer(name: str, out: Path, arch: str, archive: str = "", sha256: str = "") -> int:
+    """The child process of a build: torch.utils.cpp_extension.load on the patched sources.
+    Writes ``status.json`` (built, or failed with the log's tail) and returns an exit code."""
+    peer = PEERS[name]
+    base = Path(out) / name
+    src, ext = base / "src", base / "ext"
+    record = {"peer": name, "archive": archive, "archive_sha256": sha256, "arch": arch,
+              "log": str(base / "build.log"), "src": str(src), "pid": os.getpid()}
+    started = time.time()
+    try:
+        import torch
+        from torch.utils import cpp_extension
+
+        record["torch"] = torch.__version__
+        if ext.exists():
+            shutil.rmtree(ext)
+        ext.mkdir(parents=True)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+        cflags, cuda_cflags = list(peer.cflags), list(peer.cuda_cflags)
+        headers = Path(cpp_extension.include_paths()[0])
+        if not (headers / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").is_file():
+            # a CPU-only torch wheel: the sources compile, the library cannot link against CUDA torch
+            cflags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+            cuda_cflags.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
+            print(f"note: torch {torch.__version__} has no CUDA (torch.version.cuda is {torch.version.cuda}): "
+                  "the sources compile here but the extension cannot link or run", flush=True)
+        if cpp_extension.CUDA_HOME is None:  # a CPU-only torch does not look for CUDA: the compile check does
+            nvcc = shutil.which("nvcc")
+            home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or (
+                str(Path(nvcc).resolve().parent.parent) if nvcc else "/usr/local/cuda")
+            cpp_extension.CUDA_HOME = home
+        print(f"building {name} ({peer.compile_note}) for sm {arch} with torch {torch.__version__}, "
+              f"CUDA_HOME {cpp_extension.CUDA_HOME}", flush=True)
+        if shutil.which("ninja") is None:
+            raise PeerError("torch.utils.cpp_extension.load needs ninja on PATH (pip install ninja)")
+        cpp_extension.load(
+            name=peer.module_name,
+            sources=[str(src / s) for s in peer.sources],
+            extra_include_paths=[str(src / d) for d in peer.include_dirs],
+            extra_cflags=["-O3"] + cflags,
+            extra_cuda_cflags=cuda_cflags,
+            build_directory=str(ext),
+            with_cuda=True,
+            verbose=True,
+        )
+        libraries = sorted(ext.glob(f"{peer.module_name}*.so"))
+        if not libraries:
+            raise PeerError(f"the build finished without {peer.module_name}*.so in {ext}")
+        status = dict(record, state="built", library=str(libraries[0]), seconds=round(time.time() - started, 1))
+        print(f"built {name}: {libraries[0]} ({status['seconds']} s)", flush=True)
+        code = 0
+    except BaseException as exc:  # noqa: BLE001 - any failure, even an interrupt, is recorded
+        print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
+        sys.stdout.flush()
+        status = dict(record, state="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                      seconds=round(time.time() - started, 1), log_tail=log_tail(base / "build.log"))
+        code = 1
+    _write_json(base / "status.json", status)
+    return code
+
+
+def wait(names: Sequence[str] = tuple(PEERS), out: Optional[Path] = None, timeout: float = 1800.0,
+         poll: float = 2.0) -> dict:
+    """Wait until none of ``names`` is building (or ``timeout`` s); {name: status}."""
+    deadline = time.time() + timeout
+    while True:
+        states = {n: peer_status(n, out) for n in names}
+        if all(s["state"] != "building" for s in states.values()) or time.time() >= deadline:
+            return states
+        time.sleep(poll)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+_LOADED: dict = {}
+
+
+def _import_library(name: str, path: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(name: str, out: Optional[Path] = None) -> "PeerOp":
+    """The built peer as a :class:`PeerOp`; raises bench.harness.Unavailable when it is not built."""
+    from bench.harness import Unavailable
+
+    if name not in PEERS:
+        raise KeyError(f"unknown peer {name!r}: {', '.join(PEERS)}")
+    key = (name, str(Path(out).resolve()) if out is not None else str(default_dir().resolve()))
+    if key in _LOADED:
+        return _LOADED[key]
+    reason = unavailable(name, out)
+    if reason is not None:
+        raise Unavailable(reason)
+    status = peer_status(name, out)
+    try:
+        ext = _import_library(PEERS[name].module_name, status["library"])
+    except Exception as exc:  # noqa: BLE001 - a library that does not load is a skip with the reason
+        raise Unavailable(f"{PEERS[name].what}: {status['library']} does not load ({type(exc).__name__}: {exc})") from None
+    op = OPS[name](PEERS[name], ext, src=Path(status.get("src", "")))
+    _LOADED[key] = op
+    return op
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class Native:
+    """A call's inputs in the peer's layout and dtype."""
+
+    value: object
+    spatial_shapes: object
+    level_start_index: object
+    tensors: tuple  # the peer's location / weight inputs
+    dtype: object
+    dims: tuple  # (B, Lq, H, L, P)
+    weights: object = None  # the softmaxed weights (DCNv4's drop-in weight gradient needs them)
+
+
+class _PeerFunction:
+    """torch.autograd.Function around a PeerOp (built on first use: torch is imported lazily)."""
+
+    cls = None
+
+    @classmethod
+    def get(cls):
+        if cls.cls is None:
+            import torch
+            from torch.autograd.function import once_differentiable
+
+            class PeerFunction(torch.autograd.Function):
+                @staticmethod
+                def forward(ctx, op, native, value, spatial_shapes, level_start_index, loc, weights):
+                    dropin = native is None
+                    if dropin:
+                        native = op.prepare(value, spatial_shapes, level_start_index, loc, weights)
+                    ctx.op, ctx.native, ctx.dropin = op, native, dropin
+                    out = op.forward(native)
+                    return out.to(value.dtype) if dropin else out
+
+                @staticmethod
+                @once_differentiable
+                def backward(ctx, grad):
+                    gv, gl, gw = ctx.op.backward(ctx.native, grad.to(ctx.native.dtype).contiguous(), ctx.dropin)
+                    return None, None, gv, None, None, gl, gw
+
+            cls.cls = PeerFunction
+        return cls.cls
+
+
+class PeerOp:
+    """A built peer with the project's MSDeformAttn signature.
+
+    ``op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)``
+    -> [B, Lq, H*D] in value's dtype: converts the inputs to the peer's layout and dtype on
+    every call (a drop-in). ``op.bind(...)`` converts them once and returns a closure that
+    runs only the peer's kernels (the bench's timed call: a model feeding the peer would
+    produce its layout directly); its output and gradients stay in the peer's dtype.
+    Gradients flow to value, sampling_locations and attention_weights.
+    """
+
+    def __init__(self, spec: PeerSpec, ext, *, src: Optional[Path] = None) -> None:
+        self.spec, self.ext, self.src = spec, ext, src
+        self.name = spec.name
+
+    def peer_dtype(self, dtype):
+        """(the dtype the peer runs a ``dtype`` call in, why it differs or '')."""
+        import torch
+
+        from bench.harness import DTYPES
+
+        label = {v: k for k, v in DTYPES.items()}.get(dtype)
+        if label is None:
+            raise TypeError(f"{self.name}: value dtype {dtype} is not one of {tuple(DTYPES)}")
+        peer, why = self.spec.dtypes.get(label, (label, ""))
+        return DTYPES[peer] if peer in DTYPES else getattr(torch, peer), why
+
+    def _dims(self, value, loc):
+        b, lq, h, levels, points, _ = loc.shape
+        return b, lq, h, levels, points
+
+    def prepare(self, value, spatial_shapes, level_start_index, loc, weights) -> Native:
+        import torch
+
+        dtype, _ = self.peer_dtype(value.dtype)
+        with torch.no_grad():
+            return Native(value.detach().to(dtype).contiguous(), spatial_shapes.contiguous(),
+                          level_start_index.contiguous(),
+                          (loc.detach().to(dtype).contiguous(), weights.detach().to(dtype).contiguous()),
+                          dtype, self._dims(value, loc))
+
+    def forward(self, native: Native):
+        raise NotImplementedError
+
+    def backward(self, native: Native, grad, dropin: bool):
+        raise NotImplementedError
+
+    def __call__(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return _PeerFunction.get().apply(self, None, value, spatial_shapes, level_start_index,
+                                         sampling_locations, attention_weights)
+
+    def bind(self, value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> Callable:
+        native = self.prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        fn = _PeerFunction.get()
+        args = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return lambda: fn.apply(self, native, *args)
+
+
+class OriginalOp(PeerOp):
+    """Deformable-DETR's op: ms_deform_attn_forward / _backward(value, shapes, starts,
+    loc, weights, [grad_out,] im2col_step); loc and weights in the value dtype."""
+
+    def forward(self, native):
+        loc, w = native.tensors
+        return self.ext.ms_deform_attn_forward(native.value, native.spatial_shapes, native.level_start_index,
+                                               loc, w, self.spec.im2col_step)
+
+    def backward(self, native, grad, dropin):
+        loc, w = native.tensors
+        gv, gl, gw = self.ext.ms_deform_attn_backward(native.value, native.spatial_shapes, native.level_start_index,
+                                                      loc, w, grad, self.spec.im2col_step)
+        return gv, gl, gw
+
+
+class MmcvOp(OriginalOp):
+    """mmcv's op: the same forward; the backward accumulates into zeroed gradients it is given
+    (as mmcv's MultiScaleDeformableAttnFunction allocates them)."""
+
+    def backward(self, native, grad, dropin):
+        import torch
+
+        loc, w = native.tensors
+        gv, gl, gw = torch.zeros_like(native.value), torch.zeros_like(loc), torch.zeros_like(w)
+        self.ext.ms_deform_attn_backward(native.value, native.spatial_shapes, native.level_start_index,
+                                         loc, w, grad, gv, gl, gw, self.spec.im2col_step)
+        return gv, gl, gw
+
+
+class DCNv4Op(PeerOp):
+    """DCNv4's FlashDeformAttn: one [B, Lq, H, L*P*3] input per call, the L*P*2 (x, y)
+    locations then the L*P weight logits (the kernel applies the softmax). The weights are
+    passed as logits log(w) (softmax(log w) = w). Launch settings come from DCNv4's own
+    ``findspec`` / ``findspec_bwd`` (DCNv4/functions/flash_deform_attn_func.py of the archive).
+
+    Gradient of attention_weights: the peer differentiates its logits. ``bind``'s closure
+    returns that logit gradient as is (what a DCNv4 model back-propagates); the drop-in
+    divides it by w, which equals the reference's weight gradient up to a constant per
+    (query, head), the part a softmax in front removes.
+    """
+
+    def __init__(self, spec, ext, *, src=None, launch=None) -> None:
+        super().__init__(spec, ext, src=src)
+        self._launch = launch  # (findspec, findspec_bwd); None: DCNv4's own, on first use
+
+    def launch(self):
+        if self._launch is None:
+            self._launch = _dcnv4_launch(self.src, self.ext)
+        return self._launch
+
+    def prepare(self, value, spatial_shapes, level_start_index, loc, weights):
+        import torch
+
+        dtype, _ = self.peer_dtype(value.dtype)
+        b, lq, h, levels, points = self._dims(value, loc)
+        if points not in (4, 8) or not 1 <= levels <= 5:
+            raise ValueError(f"DCNv4 takes P in (4, 8) and 1 to 5 levels, got P={points}, L={levels}")
+        with torch.no_grad():
+            loc_attn = torch.cat([loc.detach().reshape(b, lq, h, levels * points * 2).to(dtype),
+                                  weights.detach().log().reshape(b, lq, h, levels * points).to(dtype)], dim=-1)
+            return Native(value.detach().to(dtype).contiguous(), spatial_shapes.contiguous(),
+                          level_start_index.contiguous(), (loc_attn.contiguous(),), dtype,
+                          (b, lq, h, levels, points), weights.detach())
+
+    def forward(self, native):
+        findspec, _ = self.launch()
+        value, (loc_attn,) = native.value, native.tensors
+        d_stride, threads = findspec(value.shape[0], loc_attn.shape[1], value.shape[2], value.shape[3])
+        out = self.ext.flash_deform_attn_forward(value, native.spatial_shapes, native.level_start_index, loc_attn,
+                                                 self.spec.im2col_step, native.dims[4], d_stride, threads)
+        return out.view(native.dims[0], native.dims[1], -1)
+
+    def backward(self, native, grad, dropin):
+        import torch
+
+        _, findspec_bwd = self.launch()
+        value, (loc_attn,) = native.value, native.tensors
+        b, lq, h, levels, points = native.dims
+        d_stride, threads = findspec_bwd(value.shape[0], loc_attn.shape[1], value.shape[2], value.shape[3])
+        gv, g = self.ext.flash_deform_attn_backward(value, native.spatial_shapes, native.level_start_index,
+                                                    loc_attn, grad,
+                                                    self.spec.im2col_step, points, d_stride, threads)
+        n = levels * points * 2
+        gl = g[..., :n].unflatten(-1, (levels, points, 2))
+        gw = g[..., n:].unflatten(-1, (levels, points))
+        if dropin:
+            w = native.weights.to(gw.dtype)
+            gw = torch.where(w > 0, gw / w, torch.zeros_like(gw))
+        return gv, gl, gw
+
+
+OPS = {"original": OriginalOp, "dcnv4": DCNv4Op, "mmcv": MmcvOp}
+
+
+def _dcnv4_launch(src: Optional[Path], ext):
+    """DCNv4's findspec / findspec_bwd, from its flash_deform_attn_func.py in the extracted
+    sources (run against the built extension; it reads the GPU's capability on import)."""
+    import types
+
+    from bench.harness import Unavailable
+
+    path = Path(src or "") / "DCNv4" / "functions" / "flash_deform_attn_func.py"
+    if not path.is_file():
+        raise Unavailable(f"DCNv4's launch table {path} is missing: python -m bench.peers build --force {_hint('dcnv4')}")
+    saved = {k: sys.modules.get(k) for k in ("DCNv4",)}
+    package = types.ModuleType("DCNv4")
+    package.ext = ext
+    sys.modules["DCNv4"] = package
+    try:
+        module = _import_library("m2f_peer_dcnv4_func", str(path))
+    except NotImplementedError:
+        raise Unavailable("DCNv4's launch table has no entry for this GPU's compute capability") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    return module.findspec, module.findspec_bwd
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _print_status(out: Optional[Path]) -> dict:
+    states = {}
+    for name, spec in PEERS.items():
+        s = peer_status(name, out)
+        states[name] = s
+        line = f"{name:9} {s['state']:9} {spec.what}"
+        if s["state"] == "built":
+            line += f": {s.get('library')} (sm {s.get('arch')}, torch {s.get('torch')}, {s.get('seconds')} s)"
+        elif s["state"] == "building":
+            line += f": pid {s.get('pid')}, log {s.get('log')}"
+        elif s["state"] == "failed":
+            line += f": {s.get('error')} (log {s.get('log')})"
+        else:
+            line += f": python -m bench.peers build {_hint(name)}"
+        print(line)
+        if s["state"] == "failed" and s.get("log_tail"):
+            print("    " + "\n    ".join(s["log_tail"].splitlines()[-12:]))
+    return states
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.peers",
+        description="Build the peer MSDeformAttn kernels (original op, DCNv4, mmcv) from their upstream "
+                    "source archives for the benchmarks (bench/test_bench_ms_deform_attn.py).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,status,wait}")
+    b = sub.add_parser("build", help="unpack, patch and compile peer archives (each in its own process)")
+    b.add_argument("archives", nargs="*", type=Path,
+                   help="upstream archives (.tar.gz / .zip / .whl); none: every peer archive in "
+                        "$M2F_PEER_ARCHIVES, build/peer-archives/ and ../shared/peers/")
+    b.add_argument("--background", action="store_true",
+                   help="start the builds and return (log and status under --out)")
+    b.add_argument("--force", action="store_true", help="rebuild a peer that is already built from the same archive")
+    b.add_argument("--nice", type=int, default=0, help="niceness of the compile processes")
+    for p in (b, sub.add_parser("status", help="what is built, building, failed"),
+              sub.add_parser("wait", help="wait for background builds, then print the status")):
+        p.add_argument("--out", type=Path, default=None,
+                       help="build directory (default: $M2F_PEERS_DIR or build/peers in the repository)")
+    b.add_argument("--arch", default=None,
+                   help="TORCH_CUDA_ARCH_LIST for the build (default: $TORCH_CUDA_ARCH_LIST, the visible GPU, else 9.0)")
+    w = sub.choices["wait"]
+    w.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait at most (exit 124 past it)")
+    c = sub.add_parser("_compile")  # the child process of a build
+    c.add_argument("peer", choices=tuple(PEERS))
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--arch", required=True)
+    c.add_argument("--archive", default="")
+    c.add_argument("--sha256", default="")
+    args = parser.parse_args(argv)
+
+    if args.command == "_compile":
+        return compile_peer(args.peer, args.out, args.arch, args.archive, args.sha256)
+    if args.command == "status":
+        _print_status(args.out)
+        return 0
+    if args.command == "wait":
+        states = wait(out=args.out, timeout=args.timeout)
+        _print_status(args.out)
+        if any(s["state"] == "building" for s in states.values()):
+            return 124
+        return 1 if any(s["state"] == "failed" for s in states.values()) else 0
+
+    archives = list(args.archives)
+    if not archives:
+        archives = list(find_archives().values())
+        if not archives:
+            print("no peer archives found in: " + ", ".join(str(d) for d in archive_dirs()), file=sys.stderr)
+            return 2
+    started, code = [], 0
+    for archive in archives:
+        try:
+            status = start_build(archive, args.out, args.arch, nice=args.nice, force=args.force)
+        except (PeerError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            code = 2
+            continue
+        name = status["peer"]
+        if status["state"] == "building" and status.get("note") != "already building":
+            started.append(name)
+            print(f"{name}: building from {archive} (pid {status['pid']}, {PEERS[name].compile_note}; "
+                  f"log {status['log']})")
+        elif status["state"] == "failed":
+            print(f"{name}: FAILED before compiling: {status['error']}", file=sys.stderr)
+            code = 1
+        else:
+            print(f"{name}: {status.get('note', status['state'])} ({status.get('library', status.get('log'))})")
+    if args.background or not started:
+        if started:
+            print("in the background: python -m bench.peers status | wait"
+                  + (f" --out {args.out}" if args.out else ""))
+        return code
+    states = wait(started, args.out)
+    print()
+    _print_status(args.out)
+    return code or (1 if any(s["state"] != "built" for s in states.values()) else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
