@@ -1,5 +1,6 @@
 """Weights from local files: backbone state dicts and the official Mask2Former checkpoints;
-the optimiser state of training checkpoints (``load_optimizer_state``).
+the optimiser state of training checkpoints (``load_optimizer_state``); the files of a
+training run's checkpoints (``CheckpointWriter``, ``load_checkpoint``, ``latest_checkpoint``).
 
 Official checkpoints are detectron2 ``.pkl`` files: a pickled dict whose "model" maps
 official key names (``backbone.res2.0.conv1.weight``, ``sem_seg_head.pixel_decoder...``,
@@ -9,9 +10,12 @@ the two is here. Pickle files can run code when loaded: only load files you trus
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import pickle
 import re
-from typing import Dict, Iterable, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +41,16 @@ class CheckpointMismatchError(ValueError):
         if self.shapes:
             parts.append(f"shape mismatches ({len(self.shapes)}): " + ", ".join(self.shapes))
         super().__init__("\n".join(parts))
+
+    def one_line(self, limit: int = 3) -> str:
+        """The message on one line, naming at most ``limit`` keys of each kind."""
+        parts = [str(self).splitlines()[0]]
+        for name, keys in (("missing keys", self.missing), ("unexpected keys", self.unexpected),
+                           ("shape mismatches", self.shapes)):
+            if keys:
+                more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+                parts.append(f"{name} ({len(keys)}): " + ", ".join(keys[:limit]) + more)
+        return "; ".join(parts)
 
 
 def read_weights(path: str) -> Dict[str, torch.Tensor]:
@@ -176,6 +190,11 @@ def load_backbone_weights(backbone: nn.Module, path_or_state: object) -> Dict[st
     return {"ignored": ignored, "not_loaded": not_loaded}
 
 
+def check_state_dict(what: str, state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    """Raise CheckpointMismatchError unless ``state`` has exactly ``model``'s keys and shapes."""
+    _check_keys(what, state, model.state_dict())
+
+
 def _check_keys(what: str, given: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
     missing = set(expected) - set(given)
     unexpected = set(given) - set(expected)
@@ -281,3 +300,228 @@ def _regroup(state: Dict, scheduler_state: Optional[Dict], optimizer: torch.opti
             if key in scheduler_state and len(scheduler_state[key]) == len(saved):
                 scheduler_state[key] = [scheduler_state[key][i] for i in firsts]
     return {"state": moments, "param_groups": groups}, scheduler_state
+
+
+# --- training checkpoint files --------------------------------------------------------------------
+
+CHECKPOINT = "checkpoint.pt"
+TRAINING_KEYS = ("config", "step", "model", "optimizer", "scheduler", "scaler", "rng")
+_OLDER = re.compile(r"^checkpoint_(\d+)\.pt$")
+_TEMPORARY = re.compile(r"^checkpoint(_\d+)?\.pt(\.sha256)?\.tmp\d+$")
+
+
+class InvalidCheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message (one line) says why."""
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (where the platform can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def write_temporary(obj, path: str) -> Tuple[str, str]:
+    """``torch.save`` to a temporary file beside ``path``, flushed to the disk -> (temporary
+    path, sha256). On any failure (a full disk, an interrupt) the temporary file is removed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        return tmp, sha256_file(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def atomic_save(obj, path: str) -> str:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace -> sha256:
+    ``path`` is the old file or the new one, never a torn one (a kill or a full disk at any
+    point leaves the old file)."""
+    tmp, digest = write_temporary(obj, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+    return digest
+
+
+def _record_path(path: str) -> str:
+    return path + ".sha256"
+
+
+def _write_record(path: str, digest: str) -> None:
+    """``<path>.sha256`` in ``sha256sum`` format (``sha256sum -c`` checks it in the run folder).
+    Best effort: without a record the checkpoint is checked by loading it."""
+    record = _record_path(path)
+    tmp = f"{record}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{digest}  {os.path.basename(path)}\n")
+        os.replace(tmp, record)
+    except OSError:
+        _remove(tmp)
+
+
+def recorded_sha256(path: str) -> Optional[str]:
+    """The sha256 recorded when ``path`` was written, or None: no record, or the file was
+    replaced after it (newer than its record: then it is checked by loading only)."""
+    try:
+        record_time = os.stat(_record_path(path)).st_mtime_ns
+        if os.stat(path).st_mtime_ns > record_time:
+            return None
+        with open(_record_path(path)) as f:
+            digest, _, name = f.readline().strip().partition("  ")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if name != os.path.basename(path) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+        return None
+    return digest
+
+
+def load_checkpoint(path: str, required: Iterable[str] = TRAINING_KEYS) -> Dict:
+    """A training checkpoint, checked: its recorded sha256 (where the record describes the
+    file), ``torch.load``, and the ``required`` entries. Raises InvalidCheckpointError (one
+    line, without the path) otherwise."""
+    if not os.path.exists(path):
+        raise InvalidCheckpointError("no such file")
+    if os.path.isdir(path):
+        raise InvalidCheckpointError("a folder, not a checkpoint file")
+    recorded = recorded_sha256(path)
+    if recorded is not None:
+        actual = sha256_file(path)
+        if actual != recorded:
+            raise InvalidCheckpointError(f"damaged: its sha256 {actual[:12]}... differs from the one recorded when "
+                                         f"it was written ({recorded[:12]}...)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated zip, a pickle error, a foreign file
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InvalidCheckpointError(f"cannot be read ({reason}): truncated, damaged or not a checkpoint") from None
+    if not isinstance(ckpt, Mapping):
+        raise InvalidCheckpointError(f"not an m2f.train checkpoint (it holds a {type(ckpt).__name__})")
+    missing = [k for k in required if k not in ckpt]
+    if missing:
+        raise InvalidCheckpointError(f"not an m2f.train checkpoint: it has no {', '.join(map(repr, missing))}")
+    return dict(ckpt)
+
+
+def _older_checkpoints(folder: str) -> List[Tuple[int, str]]:
+    """(step, path) of the ``checkpoint_<step>.pt`` files in ``folder``, newest first."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    found = [(int(m[1]), os.path.join(folder, name)) for name in names for m in [_OLDER.match(name)] if m]
+    return sorted(found, reverse=True)
+
+
+def checkpoint_files(folder: str) -> List[str]:
+    """A run folder's checkpoints, newest first: ``checkpoint.pt``, then ``checkpoint_<step>.pt``."""
+    newest = os.path.join(folder, CHECKPOINT)
+    return ([newest] if os.path.exists(newest) else []) + [p for _, p in _older_checkpoints(folder)]
+
+
+def latest_checkpoint(folder: str, required: Iterable[str] = TRAINING_KEYS) -> Tuple[str, Dict, List[Tuple[str, str]]]:
+    """The newest valid checkpoint of a run folder -> (path, checkpoint, skipped), where
+    ``skipped`` lists (path, reason) of the newer ones that are not valid. Raises
+    InvalidCheckpointError when there is none."""
+    required = tuple(required)
+    skipped = []
+    for path in checkpoint_files(folder):
+        try:
+            return path, load_checkpoint(path, required), skipped
+        except InvalidCheckpointError as e:
+            skipped.append((path, str(e)))
+    if not skipped:
+        raise InvalidCheckpointError(f"no checkpoint in {folder} ({CHECKPOINT} or checkpoint_<step>.pt)")
+    raise InvalidCheckpointError(f"no valid checkpoint in {folder}: "
+                                 + "; ".join(f"{os.path.basename(p)}: {why}" for p, why in skipped))
+
+
+class CheckpointWriter:
+    """Writes a run's checkpoints into ``folder``: the newest as ``checkpoint.pt``, the
+    ``keep - 1`` before it as ``checkpoint_<step>.pt``, each with a ``<file>.sha256`` record.
+
+    A checkpoint goes to a temporary file (fsync'ed) first; only then does the previous
+    ``checkpoint.pt`` move to ``checkpoint_<step>.pt`` and the new one take its name, so a
+    kill or a full disk at any point leaves the previous checkpoints intact (a stray
+    temporary file is removed by the next writer). ``resumed``: (path, step) of the
+    checkpoint the run continues; the folder's older checkpoints up to that step are the
+    run's, any others (a replaced run's, or past the resumed step) are removed at the first
+    save.
+    """
+
+    def __init__(self, folder: str, keep: int = 3, resumed: Optional[Tuple[str, int]] = None):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.folder, self.keep = folder, keep
+        self.step: Optional[int] = None  # the step that checkpoint.pt holds, once this run wrote or resumed it
+        self.latest: Optional[Tuple[str, int]] = resumed  # (path, step) of this run's newest checkpoint
+        self._ours = set()  # older checkpoints that belong to this run
+        here = resumed is not None and os.path.dirname(os.path.abspath(resumed[0])) == os.path.abspath(folder)
+        if here:
+            if os.path.basename(resumed[0]) == CHECKPOINT:
+                self.step = resumed[1]
+            self._ours = {p for s, p in _older_checkpoints(folder) if s <= resumed[1]}
+        for name in os.listdir(folder):
+            if _TEMPORARY.match(name):
+                _remove(os.path.join(folder, name))
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, CHECKPOINT)
+
+    def save(self, obj, step: int) -> str:
+        """Write ``obj`` as the checkpoint of ``step`` -> its path. An OSError (a full disk)
+        leaves the previous checkpoints as they were."""
+        newest = self.path
+        tmp, digest = write_temporary(obj, newest)
+        try:
+            if self.keep > 1 and self.step is not None and self.step != step and os.path.exists(newest):
+                older = os.path.join(self.folder, f"checkpoint_{self.step:07d}.pt")
+                recorded = recorded_sha256(newest)
+                _remove(_record_path(older))
+                os.replace(newest, older)
+                self._ours.add(older)
+                if recorded is not None:
+                    _write_record(older, recorded)
+            _remove(_record_path(newest))
+            os.replace(tmp, newest)
+        except BaseException:
+            _remove(tmp)
+            raise
+        _fsync_dir(self.folder)
+        _write_record(newest, digest)
+        self.step, self.latest = step, (newest, step)
+        self._prune()
+        return newest
+
+    def _prune(self) -> None:
+        kept = 0
+        for step, path in _older_checkpoints(self.folder):
+            if path in self._ours and step < self.step and kept < self.keep - 1:
+                kept += 1
+                continue
+            self._ours.discard(path)
+            _remove(path)
+            _remove(_record_path(path))

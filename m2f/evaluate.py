@@ -1,13 +1,14 @@
 """Evaluate a Mask2Former: PQ (panoptic datasets), mIoU (all), mask AP (datasets with things).
 
-    python -m m2f.evaluate --run runs/shapes_tiny            # the run's checkpoint.pt on its val split
+    python -m m2f.evaluate --run runs/shapes_tiny            # the run's newest valid checkpoint on its val split
     torchrun --nproc_per_node=8 -m m2f.evaluate --checkpoint path/to/checkpoint.pt
 
 Predictions are upsampled to the (padded) input size and post-processed per image with
 the official inference (``m2f.inference``): semantic = argmax of the per-class scores,
 panoptic with thresholds 0.8 / 0.8, instances = top 100 (query, class) pairs of thing
 classes. Evaluation images are resized (longest side) and padded to the run's image size;
-the padding is void / ignore in the ground truth, so it never counts.
+the padding is void / ignore in the ground truth, so it never counts. Errors (a missing or
+damaged checkpoint, missing data) are one line; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import argparse
 import contextlib
 import json
 import os
+import signal
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -28,6 +31,24 @@ from .metrics import MaskAP, PanopticQuality, SemanticIoU
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def one_line_error(prog: str, e: BaseException) -> str:
+    """An unexpected exception as the one line a CLI prints instead of a traceback."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    else:
+        text = " ".join(str(e).split()) or "(no message)"
+    if len(text) > 500:
+        text = text[:500] + " ..."
+    return f"{prog}: {type(e).__name__}: {text} (--debug shows the traceback)"
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A DataLoader worker's init: ignore SIGINT / SIGTERM, which a terminal's Ctrl-C and
+    torchrun send to the whole process group; the main process decides, the workers end with it."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def autocast(device: torch.device, amp: str):
     dtype = AMP_DTYPES[amp]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
@@ -39,6 +60,7 @@ def eval_loader(dataset, batch_size: int, rank: int = 0, world_size: int = 1, nu
     size = len(dataset) if max_images is None else min(max_images, len(dataset))
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(size, rank=rank, world_size=world_size),
                       num_workers=num_workers, collate_fn=collate, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=ignore_stop_signals if num_workers else None,
                       generator=torch.Generator())  # keeps the global RNG untouched (exact resume)
 
 
@@ -135,24 +157,77 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", help="folder for eval.json and the prediction plot (default: the run folder)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
     return p.parse_args(argv)
 
 
+EVAL_KEYS = ("config", "step", "model")
+EVAL_CONFIG_KEYS = ("dataset", "data_root", "image_size", "seed", "amp")
+
+
+def load_for_evaluation(args: argparse.Namespace, rank: int = 0) -> Tuple[str, Dict]:
+    """-> (path, checkpoint): ``--checkpoint`` or the newest valid one of ``--run`` (saying
+    which it skipped and why); one-line errors for missing, damaged or foreign files."""
+    from .checkpoint import InvalidCheckpointError, latest_checkpoint, load_checkpoint
+
+    try:
+        if args.checkpoint:
+            path, ckpt = args.checkpoint, load_checkpoint(args.checkpoint, EVAL_KEYS)
+        else:
+            path, ckpt, skipped = latest_checkpoint(args.run, EVAL_KEYS)
+            for bad, why in skipped if rank == 0 else ():
+                print(f"m2f.evaluate: skipped {bad}: {why}", flush=True)
+    except InvalidCheckpointError as e:
+        where = f"--checkpoint {args.checkpoint}: " if args.checkpoint else ""
+        raise SystemExit(f"m2f.evaluate: {where}{e}") from e
+    cfg = ckpt["config"]
+    missing = [k for k in EVAL_CONFIG_KEYS if k not in cfg] if isinstance(cfg, dict) else list(EVAL_CONFIG_KEYS)
+    if missing:
+        raise SystemExit(f"m2f.evaluate: {path}: incompatible: its configuration has no {', '.join(missing)}")
+    return path, ckpt
+
+
 def main(argv=None) -> Dict[str, float]:
+    """The CLI: errors are one line unless ``--debug``."""
+    args = parse_args(argv)
+    try:
+        return _main(args)
+    except SystemExit as e:
+        if args.debug and e.__cause__ is not None:  # a one-line error: the exception behind it
+            raise e.__cause__
+        raise
+    except KeyboardInterrupt:
+        print("m2f.evaluate: SIGINT: stopped", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signal.SIGINT) from None
+    except Exception as e:
+        if args.debug:
+            raise
+        raise SystemExit(one_line_error("m2f.evaluate", e)) from None
+
+
+def _main(args: argparse.Namespace) -> Dict[str, float]:
+    from .checkpoint import CheckpointMismatchError, check_state_dict
     from .data import build_dataset
     from .plots import save_predictions
     from .train import build_model_from_config, cleanup_distributed, kernels_notice, setup_distributed
 
-    args = parse_args(argv)
     env = setup_distributed(args.device)
-    path = args.checkpoint or os.path.join(args.run, "checkpoint.pt")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    path, ckpt = load_for_evaluation(args, env.rank)
     cfg = dict(ckpt["config"])
     for key in ("data_root", "kernels", "amp"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
-    dataset = build_dataset(cfg["dataset"], cfg["data_root"], args.split, cfg["image_size"], cfg["seed"])
+    try:
+        dataset = build_dataset(cfg["dataset"], cfg["data_root"], args.split, cfg["image_size"], cfg["seed"])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"m2f.evaluate: {e}") from e
     model = build_model_from_config(cfg, dataset.info).to(env.device)
+    try:
+        if not isinstance(ckpt["model"], dict):
+            raise CheckpointMismatchError(f"the checkpoint's model ({type(ckpt['model']).__name__}, not a state dict)")
+        check_state_dict("the checkpoint's model", ckpt["model"], model)
+    except CheckpointMismatchError as e:
+        raise SystemExit(f"m2f.evaluate: {path}: {e.one_line()}") from e
     model.load_state_dict(ckpt["model"])
     if env.rank == 0:
         notice = kernels_notice(cfg["kernels"], env.device)

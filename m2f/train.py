@@ -4,26 +4,41 @@
     python -m m2f.train --preset tiny                           # CPU-sized: about a minute
     torchrun --nproc_per_node=8 -m m2f.train --dataset coco_panoptic --data-root datasets/coco \\
         --preset official                                       # the official R50 COCO recipe
-    python -m m2f.train --out runs/x --resume                   # continue runs/x exactly
+    python -m m2f.train --out runs/x --resume                   # continue runs/x exactly (after Ctrl-C too)
     python -m m2f.train --compile                               # torch.compile the forward and loss
     python -m m2f.train --cuda-graph --model max_targets=8      # the whole step as one CUDA graph
 
 A run folder (``--out``) gets ``config.json``, ``metrics.jsonl`` (one JSON record per log
-step and per evaluation), ``checkpoint.pt`` (written atomically every ``--ckpt-every``
-steps and at the end) and ``plots/`` (loss curve, predictions over images). ``--resume``
-restores the step, model, optimiser, schedule, AMP scaler, every RNG (python, numpy,
-torch, CUDA, the loss's point sampler, per rank) and the data position, so the resumed
-run is the uninterrupted one. ``--batch-size`` is global: under torchrun each of the N
-ranks takes batch/N images of the same global batch a single process would take.
+step and per evaluation), ``checkpoint.pt`` (written every ``--ckpt-every`` steps, every
+``--ckpt-minutes`` minutes and at the end; the ``--keep-checkpoints`` - 1 before it stay as
+``checkpoint_<step>.pt``; each with a ``.sha256`` record) and ``plots/`` (loss curve,
+predictions over images). ``--resume`` takes the newest valid checkpoint (saying which it
+skipped and why) and restores the step, model, optimiser, schedule, AMP scaler, every RNG
+(python, numpy, torch, CUDA, the loss's point sampler, per rank) and the data position, so
+the resumed run is the uninterrupted one. ``--batch-size`` is global: under torchrun each of
+the N ranks takes batch/N images of the same global batch a single process would take.
+
+SIGINT (Ctrl-C) or SIGTERM: the step in progress finishes, a checkpoint is written, the
+resume command is printed and the run exits with 130 / 143 (a second signal stops at once,
+keeping the last checkpoint). A checkpoint is written to a temporary file and renamed, so a
+kill or a full disk never damages the previous one. A job that torchrun restarts
+(``--max-restarts``) resumes from the checkpoint in ``--out`` by itself. Errors are one line
+(``--debug`` shows the traceback), and a run that cannot start (missing data, a bad
+checkpoint) creates nothing.
 """
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import math
 import os
 import random
+import shlex
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -39,11 +54,14 @@ from . import build_model
 from .backbone import calibrate_frozen_bn
 from .data import DATASETS, StreamSampler, build_dataset, collate
 from .data.sample import DatasetInfo
-from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics
+from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics, ignore_stop_signals, one_line_error
 from .graph_step import GraphStep, no_autocast_cache
 from .plots import read_log, save_loss_curve, save_predictions
 from .semantic import ARCHS, build_from_config as build_semantic_model, configure as configure_arch
-from .checkpoint import OptimizerStateMismatchError, load_optimizer_state
+from .checkpoint import (CHECKPOINT, CheckpointMismatchError, CheckpointWriter, InvalidCheckpointError,
+                         OptimizerStateMismatchError, check_state_dict, checkpoint_files, latest_checkpoint,
+                         load_checkpoint, load_optimizer_state)
+from .checkpoint import atomic_save as _atomic_save
 from .solver import build_optimizer, build_scheduler, clip_gradients, current_lrs
 
 # Presets: model size and schedule. Explicit flags override them. The from-scratch presets
@@ -69,9 +87,13 @@ PRESETS = {
 PRESET_KEYS = ("backbone", "image_size", "batch_size", "steps", "lr", "num_queries")
 # what a resumed run may change: where and how it runs and reports, never what it computes
 RUNTIME_KEYS = ("out", "num_workers", "device", "eval_every", "eval_images", "ckpt_every", "log_every", "compile",
-                "cuda_graph")
-CHECKPOINT = "checkpoint.pt"
+                "cuda_graph", "ckpt_minutes", "keep_checkpoints")
+# flags that are neither the run's configuration nor runtime options
+CLI_ONLY = ("resume", "preset", "model", "debug")
 LOG = "metrics.jsonl"
+# what a run's configuration needs (a checkpoint's config without them is of another version)
+CONFIG_KEYS = ("preset", "dataset", "data_root", "seed", "model", "backbone", "image_size", "batch_size", "steps",
+               "lr", "amp", "out")
 
 
 # ----------------------------------------------------------------------------- processes
@@ -148,7 +170,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: at the end only)")
     p.add_argument("--eval-images", type=int, help="evaluate on the first N val images (default: all; "
                    "shapes has 100)")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: 500)")
+    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: 500), besides --ckpt-minutes, "
+                   "the end and SIGINT / SIGTERM")
+    p.add_argument("--ckpt-minutes", type=float, help="also checkpoint every M minutes (default: 10; 0: off)")
+    p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints (default: 3): checkpoint.pt "
+                   "and checkpoint_<step>.pt")
     p.add_argument("--log-every", type=int, help="log every N steps (default: 10)")
     p.add_argument("--seed", type=int, help="seed of the model, the data and the sampling (default: 0)")
     p.add_argument("--num-workers", type=int, help="data loader workers per rank (default: 4 on GPU, 0 on CPU)")
@@ -159,6 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="capture the whole step (forward, loss, backward, optimiser) once in a CUDA graph and "
                    "replay it (default: off); needs a CUDA device, --kernels fused, point losses and a fixed "
                    "target count per image (--model max_targets=N)")
+    p.add_argument("--debug", action="store_true", default=None,
+                   help="show the traceback of an error (default: one line)")
     return p.parse_args(argv)
 
 
@@ -206,6 +234,8 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "eval_every": args.eval_every or 0,
         "eval_images": args.eval_images,
         "ckpt_every": args.ckpt_every or 500,
+        "ckpt_minutes": 10.0 if args.ckpt_minutes is None else args.ckpt_minutes,
+        "keep_checkpoints": 3 if args.keep_checkpoints is None else args.keep_checkpoints,
         "log_every": args.log_every or 10,
         "num_workers": args.num_workers,
         "device": args.device,
@@ -245,15 +275,28 @@ def resume_config(args: argparse.Namespace, saved: Dict) -> Dict:
         value = getattr(args, key)
         if value is not None:
             cfg[key] = value
-    changed = [k for k, v in vars(args).items()
-               if v is not None and k not in RUNTIME_KEYS + ("resume", "preset", "model") and cfg.get(k) != v]
+    changed = [f"{k} (saved {cfg.get(k)!r}, given {v!r})" for k, v in sorted(vars(args).items())
+               if v is not None and k not in RUNTIME_KEYS + CLI_ONLY and cfg.get(k) != v]
     if args.preset is not None and args.preset != saved["preset"]:
-        changed.append("preset")
+        changed.append(f"preset (saved {saved['preset']!r}, given {args.preset!r})")
     if args.model:
-        changed.append("model")
+        changed.append("model (--model)")
     if changed:
-        raise SystemExit(f"--resume continues the saved run; it cannot change {sorted(changed)} "
+        raise SystemExit(f"--resume continues the saved run; it cannot change {', '.join(changed)} "
                          f"(only {', '.join(RUNTIME_KEYS)})")
+    return cfg
+
+
+def restart_config(args: argparse.Namespace, fresh: Dict, saved: Dict, where: str) -> Dict:
+    """A torchrun restart's configuration: the saved one, which this command line (the
+    original one, ``fresh``) must describe except for runtime options."""
+    differ = [f"{k} (saved {saved.get(k)!r}, this command {v!r})" for k, v in sorted(fresh.items())
+              if k not in RUNTIME_KEYS and saved.get(k) != v]
+    if differ:
+        raise SystemExit(f"torchrun restart: the checkpoint {where} is of another run: {', '.join(differ)}; "
+                         "use another --out or remove it")
+    cfg = dict(saved)
+    cfg.update({k: fresh[k] for k in RUNTIME_KEYS if getattr(args, k) is not None})
     return cfg
 
 
@@ -297,11 +340,10 @@ def gather_objects(obj, env: Env) -> list:
     return out
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, then os.replace: never a torn file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def atomic_save(obj, path: str) -> str:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace: never a torn
+    file (m2f.checkpoint.atomic_save) -> the file's sha256."""
+    return _atomic_save(obj, path)
 
 
 def truncate_log(path: str, step: int) -> None:
@@ -459,39 +501,238 @@ def run_eval(model, cfg: Dict, dataset_val, env: Env, step: int, logger: Logger)
     return metrics
 
 
+# ----------------------------------------------------------------------------- interruptions
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(BaseException):
+    """Raised by the signal handler where nothing is left to finish (see StopControl)."""
+
+    def __init__(self, signum: int, again: bool = False):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.again = signum, again
+
+
+class Stopped(Exception):
+    """The run stopped at a signal: the message says what was saved and how to continue; the
+    CLI exits with 128 + ``signum`` (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopControl:
+    """SIGINT / SIGTERM and the time-based checkpoint cadence of a run.
+
+    While ``immediate`` (before the first step, during a single process's evaluations, after
+    the last checkpoint) a signal raises Interrupted at once: nothing is lost. During the
+    training steps it only sets ``signum``; the loop finishes the step, writes a checkpoint
+    and stops. A second signal raises Interrupted(again=True) wherever the run is.
+    ``poll`` -> (signal number or 0, whether ``minutes`` passed since the last checkpoint):
+    under torchrun the max over the ranks (an all-reduce of two integers through gloo: no
+    device sync), so every rank saves and stops at the same step.
+    """
+
+    def __init__(self, minutes: float = 0.0):
+        self.signum = 0
+        self.immediate = True
+        self.started = False  # whether a training step has run
+        self.minutes = minutes
+        self.last_save = time.monotonic()
+        self._group = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The handlers for SIGINT and SIGTERM (in the main thread; elsewhere the defaults stay)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum or self.immediate:
+            again = bool(self.signum)
+            self.signum = self.signum or signum
+            raise Interrupted(signum, again)
+        self.signum = signum
+
+    def poll(self, env: Env):
+        signum = self.signum
+        due = self.minutes > 0 and time.monotonic() - self.last_save >= 60 * self.minutes
+        if env.world_size > 1:
+            if self._group is None:  # a CPU group beside nccl; the default one under gloo
+                self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+            flags = torch.tensor([signum, int(due)], dtype=torch.int64)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+            signum, due = int(flags[0]), bool(flags[1])
+            self.signum = self.signum or signum
+        return signum, due
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
+
+
+def resume_command(cfg: Dict, env: Env) -> str:
+    """The command line that continues the run."""
+    if env.world_size == 1:
+        head = "python -m m2f.train"
+    elif int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == env.world_size:
+        head = f"torchrun --nproc_per_node={env.world_size} -m m2f.train"
+    else:
+        head = "torchrun <this job's options> -m m2f.train"
+    cmd = f"{head} --out {shlex.quote(cfg['out'])} --resume"
+    if cfg.get("device"):
+        cmd += f" --device {shlex.quote(str(cfg['device']))}"
+    return cmd
+
+
+def ignore_stop_signals_in_workers(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT / SIGTERM (a terminal's Ctrl-C and torchrun's stop reach
+    the whole process group): the main process decides when to stop, and they end with it."""
+    ignore_stop_signals()
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
 def main(argv=None) -> Dict[str, float]:
+    """The CLI: errors are one line (``--debug``: the traceback); a signal stops the run with a
+    checkpoint and exit status 128 + signal (130 SIGINT, 143 SIGTERM)."""
     args = parse_args(argv)
-    env = setup_distributed(args.device)
+    control = StopControl()
     try:
-        return train(args, env)
-    finally:
-        cleanup_distributed()
+        with control.installed():
+            env = setup_distributed(args.device)
+            try:
+                return train(args, env, control)
+            finally:
+                cleanup_distributed()
+    except Stopped as e:
+        print(e, file=sys.stderr, flush=True)
+        raise SystemExit(128 + e.signum) from None
+    except SystemExit as e:
+        if args.debug and e.__cause__ is not None:  # a one-line error: the exception behind it
+            raise e.__cause__
+        raise
+    except (Interrupted, KeyboardInterrupt) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        when = "" if control.started else " before the first step; nothing was written"
+        print(f"m2f.train: {signal.Signals(signum).name}: stopped{when}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum) from None
+    except Exception as e:
+        if args.debug:
+            raise
+        raise SystemExit(one_line_error("m2f.train", e)) from None
+
+
+def find_checkpoint(where: str, env: Env, what: str, folder: bool = False):
+    """-> (path, checkpoint): the file ``where``, or the newest valid checkpoint of the folder
+    ``where`` (printing which newer ones it skipped and why); one-line errors."""
+    folder = folder or os.path.isdir(where)
+    try:
+        if folder:
+            path, ckpt, skipped = latest_checkpoint(where)
+            if env.main:
+                for bad, why in skipped:
+                    print(f"m2f.train: {what}: skipped {bad}: {why}", flush=True)
+        else:
+            path, ckpt = where, load_checkpoint(where)
+    except InvalidCheckpointError as e:
+        raise SystemExit(f"{what}: {e}" if folder else f"{what}: {where}: {e}") from e
+    saved = ckpt["config"]
+    missing = [k for k in CONFIG_KEYS if k not in saved] if isinstance(saved, dict) else list(CONFIG_KEYS)
+    if missing:
+        raise SystemExit(f"{what}: {path}: incompatible: its configuration has no {', '.join(missing)} "
+                         "(written by another version of m2f.train?)")
+    return path, ckpt
 
 
 def load_run_config(args: argparse.Namespace, env: Env):
-    """-> (cfg, checkpoint or None): a new run's configuration, or the resumed run's."""
-    ckpt = None
+    """-> (cfg, checkpoint or None, its path or None): a new run's configuration, or the
+    resumed run's. ``--resume`` takes the newest valid checkpoint of --out (or the given file
+    or folder); a job that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes from
+    the checkpoints in --out by itself."""
+    ckpt = path = None
     if args.resume is not None:
         if not args.resume and not args.out:
             raise SystemExit("--resume needs --out RUN_FOLDER or a checkpoint path")
-        path = args.resume or os.path.join(args.out, CHECKPOINT)
-        if not os.path.exists(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        path, ckpt = find_checkpoint(args.resume or args.out, env, "--resume", folder=not args.resume)
         cfg = resume_config(args, ckpt["config"])
     else:
         cfg = resolve_config(args)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+        if restarts > 0:
+            what = f"torchrun restart {restarts}"
+            if checkpoint_files(cfg["out"]):
+                path, ckpt = find_checkpoint(cfg["out"], env, what, folder=True)
+                cfg = restart_config(args, cfg, ckpt["config"], path)
+                if env.main:
+                    print(f"m2f.train: {what}: resuming automatically from {path} (step {ckpt['step']})", flush=True)
+            elif env.main:
+                print(f"m2f.train: {what}: no checkpoint in {cfg['out']} yet: starting the run over", flush=True)
     cfg.setdefault("compile", False)  # runs saved before the options existed
     cfg.setdefault("cuda_graph", False)
+    cfg.setdefault("ckpt_minutes", 10.0)
+    cfg.setdefault("keep_checkpoints", 3)
     check_step_options(cfg, env)
+    if cfg["keep_checkpoints"] < 1:
+        raise SystemExit(f"--keep-checkpoints must be at least 1, got {cfg['keep_checkpoints']}")
+    if cfg["ckpt_minutes"] < 0:
+        raise SystemExit(f"--ckpt-minutes must be 0 (off) or more, got {cfg['ckpt_minutes']}")
     if cfg["num_workers"] is None:
         cfg["num_workers"] = min(4, os.cpu_count() or 1) if env.device.type == "cuda" else 0
     if cfg["batch_size"] % env.world_size:
         raise SystemExit(f"--batch-size {cfg['batch_size']} is not divisible by the {env.world_size} ranks")
-    return cfg, ckpt
+    return cfg, ckpt, path
+
+
+def build_datasets(cfg: Dict):
+    """-> (train, val) datasets; a missing data root, annotation or image folder is one line."""
+    try:
+        dataset = build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["seed"],
+                                cfg.get("train_images"))
+        dataset_val = build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["image_size"], cfg["seed"])
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"m2f.train: {e}") from e
+    for split, ds in (("train", dataset), ("val", dataset_val)):
+        if len(ds) == 0:
+            raise SystemExit(f"m2f.train: the {cfg['dataset']} {split} split under {cfg['data_root']} has no images")
+    return dataset, dataset_val
+
+
+def restore_state(ckpt: Dict, path: str, model, optimizer, scheduler, scaler) -> int:
+    """Load a checkpoint's model, optimiser, schedule and scaler -> its step. What does not fit
+    is one line naming it (the mismatched keys and shapes, the optimiser groups, ...)."""
+    state = ckpt["model"]
+    try:
+        if not isinstance(state, dict):
+            raise CheckpointMismatchError(f"the checkpoint's model ({type(state).__name__}, not a state dict)")
+        check_state_dict("the checkpoint's model", state, model)
+    except CheckpointMismatchError as e:
+        raise SystemExit(f"--resume: {path}: {e.one_line()}") from e
+    model.load_state_dict(state)
+    try:
+        load_optimizer_state(optimizer, ckpt["optimizer"], model, scheduler, ckpt["scheduler"])
+    except OptimizerStateMismatchError as e:
+        raise SystemExit(f"--resume: {e} ({path})") from e
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"--resume: {path}: its optimizer or schedule state does not fit ({e!r})") from e
+    try:
+        scaler.load_state_dict(ckpt["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise SystemExit(f"--resume: {path}: its AMP scaler state does not fit ({e!r})") from e
+    return int(ckpt["step"])
 
 
 def prepare_run_folder(cfg: Dict, resumed: bool, env: Env) -> None:
+    """Create the run folder: only once the run has everything it needs to start."""
     out = cfg["out"]
     if not env.main:
         return
@@ -502,51 +743,73 @@ def prepare_run_folder(cfg: Dict, resumed: bool, env: Env) -> None:
     if notice:
         print(notice, flush=True)
     if not resumed:
-        if os.path.exists(os.path.join(out, CHECKPOINT)):
-            print(f"m2f.train: starting a new run in {out}, replacing its checkpoint and log "
+        if checkpoint_files(out):
+            print(f"m2f.train: starting a new run in {out}, replacing its checkpoints and log "
                   "(--resume continues it instead)", flush=True)
         truncate_log(os.path.join(out, LOG), 0)
 
 
-def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
-    cfg, ckpt = load_run_config(args, env)
-    prepare_run_folder(cfg, ckpt is not None, env)
+def train(args: argparse.Namespace, env: Env, control: Optional[StopControl] = None) -> Dict[str, float]:
+    """A run from the parsed flags (``main`` is the CLI around it). Everything is checked and
+    loaded before the run folder is created."""
+    control = control or StopControl()
+    cfg, ckpt, ckpt_path = load_run_config(args, env)
     out, seed, steps = cfg["out"], cfg["seed"], cfg["steps"]
-    local_batch = cfg["batch_size"] // env.world_size
     random.seed(seed + env.rank)
     np.random.seed(seed + env.rank)
     torch.manual_seed(seed)  # the same initial model on every rank
     generator = torch.Generator(env.device).manual_seed(seed * 1009 + env.rank)  # the loss's random points
 
-    dataset = build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], seed,
-                            cfg.get("train_images"))
-    dataset_val = build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["image_size"], seed)
+    dataset, dataset_val = build_datasets(cfg)
     model = build_model_from_config(cfg, dataset.info).to(env.device)
     optimizer = build_optimizer(model, lr=cfg["lr"], device=env.device, capturable=cfg["cuda_graph"])
     scheduler = build_scheduler(optimizer, steps)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg["amp"] == "fp16")  # bf16 needs none
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        try:
-            load_optimizer_state(optimizer, ckpt["optimizer"], model, scheduler, ckpt["scheduler"])
-        except OptimizerStateMismatchError as e:
-            raise SystemExit(f"--resume: {e}")
-        scaler.load_state_dict(ckpt["scaler"])
-        start = ckpt["step"]
-        if env.main:
-            truncate_log(os.path.join(out, LOG), start)
-            print(f"m2f.train: resuming {out} at step {start} of {steps}", flush=True)
-        if start >= steps:
-            log = os.path.join(out, LOG)
-            evals = [r["eval"] for r in read_log(log) if "eval" in r] if os.path.exists(log) else []
-            if env.main:
-                print(f"m2f.train: the run is already complete; last evaluation: "
-                      f"{format_metrics(evals[-1]) if evals else 'none'}")
-            return evals[-1] if evals else {}
+        start = restore_state(ckpt, ckpt_path, model, optimizer, scheduler, scaler)
     elif not cfg.get("weights"):
         calibrate(model, dataset, env.device)
 
+    prepare_run_folder(cfg, ckpt is not None, env)
+    log = os.path.join(out, LOG)
+    if ckpt is not None and env.main:
+        truncate_log(log, start)
+        print(f"m2f.train: resuming {out} at step {min(start, steps)} of {steps} from {ckpt_path}", flush=True)
+    writer = CheckpointWriter(out, cfg["keep_checkpoints"], resumed=(ckpt_path, start) if ckpt is not None else None) \
+        if env.main else None
+    logger = Logger(log if env.main else None)
+    if start >= steps:
+        evals = [r for r in read_log(log) if "eval" in r] if env.main and os.path.exists(log) else []
+        final = gather_objects(evals[-1]["eval"] if evals and evals[-1]["step"] >= steps else None, env)[0]
+        if final is not None:  # rank 0's log decides for every rank
+            if env.main:
+                print(f"m2f.train: the run is already complete; last evaluation: {format_metrics(final)}")
+            return final
+        if env.main:
+            print(f"m2f.train: the run is complete; evaluating step {steps}", flush=True)
+    else:
+        run_steps(model, cfg, env, control, writer, logger, dataset, dataset_val, optimizer, scheduler, scaler,
+                  generator, start, ckpt)
+    control.immediate = True  # the checkpoint of the last step is written
+    try:
+        metrics = run_eval(model, cfg, dataset_val, env, steps, logger)
+    except Interrupted as e:
+        raise Stopped(e.signum, f"m2f.train: {signal.Signals(e.signum).name} during the final evaluation: "
+                      f"the checkpoint of step {steps} is written; evaluate with: {resume_command(cfg, env)}") from None
+    if env.main:
+        print(f"step {steps}: {format_metrics(metrics)}", flush=True)
+        print(f"m2f.train: run folder {out} (checkpoint.pt, metrics.jsonl, plots/)", flush=True)
+    return metrics
+
+
+def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional[CheckpointWriter], logger: Logger,
+              dataset, dataset_val, optimizer, scheduler, scaler, generator: torch.Generator, start: int,
+              ckpt: Optional[Dict]) -> None:
+    """Training steps ``start + 1 .. steps``: a checkpoint every ``ckpt_every`` steps, every
+    ``ckpt_minutes`` and at the last one; at SIGINT / SIGTERM the step in progress finishes,
+    a checkpoint is written and Stopped is raised."""
+    steps, seed, local_batch = cfg["steps"], cfg["seed"], cfg["batch_size"] // env.world_size
     if env.world_size > 1:
         model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                         broadcast_buffers=False)
@@ -554,7 +817,7 @@ def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
                             start=start * local_batch)
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg["num_workers"],
                         collate_fn=collate, pin_memory=env.device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg["num_workers"] > 0,
+                        persistent_workers=cfg["num_workers"] > 0, worker_init_fn=ignore_stop_signals_in_workers,
                         generator=torch.Generator())  # keeps the global RNG out of the loader
     batches = iter(loader)
     if ckpt is not None:  # after everything that draws from the RNGs at start-up
@@ -562,38 +825,68 @@ def train(args: argparse.Namespace, env: Env) -> Dict[str, float]:
         if len(states) != env.world_size and env.main:
             print(f"m2f.train: the checkpoint has {len(states)} ranks' RNG states, this run "
                   f"{env.world_size}: the random streams will differ from the original run")
-        set_rng_state(states[env.rank % len(states)], generator)
+        try:
+            set_rng_state(states[env.rank % len(states)], generator)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise SystemExit(f"--resume: the checkpoint's RNG states do not fit ({e!r})") from e
 
     forward = torch.compile(model) if cfg["compile"] else model
     graph = make_graph_step(model, forward, optimizer, scaler, env.device, cfg["amp"], generator) \
         if cfg["cuda_graph"] else None
-    logger = Logger(os.path.join(out, LOG) if env.main else None)
     bar = tqdm(total=steps, initial=start, disable=not env.main, dynamic_ncols=True, desc="train", mininterval=0.5)
     meter = Meter()
     model.train()
-    for step in range(start + 1, steps + 1):
-        meter.add(train_step(model, next(batches), optimizer, scheduler, scaler, env.device, cfg["amp"], generator,
-                             forward=forward, pad=static_targets(cfg), graph=graph))
-        last = step == steps
-        if step % cfg["log_every"] == 0 or last:
-            record = meter.flush(env)
-            record.update(step=step, lr=max(current_lrs(scheduler)), max_mem_gb=_memory_gb(env.device))
-            logger.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                            mem=f"{record['max_mem_gb']:.2f}GB", refresh=False)
-        bar.update(1)
-        if cfg["eval_every"] and step % cfg["eval_every"] == 0 and not last:
-            metrics = run_eval(model, cfg, dataset_val, env, step, logger)
-            if env.main:
-                bar.write(f"step {step}: {format_metrics(metrics)}")
-        if step % cfg["ckpt_every"] == 0 or last:
-            save_checkpoint(model, optimizer, scheduler, scaler, generator, cfg, step, env)
+    saved = step = start
+    control.minutes = cfg["ckpt_minutes"]
+    control.saved()  # the time-based cadence counts from here
+
+    def save(at: int) -> None:
+        nonlocal saved
+        save_checkpoint(model, optimizer, scheduler, scaler, generator, cfg, at, env, writer)
+        saved = at
+        control.saved()
+
+    def kept() -> str:
+        if saved == start and ckpt is None:
+            return "nothing was saved"
+        return f"the checkpoint of step {saved} is kept; continue with: {resume_command(cfg, env)}"
+
+    control.immediate, control.started = False, True
+    try:
+        for step in range(start + 1, steps + 1):
+            meter.add(train_step(model, next(batches), optimizer, scheduler, scaler, env.device, cfg["amp"],
+                                 generator, forward=forward, pad=static_targets(cfg), graph=graph))
+            last = step == steps
+            if step % cfg["log_every"] == 0 or last:
+                record = meter.flush(env)
+                record.update(step=step, lr=max(current_lrs(scheduler)), max_mem_gb=_memory_gb(env.device))
+                logger.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                mem=f"{record['max_mem_gb']:.2f}GB", refresh=False)
+            bar.update(1)
+            if cfg["eval_every"] and step % cfg["eval_every"] == 0 and not last:
+                control.immediate = env.world_size == 1  # a signal stops a single process's evaluation
+                metrics = run_eval(model, cfg, dataset_val, env, step, logger)
+                control.immediate = False
+                if env.main:
+                    bar.write(f"step {step}: {format_metrics(metrics)}")
+            signum, due = control.poll(env)
+            if signum or due or step % cfg["ckpt_every"] == 0 or last:
+                save(step)
+            if signum:
+                bar.close()
+                raise Stopped(signum, f"m2f.train: {signal.Signals(signum).name}: stopped after step {step} of "
+                              f"{steps}; checkpoint {os.path.join(cfg['out'], CHECKPOINT)}; continue with: "
+                              f"{resume_command(cfg, env)}")
+    except Interrupted as e:
+        bar.close()
+        name = signal.Signals(e.signum).name
+        if e.again:  # the state may be half-way through a step or a save
+            raise Stopped(e.signum, f"m2f.train: {name} again: stopped at once in step {step}; {kept()}") from None
+        save(step)  # a single process's evaluation after step `step`: its state is complete
+        raise Stopped(e.signum, f"m2f.train: {name}: stopped during the evaluation after step {step}; checkpoint "
+                      f"{os.path.join(cfg['out'], CHECKPOINT)}; continue with: {resume_command(cfg, env)}") from None
     bar.close()
-    metrics = run_eval(model, cfg, dataset_val, env, steps, logger)
-    if env.main:
-        print(f"step {steps}: {format_metrics(metrics)}", flush=True)
-        print(f"m2f.train: run folder {out} (checkpoint.pt, metrics.jsonl, plots/)", flush=True)
-    return metrics
 
 
 class Meter:
@@ -619,14 +912,31 @@ class Meter:
         return means
 
 
-def save_checkpoint(model, optimizer, scheduler, scaler, generator, cfg: Dict, step: int, env: Env) -> None:
+def save_checkpoint(model, optimizer, scheduler, scaler, generator, cfg: Dict, step: int, env: Env,
+                    writer: Optional[CheckpointWriter] = None) -> None:
+    """Every rank's RNG streams, then (main rank) the checkpoint through ``writer`` (or
+    ``atomic_save`` to ``checkpoint.pt``). A failed write (a full disk) ends the run with one
+    line; the previous checkpoints stay as they were."""
     states = gather_objects(rng_state(generator), env)  # every rank's streams
-    if env.main:
-        atomic_save({
-            "config": cfg, "step": step, "world_size": env.world_size, "model": unwrap(model).state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "rng": states,
-        }, os.path.join(cfg["out"], CHECKPOINT))
+    if not env.main:
+        return
+    obj = {
+        "config": cfg, "step": step, "world_size": env.world_size, "model": unwrap(model).state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(), "rng": states,
+    }
+    if writer is None:
+        atomic_save(obj, os.path.join(cfg["out"], CHECKPOINT))
+        return
+    try:
+        writer.save(obj, step)
+    except OSError as e:
+        if writer.latest is None:
+            kept = "no checkpoint of this run was written before"
+        else:
+            kept = (f"the previous checkpoint is kept ({writer.latest[0]}, step {writer.latest[1]}); continue with: "
+                    f"{resume_command(cfg, env)}")
+        raise SystemExit(f"m2f.train: cannot write the checkpoint of step {step} ({e.strerror or e}); {kept}") from e
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ seed its augmentation, so the data of a run is a pure function of its seed and s
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from torch.utils.data import Dataset
@@ -18,6 +19,13 @@ from .sample import IGNORE_LABEL, VOID, DatasetInfo, collate
 from .sampler import ShardSampler, StreamSampler
 
 DATASETS = ("shapes", "coco_panoptic", "ade20k")
+# what a data root holds, for the messages when it does not
+LAYOUTS = {
+    "coco_panoptic": "annotations/panoptic_{split}2017.json, annotations/panoptic_{split}2017/*.png and "
+                     "{split}2017/*.jpg (detectron2's datasets/coco)",
+    "ade20k": "images/{training,validation}/*.jpg and annotations/{training,validation}/*.png "
+              "(ADEChallengeData2016)",
+}
 
 
 def build_dataset(name: str, root: Optional[str] = None, split: str = "train", image_size: int = 64,
@@ -31,7 +39,10 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", i
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if root is None:
-        raise ValueError(f"dataset {name!r} needs a data root (--data-root)")
+        raise ValueError(f"dataset {name!r} needs a data root (--data-root) holding {LAYOUTS[name]}")
+    if not os.path.isdir(root):
+        what = "is not a folder" if os.path.exists(root) else "does not exist"
+        raise FileNotFoundError(f"{name} data root {root} {what}; it should hold {LAYOUTS[name]}")
     if name == "coco_panoptic":
         from .coco_panoptic import COCOPanoptic
 

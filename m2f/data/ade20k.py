@@ -35,13 +35,16 @@ class ADE20K(Dataset):
         root = Path(root)
         image_dir = root / "images" / SPLIT_DIRS[split]
         label_dir = root / "annotations" / SPLIT_DIRS[split]
-        if not image_dir.is_dir() or not label_dir.is_dir():
-            raise FileNotFoundError(f"expected {image_dir} and {label_dir}")
+        for what, folder in (("image", image_dir), ("annotation", label_dir)):
+            if not folder.is_dir():
+                raise FileNotFoundError(f"ade20k: no {split} {what} folder: expected {folder} (and "
+                                        f"{label_dir if what == 'image' else image_dir})")
         images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:max_images]
         self.records = [(p, label_dir / (p.stem + ".png")) for p in images]
         missing = [str(lab) for _, lab in self.records if not lab.exists()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} label PNGs missing, e.g. {missing[0]}")
+            raise FileNotFoundError(f"ade20k: {len(missing)} annotation PNGs missing, e.g. {missing[0]} (one per "
+                                    f"image in {image_dir})")
         self.info = DatasetInfo("ade20k", tuple(f"class{i + 1}" for i in range(num_classes)), frozenset(),
                                 panoptic=False)
         self.seed = seed

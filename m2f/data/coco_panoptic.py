@@ -23,11 +23,11 @@ from .sample import DatasetInfo, finalize
 from .transforms import LargeScaleJitter, ResizePad
 
 
-def _first_existing(*paths: Path) -> Path:
+def _first_existing(what: str, *paths: Path) -> Path:
     for p in paths:
         if p.exists():
             return p
-    raise FileNotFoundError(f"none of {[str(p) for p in paths]} exists")
+    raise FileNotFoundError(f"coco_panoptic: no {what}: expected {' or '.join(str(p) for p in paths)}")
 
 
 class COCOPanoptic(Dataset):
@@ -36,11 +36,16 @@ class COCOPanoptic(Dataset):
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 1024, seed: int = 0,
                  augment: Optional[bool] = None, max_images: Optional[int] = None):
         root = Path(root)
-        json_path = _first_existing(root / "annotations" / f"panoptic_{split}2017.json")
-        self.png_dir = _first_existing(root / "annotations" / f"panoptic_{split}2017", root / f"panoptic_{split}2017")
-        self.image_dir = _first_existing(root / f"{split}2017")
-        with open(json_path) as f:
-            data = json.load(f)
+        json_path = _first_existing(f"{split} annotation file", root / "annotations" / f"panoptic_{split}2017.json")
+        self.png_dir = _first_existing(f"{split} panoptic PNG folder", root / "annotations" / f"panoptic_{split}2017",
+                                       root / f"panoptic_{split}2017")
+        self.image_dir = _first_existing(f"{split} image folder", root / f"{split}2017")
+        try:
+            with open(json_path) as f:
+                data = json.load(f)
+            data["categories"], data["images"], data["annotations"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"coco_panoptic: {json_path} is not a COCO panoptic annotation file ({e!r})") from None
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.category_map = {c["id"]: i for i, c in enumerate(categories)}
         self.info = DatasetInfo("coco_panoptic", tuple(c["name"] for c in categories),
