@@ -422,9 +422,8 @@ def unavailable(name: str, out: Optional[Path] = None) -> Optional[str]:
         return prefix + f"{name} is still building (pid {status.get('pid')}, log {status.get('log')}): " \
                         f"python -m bench.peers wait{flag}"
     if state == "failed":
-        last = next((line for line in reversed(status.get("log_tail", "").splitlines()) if line.strip()), "")
-        return prefix + (f"{name} failed to build ({status.get('error', 'see the log')}; log {status.get('log')}"
-                         f"{': ' + last if last else ''}): python -m bench.peers build {_hint(name)}{flag}")
+        return prefix + (f"{name} failed to build ({status.get('error', 'see the log')}; log {status.get('log')}): "
+                         f"python -m bench.peers build {_hint(name)}{flag}")
     if not Path(status.get("library", "")).is_file():
         return prefix + f"{name}'s library {status.get('library')} is gone: python -m bench.peers build {_hint(name)}{flag}"
     import torch
@@ -536,23 +535,24 @@ def compile_peer(name: str, out: Path, arch: str, archive: str = "", sha256: str
                   "the sources compile here but the extension cannot link or run", flush=True)
         if cpp_extension.CUDA_HOME is None:  # a CPU-only torch does not look for CUDA: the compile check does
             nvcc = shutil.which("nvcc")
-            home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or (
-                str(Path(nvcc).resolve().parent.parent) if nvcc else "/usr/local/cuda")
+            home = (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+                    or ("/usr/local/cuda" if Path("/usr/local/cuda/bin/nvcc").exists() or not nvcc
+                        else str(Path(nvcc).resolve().parent.parent)))
             cpp_extension.CUDA_HOME = home
         print(f"building {name} ({peer.compile_note}) for sm {arch} with torch {torch.__version__}, "
               f"CUDA_HOME {cpp_extension.CUDA_HOME}", flush=True)
-        if shutil.which("ninja") is None:
-            raise PeerError("torch.utils.cpp_extension.load needs ninja on PATH (pip install ninja)")
-        cpp_extension.load(
-            name=peer.module_name,
-            sources=[str(src / s) for s in peer.sources],
-            extra_include_paths=[str(src / d) for d in peer.include_dirs],
-            extra_cflags=["-O3"] + cflags,
-            extra_cuda_cflags=cuda_cflags,
-            build_directory=str(ext),
-            with_cuda=True,
-            verbose=True,
-        )
+        builder = os.environ.get("M2F_PEERS_BUILDER") or ("load" if shutil.which("ninja") else "setuptools")
+        print(f"builder: {builder}", flush=True)
+        sources = [str(src / s) for s in peer.sources]
+        includes = [str(src / d) for d in peer.include_dirs]
+        if builder == "load":
+            cpp_extension.load(name=peer.module_name, sources=sources, extra_include_paths=includes,
+                               extra_cflags=["-O3"] + cflags, extra_cuda_cflags=cuda_cflags,
+                               build_directory=str(ext), with_cuda=True, verbose=True)
+        elif builder == "setuptools":  # no ninja: the same extension through setuptools, one file at a time
+            _setuptools_build(peer.module_name, sources, includes, ["-O3"] + cflags, cuda_cflags, ext)
+        else:
+            raise PeerError(f"M2F_PEERS_BUILDER={builder!r}: 'load' or 'setuptools'")
         libraries = sorted(ext.glob(f"{peer.module_name}*.so"))
         if not libraries:
             raise PeerError(f"the build finished without {peer.module_name}*.so in {ext}")
@@ -561,12 +561,27 @@ def compile_peer(name: str, out: Path, arch: str, archive: str = "", sha256: str
         code = 0
     except BaseException as exc:  # noqa: BLE001 - any failure, even an interrupt, is recorded
         print(f"FAILED: {type(exc).__name__}: {exc}", flush=True)
-        sys.stdout.flush()
-        status = dict(record, state="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
-                      seconds=round(time.time() - started, 1), log_tail=log_tail(base / "build.log"))
+        tail = log_tail(base / "build.log", 40)
+        first = next((line.strip() for line in tail.splitlines() if "error" in line and not line.startswith("FAILED")),
+                     f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        status = dict(record, state="failed", error=first[:300], seconds=round(time.time() - started, 1),
+                      log_tail=log_tail(base / "build.log"))
         code = 1
     _write_json(base / "status.json", status)
     return code
+
+
+def _setuptools_build(name: str, sources: list, includes: list, cflags: list, cuda_cflags: list, ext: Path) -> None:
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    module = CUDAExtension(name, sources, include_dirs=includes,
+                           extra_compile_args={"cxx": cflags, "nvcc": cuda_cflags})
+    dist = Distribution({"name": name, "ext_modules": [module],
+                         "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=False)}})
+    command = dist.get_command_obj("build_ext")
+    command.build_lib, command.build_temp = str(ext), str(ext / "tmp")
+    dist.run_command("build_ext")
 
 
 def wait(names: Sequence[str] = tuple(PEERS), out: Optional[Path] = None, timeout: float = 1800.0,

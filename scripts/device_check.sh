@@ -4,6 +4,9 @@
 # Usage (on the GPU machine, repo root):  bash scripts/device_check.sh STAGE...
 #
 # Stages (default: tests bench):
+#   peers        start building the peer MSDeformAttn kernels (python -m bench.peers) in the
+#                background from the archives in PEER_ARCHIVES (default: build/peer-archives/,
+#                ../shared/peers/); bench and bench-quick wait for them (PEERS_WAIT_LIMIT)
 #   build-cuda   start building m2f_kernels._C in the background (nice'd; later stages
 #                that need it wait for it: cuda-tests)
 #   tests        the GPU test suite (pytest tests, xdist when present)
@@ -27,6 +30,7 @@ export PYTHONUNBUFFERED=1 M2F_BENCH_COMMIT=${M2F_BENCH_COMMIT:-$(git rev-parse H
 stages=${*:-tests bench}
 TEST_LIMIT=${TEST_LIMIT:-240} BENCH_LIMIT=${BENCH_LIMIT:-330} HF_LIMIT=${HF_LIMIT:-150}
 TRAIN_LIMIT=${TRAIN_LIMIT:-300} CUDA_TEST_LIMIT=${CUDA_TEST_LIMIT:-120} SANITIZER_LIMIT=${SANITIZER_LIMIT:-60}
+PEERS_WAIT_LIMIT=${PEERS_WAIT_LIMIT:-600}
 CUDA_TESTS="tests/test_op_*.py tests/test_cuda_extension_errors.py"
 T0=$SECONDS
 stamp() { echo "== [$((SECONDS - T0)) s] $*"; }
@@ -38,6 +42,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --fo
 cat "$LOGS/info.txt"
 BUILD_PID=""
 TRAIN_PIDS=()
+PEERS_STARTED=""
 
 wait_build() {
   [ -n "$BUILD_PID" ] || return 0
@@ -46,10 +51,25 @@ wait_build() {
   tail -5 "$LOGS/build-cuda.log"
 }
 
+wait_peers() {
+  [ -n "$PEERS_STARTED" ] || return 0
+  stamp "waiting for the peer builds"
+  python3 -m bench.peers wait --timeout "$PEERS_WAIT_LIMIT" > "$LOGS/peers-status.txt" 2>&1
+  echo "peers wait exit: $? (1 = a build failed, 124 = time limit)"; cat "$LOGS/peers-status.txt"
+  for log in build/peers/*/build.log; do [ -f "$log" ] && cp "$log" "$LOGS/peer-$(basename "$(dirname "$log")").log"; done
+  PEERS_STARTED=""
+}
+
 workers=$(python3 -c "import importlib.util as u; print(8 if u.find_spec('xdist') else 0)")
 for stage in $stages; do
   stamp "$stage"
   case $stage in
+    peers)
+      # shellcheck disable=SC2086
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} python3 -m bench.peers build --background --nice 5 \
+        ${PEER_ARCHIVES:-} > "$LOGS/peers.log" 2>&1
+      cat "$LOGS/peers.log"; PEERS_STARTED=1
+      ;;
     build-cuda)
       # sm_90 only here: the one arch this machine runs, half the compile time
       ( export M2F_KERNELS_FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-6}
@@ -65,6 +85,7 @@ for stage in $stages; do
       tail -25 "$LOGS/tests.log"
       ;;
     bench|bench-quick)
+      wait_peers
       extra=(); [ "$stage" = bench-quick ] && extra=(--benchmark-quick)
       timeout "$BENCH_LIMIT" python3 -m pytest bench -q -p no:cacheprovider --benchmark "${extra[@]}" \
         -k "${BENCH_FILTER:-}" > "$LOGS/bench-$((SECONDS - T0)).log" 2>&1

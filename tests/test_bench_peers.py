@@ -118,10 +118,10 @@ def test_status_of_failed_and_running_builds(tmp_path):
     assert peers.peer_status("mmcv", tmp_path)["state"] == "building"
     assert "mmcv is still building" in peers.unavailable("mmcv", tmp_path)
     # the child's final word wins
-    (base / "status.json").write_text(json.dumps({"peer": "mmcv", "state": "failed", "error": "OSError: x",
-                                                  "log": "L", "log_tail": "a\nfatal error: cusparse.h\n"}))
+    (base / "status.json").write_text(json.dumps({"peer": "mmcv", "state": "failed", "log": "L",
+                                                  "error": "x.h:10:10: fatal error: cusparse.h: No such file"}))
     reason = peers.unavailable("mmcv", tmp_path)
-    assert "mmcv failed to build (OSError: x; log L: fatal error: cusparse.h)" in reason
+    assert "mmcv failed to build (x.h:10:10: fatal error: cusparse.h: No such file; log L): python -m" in reason
 
 
 def test_a_failed_patch_is_a_failed_build_without_compiling(tmp_path):
