@@ -302,7 +302,8 @@ def identify(path: Path):
             for name in archive.names:
                 if name == peer.anchor or name.endswith("/" + peer.anchor):
                     return peer, name[: len(name) - len(peer.anchor_file)]
-    raise PeerError(f"{path}: holds none of the peers ({', '.join(f'{p.name}: .../{p.anchor}' for p in PEERS.values())})")
+    known = ", ".join(f"{p.name}: .../{p.anchor}" for p in PEERS.values())
+    raise PeerError(f"{path}: holds none of the peers ({known})")
 
 
 def _safe_relative(rel: str) -> PurePosixPath:
@@ -425,7 +426,8 @@ def unavailable(name: str, out: Optional[Path] = None) -> Optional[str]:
         return prefix + (f"{name} failed to build ({status.get('error', 'see the log')}; log {status.get('log')}): "
                          f"python -m bench.peers build {_hint(name)}{flag}")
     if not Path(status.get("library", "")).is_file():
-        return prefix + f"{name}'s library {status.get('library')} is gone: python -m bench.peers build {_hint(name)}{flag}"
+        return prefix + (f"{name}'s library {status.get('library')} is gone: "
+                         f"python -m bench.peers build {_hint(name)}{flag}")
     import torch
 
     if status.get("torch") != torch.__version__:
@@ -624,7 +626,8 @@ def load(name: str, out: Optional[Path] = None) -> "PeerOp":
     try:
         ext = _import_library(PEERS[name].module_name, status["library"])
     except Exception as exc:  # noqa: BLE001 - a library that does not load is a skip with the reason
-        raise Unavailable(f"{PEERS[name].what}: {status['library']} does not load ({type(exc).__name__}: {exc})") from None
+        raise Unavailable(f"{PEERS[name].what}: {status['library']} does not load "
+                          f"({type(exc).__name__}: {exc})") from None
     op = OPS[name](PEERS[name], ext, src=Path(status.get("src", "")))
     _LOADED[key] = op
     return op
@@ -839,7 +842,8 @@ def _dcnv4_launch(src: Optional[Path], ext):
 
     path = Path(src or "") / "DCNv4" / "functions" / "flash_deform_attn_func.py"
     if not path.is_file():
-        raise Unavailable(f"DCNv4's launch table {path} is missing: python -m bench.peers build --force {_hint('dcnv4')}")
+        raise Unavailable(f"DCNv4's launch table {path} is missing: "
+                          f"python -m bench.peers build --force {_hint('dcnv4')}")
     saved = {k: sys.modules.get(k) for k in ("DCNv4",)}
     package = types.ModuleType("DCNv4")
     package.ext = ext
@@ -899,7 +903,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.add_argument("--out", type=Path, default=None,
                        help="build directory (default: $M2F_PEERS_DIR or build/peers in the repository)")
     b.add_argument("--arch", default=None,
-                   help="TORCH_CUDA_ARCH_LIST for the build (default: $TORCH_CUDA_ARCH_LIST, the visible GPU, else 9.0)")
+                   help="TORCH_CUDA_ARCH_LIST for the build "
+                        "(default: $TORCH_CUDA_ARCH_LIST, the visible GPU, else 9.0)")
     w = sub.choices["wait"]
     w.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait at most (exit 124 past it)")
     c = sub.add_parser("_compile")  # the child process of a build
