@@ -201,7 +201,7 @@ def test_no_host_sync_gpu(backend, dtype):
 # Tilings that reach each path of the kernels (tri.MaskedAttentionConfig is built when a test runs: the
 # module may lack triton).
 TILINGS = {
-    # one query block, many key splits: the combine kernel (all-keys partials discarded)
+    # one query block, many key splits: the fused split merge (all-keys partials discarded)
     # and the backward's single-block path over several key chunks, whose dq partials the
     # last chunk program to arrive sums
     "split": lambda: tri.MaskedAttentionConfig(block_q=64, block_n=16, kb_per_split=1),
@@ -334,8 +334,8 @@ class TestTriton:
             assert torch.equal(a, b)
 
     def test_launch_counts(self, monkeypatch):
-        """The forward is the kernel plus the split combine; the backward is two launches (the
-        row prologue and the main kernel, dq reduction included) whatever the chunking."""
+        """The forward is one launch (split merge included); the backward is two (the row
+        prologue and the main kernel, dq reduction included) whatever the chunking."""
         B, H, Q, N, D = 1, 2, 10, 50, 16
         q, k, v = (t.detach() for t in make_qkv(B, H, Q, N, D, torch.float32))
         mask = make_mask(B, H, Q, N, "bool", False)
@@ -344,7 +344,7 @@ class TestTriton:
                     tri.MaskedAttentionConfig(block_q=16, block_n=16, kb_per_split=100)):
             launched = count_launches(monkeypatch)
             out, lse = tri.masked_attention_fwd(q, k, v, mask, 0.25, config=cfg)
-            assert launched == (["_fwd_kernel"] if cfg.kb_per_split == 100 else ["_fwd_kernel", "_combine_kernel"])
+            assert launched == ["_fwd_kernel"]
             launched.clear()
             tri.masked_attention_bwd(g, q, k, v, mask, out, lse, 0.25, config=cfg)
             assert launched == ["_bwd_prologue_kernel", "_bwd_kernel"]

@@ -4,9 +4,12 @@ Forward (``_fwd_kernel``): one program per (query block, head, key split, batch)
 online softmax over its key tiles in the base-2 domain with fp32 accumulators. The empty-row
 rule costs no extra pass: each row starts in "all keys" mode and switches to "visible keys"
 mode at its first visible key, dropping what it had accumulated. When the keys are split
-over programs (flash-decoding, to fill the GPU when B*H*Q is small), ``_combine_kernel``
-merges the partial results, ignoring a split's "all keys" partial whenever another split saw
-a visible key of the row. Only ``out`` and ``lse`` are saved.
+over programs (flash-decoding, to fill the GPU when B*H*Q is small), each program writes its
+partial result and the last program of the row block to arrive (an arrival counter per row
+block, as the backward's dq reduction) merges the partials in split order (``_combine_rows``),
+ignoring a split's "all keys" partial whenever another split saw a visible key of the row,
+and zeroes the counter for the next launch: the forward is one launch. Only ``out`` and
+``lse`` are saved.
 
 Backward, two launches: ``_bwd_prologue_kernel`` computes per mask row the empty-row flag
 (the backward needs it before it sees the whole row) and zeroes the arrival counters;
@@ -94,9 +97,12 @@ def _fwd_kernel(
     MASK_IS_BOOL: tl.constexpr, SPLIT: tl.constexpr, SKIP_TILES: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SEM, COMBINE_Q: tl.constexpr,
 ):
     """PART (SPLIT only), fp32: acc [B*H*splits, NQ, DV], then from ``stats_offset`` on
-    [B*H*splits, 3, NQ] (m, l, seen)."""
+    [B*H*splits, 3, NQ] (m, l, seen). SEM (SPLIT only; None otherwise, so an unsplit launch
+    compiles without it): int32 arrival counter per (b, h, query block), zero at launch and
+    left zero. COMBINE_Q: rows the merge takes per step (BLOCK_Q or a divisor)."""
     # Query blocks vary fastest (they read the same k/v tiles), then heads (they read the
     # same mask tiles of a [B, Q, N] mask), so L2 serves the repeats.
     pid = tl.program_id(0)
@@ -156,6 +162,17 @@ def _fwd_kernel(
         tl.store(s_ptrs, m_i, mask=q_ok)
         tl.store(s_ptrs + NQ, l_i, mask=q_ok)
         tl.store(s_ptrs + 2 * NQ, seen.to(tl.float32), mask=q_ok)
+        # Last to arrive merges (threadFenceReduction, as _reduce_dq): the barrier orders every
+        # thread's partial stores before the release; the acquire orders the merge's loads after
+        # every other split's release.
+        tl.debug_barrier()
+        counter = SEM + bh * num_qb + qb
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_splits - 1:
+            tl.store(counter, 0)  # every split has counted: zero for the next launch
+            for r in range(0, BLOCK_Q // COMBINE_Q):
+                _combine_rows(PART, O, LSE, bh, qb * BLOCK_Q + r * COMBINE_Q, NQ, DV, num_splits,
+                              stats_offset, COMBINE_Q, BLOCK_DV)
     else:
         l_safe = tl.where(q_ok, l_i, 1.0)
         out = acc / l_safe[:, None]
@@ -164,54 +181,47 @@ def _fwd_kernel(
         tl.store(LSE + bh * NQ + offs_q, (m_i + tl.log2(l_safe)) * _LN2, mask=q_ok)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _combine_kernel(
-    PART, O, LSE, NQ, DV, num_splits, stats_offset,
-    BLOCK_S: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """Merge the key splits of one (b, h, query block); splits whose rows never met a
-    visible key hold all-keys partials and count only if no split met one (empty row).
-    BLOCK_S splits are loaded at once ([BLOCK_S, BLOCK_Q(, BLOCK_DV)] tiles), so the
-    standard shapes take one round of loads per pass instead of one per split."""
-    qb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_q = qb * BLOCK_Q + tl.arange(0, BLOCK_Q)
+@triton.jit
+def _combine_rows(PART, O, LSE, bh, row0, NQ, DV, num_splits, stats_offset,
+                  BLOCK_Q: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Merge the key splits of rows row0 + [0, BLOCK_Q) of (b, h) into out and lse, one
+    split's [BLOCK_Q, BLOCK_DV] partial per step, in split order (so the result never depends
+    on which program merges). A split whose row never met a visible key holds an all-keys
+    partial: it counts only while no split has met one, and the first split that has drops
+    what was merged before (alpha = 0, the forward's mode switch), so one pass gives the
+    visible-keys merge, or for an empty row the all-keys merge. Volatile loads: the other
+    programs' partials are read from L2, never from a stale L1 line. (A [splits, rows, DV]
+    tile per step, reduced over the splits, needs ~130 more registers per thread than the
+    key loop: AOT compile, sm_90a; bench/notes/masked_attention.md.)"""
+    offs_q = row0 + tl.arange(0, BLOCK_Q)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_ok = offs_q < NQ
-    dv_ok = offs_dv < DV
-    stats = PART + stats_offset + bh * num_splits * 3 * NQ + offs_q[None, :]  # [split, 3, NQ]
-
-    any_seen = tl.zeros([BLOCK_Q], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        sp = s0 + offs_s
-        ok = (sp < num_splits)[:, None] & q_ok[None, :]
-        seen = tl.load(stats + (sp * 3 + 2)[:, None] * NQ, mask=ok, other=0.0)
-        any_seen = tl.maximum(any_seen, tl.max(seen, axis=0))
+    o_mask = q_ok[:, None] & (offs_dv < DV)[None, :]
+    stats = PART + stats_offset + bh * num_splits * 3 * NQ + offs_q  # [split, 3, NQ]
+    parts = PART + (bh * num_splits * NQ + offs_q)[:, None] * DV + offs_dv[None, :]  # [split, NQ, DV]
 
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_DV], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        sp = s0 + offs_s
-        ok = (sp < num_splits)[:, None] & q_ok[None, :]
-        m_s = tl.load(stats + (sp * 3)[:, None] * NQ, mask=ok, other=float("-inf"))
-        l_s = tl.load(stats + (sp * 3 + 1)[:, None] * NQ, mask=ok, other=0.0)
-        seen_s = tl.load(stats + (sp * 3 + 2)[:, None] * NQ, mask=ok, other=0.0)
-        rows = (bh * num_splits + sp)[:, None, None] * NQ + offs_q[None, :, None]
-        o_s = tl.load(PART + rows * DV + offs_dv[None, None, :], mask=ok[:, :, None] & dv_ok[None, None, :],
-                      other=0.0)
-        m_s = tl.where((seen_s > 0) | (any_seen[None, :] == 0), m_s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(m_s, axis=0))
+    any_seen = tl.zeros([BLOCK_Q], tl.int1)
+    for sp in range(0, num_splits):
+        m_s = tl.load(stats + sp * 3 * NQ, mask=q_ok, other=float("-inf"), volatile=True)
+        l_s = tl.load(stats + (sp * 3 + 1) * NQ, mask=q_ok, other=0.0, volatile=True)
+        seen_s = tl.load(stats + (sp * 3 + 2) * NQ, mask=q_ok, other=0.0, volatile=True) > 0
+        o_s = tl.load(parts + sp * NQ * DV, mask=o_mask, other=0.0, volatile=True)
+        newly = seen_s & (any_seen == 0)
+        any_seen = any_seen | seen_s
+        m_s = tl.where(seen_s | (any_seen == 0), m_s, float("-inf"))
+        m_prev = tl.where(newly, float("-inf"), m)
+        m_new = tl.maximum(m_prev, m_s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        a = tl.exp2(m - m_safe)
-        c = tl.exp2(m_s - m_safe[None, :])
-        l = l * a + tl.sum(l_s * c, axis=0)
-        acc = acc * a[:, None] + tl.sum(o_s * c[:, :, None], axis=0)
+        a = tl.exp2(m_prev - m_safe)
+        c = tl.exp2(m_s - m_safe)
+        l = l * a + l_s * c
+        acc = acc * a[:, None] + o_s * c[:, None]
         m = m_new
 
     l_safe = tl.where(q_ok, l, 1.0)
-    o_mask = q_ok[:, None] & dv_ok[None, :]
     tl.store(O + (bh * NQ + offs_q)[:, None] * DV + offs_dv[None, :],
              (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=o_mask)
     tl.store(LSE + bh * NQ + offs_q, (m + tl.log2(l_safe)) * _LN2, mask=q_ok)

@@ -12,7 +12,8 @@ follows), the launches and the backend entry points; the kernels and how they wo
 ``_masked_attention_kernels``.
 
 No tensor of size B*H*Q*N exists anywhere; the largest scratch is the dq / forward partial
-buffer of (chunks or splits) * B*H*Q*D floats. There is no host synchronisation.
+buffer of (chunks or splits) * B*H*Q*D floats. There is no host synchronisation. Launches:
+one forward (the split merge is fused in), two backward.
 """
 from __future__ import annotations
 
@@ -23,9 +24,7 @@ import os
 import torch
 
 from ._launch import cdiv, chosen, interpreting, next_pow2, num_sms
-from ._masked_attention_kernels import (
-    LOG2E, _bwd_kernel, _bwd_prologue_kernel, _combine_kernel, _fwd_kernel,
-)
+from ._masked_attention_kernels import LOG2E, _bwd_kernel, _bwd_prologue_kernel, _fwd_kernel
 
 CONFIG_ENV = "M2F_MA_CONFIG"
 
@@ -44,7 +43,10 @@ class MaskedAttentionConfig:
     on an H200), above the 1e-3 bound for tf32 dots, so only where torch's fp32 matmul
     precision is not 'highest' or M2F_MA_CONFIG asks for it; 'ieee': CUDA cores).
     ``skip_tiles``: the kernels skip key tiles no row may use, at the price of the
-    software pipelining of their key loops (see ``_masked_attention_kernels``)."""
+    software pipelining of their key loops (see ``_masked_attention_kernels``).
+    ``maxnreg``: register cap per thread of a split forward launch (ptxas ``.maxnreg``; 0:
+    ptxas's choice); the fused split merge would otherwise raise the count above what
+    ``programs_per_sm`` resident programs leave (bench/notes/masked_attention.md)."""
     block_q: int
     block_n: int
     kb_per_split: int  # key tiles per program (forward split / backward chunk)
@@ -52,6 +54,7 @@ class MaskedAttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     fp32_dot: str = "tf32x3"
+    maxnreg: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,9 +181,15 @@ def _config_for_shape(backward: bool, bh: int, nq: int, nk: int, d: int, dv: int
     num_kb = cdiv(nk, block_n)
     programs = bh if backward else bh * num_qb
     splits = max(1, min(sms * ppsm // programs, num_kb // rules.min_tiles))
-    return MaskedAttentionConfig(block_q=block_q, block_n=block_n, kb_per_split=cdiv(num_kb, splits),
+    kb_per_split = cdiv(num_kb, splits)
+    maxnreg = 0
+    if not backward and cdiv(num_kb, kb_per_split) > 1:
+        # ppsm programs of num_warps warps in an SM's 64K registers (allocated in steps of 8)
+        cap = 65536 // (ppsm * num_warps * 32) // 8 * 8
+        maxnreg = cap if cap < 255 else 0
+    return MaskedAttentionConfig(block_q=block_q, block_n=block_n, kb_per_split=kb_per_split,
                                  skip_tiles=rules.skip_tiles, num_warps=num_warps,
-                                 num_stages=rules.num_stages, fp32_dot=rules.fp32_dot)
+                                 num_stages=rules.num_stages, fp32_dot=rules.fp32_dot, maxnreg=maxnreg)
 
 
 def masked_attention_config(q, k, v, backward: bool,
@@ -215,6 +224,34 @@ def _mask_args(mask: torch.Tensor):
     return m, is_bool, tuple(m.stride())
 
 
+# The split forward's arrival counters, one int32 per (b, h, query block): zero between
+# launches (the merging program zeroes its own), so one zeroed buffer per (device, stream)
+# serves every call without a launch. Per stream: kernels on one stream run in order, so two
+# launches never share counters at once. During CUDA graph capture a fresh zeroed buffer is
+# taken instead (its memset is captured, so replays on any stream start from zero).
+_FWD_COUNTERS: dict = {}
+_MIN_COUNTERS = 4096
+
+
+def _fwd_counters(device: torch.device, n: int) -> torch.Tensor:
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        key = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    else:  # the interpreter
+        key = (device.type, device.index)
+    buf = _FWD_COUNTERS.get(key)
+    if buf is None or buf.numel() < n:  # first call or a larger grid: one memset, then never again
+        buf = _FWD_COUNTERS[key] = torch.zeros(max(n, _MIN_COUNTERS), dtype=torch.int32, device=device)
+    return buf
+
+
+def _combine_step_rows(block_q: int, block_dv: int, num_warps: int) -> int:
+    """COMBINE_Q: rows per step of the split merge, <= 16 partial values per thread (the
+    whole query block at the standard shapes)."""
+    return max(1, min(block_q, 512 * num_warps // block_dv))
+
+
 # ---------------------------------------------------------------------------------------------
 # Backend entry points
 # ---------------------------------------------------------------------------------------------
@@ -232,24 +269,22 @@ def masked_attention_fwd(q, k, v, mask, scale: float, *, config: "MaskedAttentio
     splits = cdiv(num_kb, cfg.kb_per_split)
     block_d, block_dv = _block_d(D), _block_d(DV)
     stats_offset = B * H * splits * NQ * DV  # partial acc first, then m, l, seen
-    part = (torch.empty(B * H * splits * NQ * (DV + 3), dtype=torch.float32, device=q.device)
-            if splits > 1 else out)  # out: unused placeholder
+    if splits > 1:
+        part = torch.empty(B * H * splits * NQ * (DV + 3), dtype=torch.float32, device=q.device)
+        sem = _fwd_counters(q.device, B * H * num_qb)
+        combine_q = _combine_step_rows(cfg.block_q, block_dv, cfg.num_warps)
+    else:  # unused: out as PART's placeholder, None for SEM (a constexpr, absent from the kernel)
+        part, sem, combine_q = out, None, 1
+    maxnreg = cfg.maxnreg if sem is not None and cfg.maxnreg else None
     _fwd_kernel[(H * splits * num_qb, B)](
         q, k, v, m, out, lse, part,
         *q.stride(), *k.stride(), *v.stride(), *ms,
         H, NQ, NK, D, DV, scale * LOG2E, cfg.kb_per_split, splits, num_qb, stats_offset,
         MASK_IS_BOOL=is_bool, SPLIT=splits > 1, SKIP_TILES=cfg.skip_tiles,
         DOT_PREC=_dot_precision(q.dtype, cfg), UPCAST=_upcast_dots(q), BLOCK_Q=cfg.block_q,
-        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, SEM=sem, COMBINE_Q=combine_q,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=maxnreg,
     )
-    if splits > 1:
-        block_s = min(next_pow2(splits), 16)
-        combine_q = max(1, min(64, 4096 // (block_s * block_dv)))  # <= 32 partial values per thread
-        _combine_kernel[(cdiv(NQ, combine_q), B * H)](
-            part, out, lse, NQ, DV, splits, stats_offset,
-            BLOCK_S=block_s, BLOCK_Q=combine_q, BLOCK_DV=block_dv, num_warps=4,
-        )
     return out, lse
 
 
