@@ -139,8 +139,8 @@ def test_forward_is_one_launch(monkeypatch):
 
 def test_split_forward_register_cap():
     """The chosen config caps the registers of a split forward launch at what the rules'
-    programs per SM leave (the fused merge would raise them: bench/notes/masked_attention.md);
-    unsplit forwards and the backward keep ptxas's choice."""
+    programs per SM leave (the fused merge would raise them: bench/notes/masked_attention.md),
+    never below 128; unsplit forwards and the backward keep ptxas's choice."""
     def cfg(backward, nq, nk, d, fp32, sms=132):
         return tri._config_for_shape(backward, 16, nq, nk, d, d, fp32, sms, tri.rules_for(backward, fp32))
 
@@ -150,6 +150,8 @@ def test_split_forward_register_cap():
     assert cfg(False, 100, 16384, 32, False, sms=4).kb_per_split == 512  # one split
     assert cfg(False, 100, 16384, 32, False, sms=4).maxnreg == 0
     assert cfg(True, 100, 16384, 32, False).maxnreg == 0
+    four = tri.MaskedAttentionRules(block_q_max=128, block_n=32, num_stages=3, programs_per_sm=4)
+    assert tri._config_for_shape(False, 16, 100, 16384, 32, 32, False, 132, four).maxnreg == 0  # 64: none
 
 
 @requires_gpu

@@ -45,8 +45,10 @@ class MaskedAttentionConfig:
     ``skip_tiles``: the kernels skip key tiles no row may use, at the price of the
     software pipelining of their key loops (see ``_masked_attention_kernels``).
     ``maxnreg``: register cap per thread of a split forward launch (ptxas ``.maxnreg``; 0:
-    ptxas's choice); the fused split merge would otherwise raise the count above what
-    ``programs_per_sm`` resident programs leave (bench/notes/masked_attention.md)."""
+    ptxas's choice; unsplit forwards and the backward ignore it): the fused split merge
+    raises ptxas's choice above what ``programs_per_sm`` resident programs leave, and
+    :func:`masked_attention_config` sets the cap where that is 128-254 registers
+    (bench/notes/masked_attention.md)."""
     block_q: int
     block_n: int
     kb_per_split: int  # key tiles per program (forward split / backward chunk)
@@ -184,9 +186,10 @@ def _config_for_shape(backward: bool, bh: int, nq: int, nk: int, d: int, dv: int
     kb_per_split = cdiv(num_kb, splits)
     maxnreg = 0
     if not backward and cdiv(num_kb, kb_per_split) > 1:
-        # ppsm programs of num_warps warps in an SM's 64K registers (allocated in steps of 8)
+        # ppsm programs of num_warps warps in an SM's 64K registers (allocated in steps of 8);
+        # none below 128, where the key loop itself would spill (e.g. ppsm=4 at 8 warps)
         cap = 65536 // (ppsm * num_warps * 32) // 8 * 8
-        maxnreg = cap if cap < 255 else 0
+        maxnreg = cap if 128 <= cap < 255 else 0
     return MaskedAttentionConfig(block_q=block_q, block_n=block_n, kb_per_split=kb_per_split,
                                  skip_tiles=rules.skip_tiles, num_warps=num_warps,
                                  num_stages=rules.num_stages, fp32_dot=rules.fp32_dot, maxnreg=maxnreg)
