@@ -18,10 +18,18 @@ def grid_from_coords(coords: torch.Tensor) -> torch.Tensor:
 
 
 def grid_sample(input: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Bilinear, zero padding, align_corners=False: the sampling of every op here."""
-    return torch.nn.functional.grid_sample(
+    """Bilinear, zero padding, align_corners=False: the sampling of every op here.
+
+    A NaN / ±inf coordinate samples NaN (docs/ops.md, "Non-finite values"): torch's CPU
+    grid_sample does so; its CUDA one treats the point as outside (0), so there the NaN is
+    put back."""
+    out = torch.nn.functional.grid_sample(
         input, grid, mode="bilinear", padding_mode="zeros", align_corners=False
     )
+    if input.device.type == "cpu":
+        return out
+    finite = torch.isfinite(grid).all(-1)  # [N, Hg, Wg]
+    return torch.where(finite[:, None], out, float("nan"))
 
 
 def grid_sample_backward(grad_out, input, grid, need_input: bool, need_grid: bool):
