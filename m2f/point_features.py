@@ -15,11 +15,18 @@ import m2f_kernels
 
 
 def uniform(*shape: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``torch.rand(*shape)`` from ``generator``, except under torch.compile, which cannot
-    trace a generator argument: a compiled step draws from the default generator of the
-    device (seeded by ``torch.manual_seed``, saved in checkpoints with the other RNG states)."""
-    if torch.compiler.is_compiling():
-        generator = None
+    """``torch.rand(*shape)`` from ``generator`` (None: the device's default generator).
+
+    torch.compile cannot trace a generator argument: a compiled step with a generator draws
+    outside the graph (a graph break, the same numbers as eager); without one the draw is
+    traced, so a whole step compiles with ``fullgraph=True``."""
+    if generator is not None and torch.compiler.is_compiling():
+        return _rand_outside_graph(shape, device, generator)
+    return torch.rand(*shape, device=device, generator=generator)
+
+
+@torch.compiler.disable
+def _rand_outside_graph(shape, device, generator):
     return torch.rand(*shape, device=device, generator=generator)
 
 

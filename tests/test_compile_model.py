@@ -71,8 +71,7 @@ def test_compiled_eval_forward_matches_eager():
 def _train_step(model, images, targets, seed, run=None):
     """(losses, {name: grad}) of one step of ``run`` (default: model itself) on model's weights."""
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)  # the default generator: a compiled step cannot take a generator argument
-    losses = (model if run is None else run)(images, targets)
+    losses = (model if run is None else run)(images, targets, generator=torch.Generator(DEVICE).manual_seed(seed))
     sum(losses.values()).backward()
     return ({k: v.detach() for k, v in losses.items()},
             {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
@@ -207,7 +206,7 @@ def test_static_training_step_compiles_in_one_graph():
         return torch.stack([losses[k] for k in sorted(losses)])
 
     def run(fn):
-        torch.manual_seed(seed)  # a compiled step draws its points from the default generator
+        torch.manual_seed(seed)  # no generator: the draws are traced into the one graph
         model.zero_grad(set_to_none=True)
         losses = fn(images, *padded)
         losses.sum().backward()

@@ -120,8 +120,8 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
 
     Args:
         logits: [N, H, W] mask logits, or [B, Q, H, W] with ``pred_index``.
-        generator: a torch.Generator on logits' device, for reproducible points (ignored
-            under torch.compile, which cannot trace it: the default generator draws).
+        generator: a torch.Generator on logits' device, for reproducible points (under
+            torch.compile its draws run outside the graph: a generator cannot be traced).
         pred_index: (batch_index [N], query_index [N]) picking the matched masks out of a
             4-D logits without copying them (as in :func:`point_mask_loss`). The draws are
             those of ``logits[batch_index, query_index]``, so both forms give the same points.
@@ -145,14 +145,23 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
     num_sampled = int(num_points * oversample_ratio)
     num_uncertain = int(importance_sample_ratio * num_points)
     dtype = accumulate_dtype(logits)
-    if torch.compiler.is_compiling():  # a generator argument cannot be traced: the default one draws
-        generator = None
-    candidates = torch.rand(n, num_sampled, 2, device=logits.device, dtype=dtype, generator=generator)
-    random = torch.rand(n, num_points - num_uncertain, 2, device=logits.device, dtype=dtype, generator=generator)
+    candidates = _rand((n, num_sampled, 2), logits.device, dtype, generator)
+    random = _rand((n, num_points - num_uncertain, 2), logits.device, dtype, generator)
     check_finite((("logits", logits),))
     # detached: point selection has no gradient, and a graph through it would only cost memory
     return UNCERTAIN_POINT_COORDS(logits.detach(), candidates, random, num_uncertain, batch_index, query_index,
                                   backend=backend)
+
+
+def _rand(shape, device, dtype, generator):
+    if generator is not None and torch.compiler.is_compiling():
+        return _rand_outside_graph(shape, device, dtype, generator)
+    return torch.rand(shape, device=device, dtype=dtype, generator=generator)
+
+
+@torch.compiler.disable
+def _rand_outside_graph(shape, device, dtype, generator):
+    return torch.rand(shape, device=device, dtype=dtype, generator=generator)
 
 
 # --- point_mask_loss ------------------------------------------------------------------------
