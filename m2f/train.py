@@ -593,12 +593,6 @@ def resume_command(cfg: Dict, env: Env) -> str:
     return cmd
 
 
-def ignore_stop_signals_in_workers(worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT / SIGTERM (a terminal's Ctrl-C and torchrun's stop reach
-    the whole process group): the main process decides when to stop, and they end with it."""
-    ignore_stop_signals()
-
-
 # ----------------------------------------------------------------------------- the CLI
 
 
@@ -615,7 +609,8 @@ def main(argv=None) -> Dict[str, float]:
             finally:
                 cleanup_distributed()
     except Stopped as e:
-        print(e, file=sys.stderr, flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(e, file=sys.stderr, flush=True)
         raise SystemExit(128 + e.signum) from None
     except SystemExit as e:
         if args.debug and e.__cause__ is not None:  # a one-line error: the exception behind it
@@ -817,7 +812,7 @@ def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional
                             start=start * local_batch)
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg["num_workers"],
                         collate_fn=collate, pin_memory=env.device.type == "cuda", drop_last=True,
-                        persistent_workers=cfg["num_workers"] > 0, worker_init_fn=ignore_stop_signals_in_workers,
+                        persistent_workers=cfg["num_workers"] > 0, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator())  # keeps the global RNG out of the loader
     batches = iter(loader)
     if ckpt is not None:  # after everything that draws from the RNGs at start-up
@@ -874,19 +869,18 @@ def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional
             if signum or due or step % cfg["ckpt_every"] == 0 or last:
                 save(step)
             if signum:
-                bar.close()
                 raise Stopped(signum, f"m2f.train: {signal.Signals(signum).name}: stopped after step {step} of "
                               f"{steps}; checkpoint {os.path.join(cfg['out'], CHECKPOINT)}; continue with: "
                               f"{resume_command(cfg, env)}")
     except Interrupted as e:
-        bar.close()
         name = signal.Signals(e.signum).name
         if e.again:  # the state may be half-way through a step or a save
             raise Stopped(e.signum, f"m2f.train: {name} again: stopped at once in step {step}; {kept()}") from None
         save(step)  # a single process's evaluation after step `step`: its state is complete
         raise Stopped(e.signum, f"m2f.train: {name}: stopped during the evaluation after step {step}; checkpoint "
                       f"{os.path.join(cfg['out'], CHECKPOINT)}; continue with: {resume_command(cfg, env)}") from None
-    bar.close()
+    finally:
+        bar.close()
 
 
 class Meter:

@@ -20,7 +20,6 @@ import torch
 
 import m2f.evaluate as evaluate_mod
 import m2f.train as train_mod
-from m2f.checkpoint import sha256_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--preset", "micro", "--device", "cpu", "--num-workers", "0", "--eval-images", "2", "--batch-size", "2",
@@ -87,7 +86,7 @@ def test_sigint_finishes_the_step_saves_and_resume_continues(tmp_path):
     --ckpt-every 500 > steps: a checkpoint of the finished step, the resume command, exit 130,
     no traceback; --resume continues to the end."""
     run = str(tmp_path / "run")
-    proc = start_cli(MICRO + ["--num-workers", "1", "--steps", "12", "--out", run], start_new_session=True)
+    proc = start_cli(MICRO + ["--num-workers", "1", "--steps", "8", "--out", run], start_new_session=True)
     wait_for_first_step(proc, run)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -95,19 +94,19 @@ def test_sigint_finishes_the_step_saves_and_resume_continues(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     ckpt = load(os.path.join(run, "checkpoint.pt"))
     stopped = ckpt["step"]
-    assert 1 <= stopped < 12
-    assert f"SIGINT: stopped after step {stopped} of 12" in err
+    assert 1 <= stopped < 8
+    assert f"SIGINT: stopped after step {stopped} of 8" in err
     assert f"continue with: python -m m2f.train --out {run} --resume --device cpu" in err
     assert [r["step"] for r in read_log(run)] == list(range(1, stopped + 1))
 
     train_mod.main(["--out", run, "--resume", "--device", "cpu"])
-    assert load(os.path.join(run, "checkpoint.pt"))["step"] == 12
+    assert load(os.path.join(run, "checkpoint.pt"))["step"] == 8
     log = read_log(run)
-    assert [r["step"] for r in log if "loss" in r] == list(range(1, 13)) and "eval" in log[-1]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9)) and "eval" in log[-1]
 
 
 def test_sigterm_saves_exits_143_and_the_resumed_run_is_the_uninterrupted_one(tmp_path):
-    args = MICRO + ["--steps", "10", "--seed", "3"]
+    args = MICRO + ["--steps", "8", "--seed", "3"]
     run, straight = str(tmp_path / "run"), str(tmp_path / "straight")
     proc = start_cli(args + ["--out", run])
     wait_for_first_step(proc, run)
@@ -115,12 +114,12 @@ def test_sigterm_saves_exits_143_and_the_resumed_run_is_the_uninterrupted_one(tm
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "SIGTERM: stopped after step" in err and "--resume" in err
-    assert load(os.path.join(run, "checkpoint.pt"))["step"] < 10
+    assert load(os.path.join(run, "checkpoint.pt"))["step"] < 8
 
     train_mod.main(["--out", run, "--resume", "--device", "cpu"])
     train_mod.main(args + ["--out", straight])
     a, b = load(os.path.join(straight, "checkpoint.pt")), load(os.path.join(run, "checkpoint.pt"))
-    assert b["step"] == 10 and same_model(a, b)
+    assert b["step"] == 8 and same_model(a, b)
     assert [r.get("loss") for r in read_log(run)] == [r.get("loss") for r in read_log(straight)]
 
 
@@ -161,6 +160,8 @@ def test_stop_during_the_final_evaluation_and_resume_evaluates(tmp_path, monkeyp
 
 
 def test_time_based_cadence_keeps_the_last_k_with_sha256_records(tmp_path):
+    from m2f.checkpoint import sha256_file
+
     assert train_mod.resolve_config(train_mod.parse_args([]))["ckpt_minutes"] == 10  # by default
     assert train_mod.resolve_config(train_mod.parse_args([]))["keep_checkpoints"] == 3
     run = str(tmp_path / "run")
@@ -290,8 +291,9 @@ def write_coco_annotations_only(root):
                             "annotations/panoptic_{{split}}2017.json"),
     ("coco_panoptic", lambda root: root.mkdir(), "coco_panoptic: no train annotation file: expected "
                                                  "{root}/annotations/panoptic_train2017.json"),
-    ("coco_panoptic", write_coco_annotations_only, "coco_panoptic: no train panoptic PNG folder: expected "
-                                                   "{root}/annotations/panoptic_train2017 or {root}/panoptic_train2017"),
+    ("coco_panoptic", write_coco_annotations_only,
+     "coco_panoptic: no train panoptic PNG folder: expected {root}/annotations/panoptic_train2017 or "
+     "{root}/panoptic_train2017"),
     ("ade20k", lambda root: root.mkdir(), "ade20k: no train image folder: expected {root}/images/training"),
 ])
 def test_missing_data_is_one_line_and_creates_no_run_folder(tmp_path, dataset, make_root, message):
