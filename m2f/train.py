@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import shlex
 import signal
@@ -304,10 +305,20 @@ def build_model_from_config(cfg: Dict, info: DatasetInfo) -> torch.nn.Module:
     if cfg.get("arch") == "segformer":
         return build_semantic_model(cfg, info)
     overrides = dict(cfg["model"])
-    if cfg.get("weights"):
-        overrides["backbone_weights"] = cfg["weights"]
-    return build_model(cfg["backbone"], num_classes=info.num_classes, num_queries=cfg["num_queries"],
-                       kernels=cfg["kernels"], mask_loss=cfg["mask_loss"], **overrides)
+    weights = cfg.get("weights")
+    if weights:
+        if not os.path.isfile(weights):
+            raise SystemExit(f"--weights {weights}: no such file")
+        overrides["backbone_weights"] = weights
+    try:
+        return build_model(cfg["backbone"], num_classes=info.num_classes, num_queries=cfg["num_queries"],
+                           kernels=cfg["kernels"], mask_loss=cfg["mask_loss"], **overrides)
+    except CheckpointMismatchError as e:  # the backbone weights' keys or shapes
+        raise SystemExit(f"--weights {weights}: {e.one_line()}") from e
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        if not weights:
+            raise
+        raise SystemExit(f"--weights {weights}: cannot read it ({' '.join(str(e).split())})") from e
 
 
 # ----------------------------------------------------------------------------- state

@@ -86,7 +86,7 @@ def test_sigint_finishes_the_step_saves_and_resume_continues(tmp_path):
     --ckpt-every 500 > steps: a checkpoint of the finished step, the resume command, exit 130,
     no traceback; --resume continues to the end."""
     run = str(tmp_path / "run")
-    proc = start_cli(MICRO + ["--num-workers", "1", "--steps", "8", "--out", run], start_new_session=True)
+    proc = start_cli(MICRO + ["--num-workers", "1", "--steps", "16", "--out", run], start_new_session=True)
     wait_for_first_step(proc, run)
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
@@ -94,19 +94,19 @@ def test_sigint_finishes_the_step_saves_and_resume_continues(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     ckpt = load(os.path.join(run, "checkpoint.pt"))
     stopped = ckpt["step"]
-    assert 1 <= stopped < 8
-    assert f"SIGINT: stopped after step {stopped} of 8" in err
+    assert 1 <= stopped < 16
+    assert f"SIGINT: stopped after step {stopped} of 16" in err
     assert f"continue with: python -m m2f.train --out {run} --resume --device cpu" in err
     assert [r["step"] for r in read_log(run)] == list(range(1, stopped + 1))
 
     train_mod.main(["--out", run, "--resume", "--device", "cpu"])
-    assert load(os.path.join(run, "checkpoint.pt"))["step"] == 8
+    assert load(os.path.join(run, "checkpoint.pt"))["step"] == 16
     log = read_log(run)
-    assert [r["step"] for r in log if "loss" in r] == list(range(1, 9)) and "eval" in log[-1]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 17)) and "eval" in log[-1]
 
 
 def test_sigterm_saves_exits_143_and_the_resumed_run_is_the_uninterrupted_one(tmp_path):
-    args = MICRO + ["--steps", "8", "--seed", "3"]
+    args = MICRO + ["--steps", "16", "--seed", "3"]
     run, straight = str(tmp_path / "run"), str(tmp_path / "straight")
     proc = start_cli(args + ["--out", run])
     wait_for_first_step(proc, run)
@@ -114,12 +114,12 @@ def test_sigterm_saves_exits_143_and_the_resumed_run_is_the_uninterrupted_one(tm
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "SIGTERM: stopped after step" in err and "--resume" in err
-    assert load(os.path.join(run, "checkpoint.pt"))["step"] < 8
+    assert load(os.path.join(run, "checkpoint.pt"))["step"] < 16
 
     train_mod.main(["--out", run, "--resume", "--device", "cpu"])
     train_mod.main(args + ["--out", straight])
     a, b = load(os.path.join(straight, "checkpoint.pt")), load(os.path.join(run, "checkpoint.pt"))
-    assert b["step"] == 8 and same_model(a, b)
+    assert b["step"] == 16 and same_model(a, b)
     assert [r.get("loss") for r in read_log(run)] == [r.get("loss") for r in read_log(straight)]
 
 
@@ -365,6 +365,19 @@ def test_bad_checkpoints_are_one_line_errors_that_create_nothing(tmp_path):
             evaluate_mod.main(["--checkpoint", str(bad), "--device", "cpu", "--eval-images", "2"])
         assert str(info.value).startswith("m2f.evaluate: ") and expected in str(info.value)
         assert "\n" not in str(info.value)
+
+
+def test_bad_weights_files_are_one_line_errors_that_create_nothing(tmp_path):
+    run = tmp_path / "run"
+    torn, foreign = tmp_path / "torn.pth", tmp_path / "foreign.pth"
+    torn.write_bytes(b"PK\x03\x04 half a file")
+    torch.save({"conv1.weight": torch.zeros(3)}, foreign)
+    for weights, message in ((tmp_path / "missing.pth", "no such file"), (torn, "cannot read it ("),
+                             (foreign, "backbone weights does not match the model; missing keys (")):
+        with pytest.raises(SystemExit) as info:
+            train_mod.main(MICRO + ["--weights", str(weights), "--out", str(run)])
+        assert str(info.value).startswith(f"--weights {weights}: {message}") and "\n" not in str(info.value)
+        assert not run.exists()
 
 
 def test_evaluate_run_takes_the_newest_valid_checkpoint(tmp_path, capsys, monkeypatch):
