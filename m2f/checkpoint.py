@@ -415,7 +415,7 @@ def load_checkpoint(path: str, required: Iterable[str] = TRAINING_KEYS) -> Dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated zip, a pickle error, a foreign file
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's first sentence
         raise InvalidCheckpointError(f"cannot be read ({reason}): truncated, damaged or not a checkpoint") from None
     if not isinstance(ckpt, Mapping):
         raise InvalidCheckpointError(f"not an m2f.train checkpoint (it holds a {type(ckpt).__name__})")

@@ -288,7 +288,8 @@ def write_coco_annotations_only(root):
 
 @pytest.mark.parametrize("dataset, make_root, message", [
     ("coco_panoptic", None, "coco_panoptic data root {root} does not exist; it should hold "
-                            "annotations/panoptic_{{split}}2017.json"),
+                            "annotations/panoptic_train2017.json, annotations/panoptic_train2017/*.png and "
+                            "train2017/*.jpg"),
     ("coco_panoptic", lambda root: root.mkdir(), "coco_panoptic: no train annotation file: expected "
                                                  "{root}/annotations/panoptic_train2017.json"),
     ("coco_panoptic", write_coco_annotations_only,

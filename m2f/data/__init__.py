@@ -38,11 +38,12 @@ def build_dataset(name: str, root: Optional[str] = None, split: str = "train", i
         return ShapesDataset(split, image_size, seed, length)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+    layout = LAYOUTS[name].replace("{split}", split)
     if root is None:
-        raise ValueError(f"dataset {name!r} needs a data root (--data-root) holding {LAYOUTS[name]}")
+        raise ValueError(f"dataset {name!r} needs a data root (--data-root) holding {layout}")
     if not os.path.isdir(root):
         what = "is not a folder" if os.path.exists(root) else "does not exist"
-        raise FileNotFoundError(f"{name} data root {root} {what}; it should hold {LAYOUTS[name]}")
+        raise FileNotFoundError(f"{name} data root {root} {what}; it should hold {layout}")
     if name == "coco_panoptic":
         from .coco_panoptic import COCOPanoptic
 
