@@ -629,7 +629,7 @@ def main(argv=None) -> Dict[str, float]:
         raise
     except (Interrupted, KeyboardInterrupt) as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        when = "" if control.started else " before the first step; nothing was written"
+        when = "" if control.started else " before the first step; no checkpoint was written"
         print(f"m2f.train: {signal.Signals(signum).name}: stopped{when}", file=sys.stderr, flush=True)
         raise SystemExit(128 + signum) from None
     except Exception as e:
