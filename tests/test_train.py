@@ -524,7 +524,9 @@ def test_cuda_graph_run_wiring_matches_eager_with_a_simulated_graph(tmp_path, mo
     (graph,) = simulated_cuda_graphs
     assert (graph.captures, graph.replays) == (1, 3)
     eager, replayed = read_log(str(tmp_path / "eager")), read_log(str(tmp_path / "graph"))
+    # the graph run pads every image to max_targets, the eager one to the batch's most: the
+    # criterion sums over other padded slots (weight 0) in another order, so rounding differs
     for e, g in zip(eager[:5], replayed[:5]):
         assert g["lr"] == e["lr"]
         for key in ("loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm"):
-            assert g[key] == pytest.approx(e[key], rel=1e-5), f"step {e['step']} {key}: {g[key]} vs {e[key]}"
+            assert g[key] == pytest.approx(e[key], rel=1e-4), f"step {e['step']} {key}: {g[key]} vs {e[key]}"
