@@ -38,7 +38,6 @@ repository.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import json
 import os
@@ -343,11 +342,9 @@ def unpack(archive_path: Path, out: Optional[Path] = None) -> tuple:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from m2f.checkpoint import sha256_file
+
+    return sha256_file(str(path))
 
 
 # ----------------------------------------------------------------------------- status

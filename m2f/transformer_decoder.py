@@ -217,19 +217,21 @@ class MultiScaleMaskedTransformerDecoder(KernelSwitch, nn.Module):
             out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", embeds[-1], mask_features)
         return out
 
+    def _heads(self, output):
+        """output [Q, B, C] -> (class logits [B, Q, K+1], mask embeddings [B, Q, mask_dim])."""
+        decoder_output = self.decoder_norm(output).transpose(0, 1)
+        return self.class_embed(decoder_output), self.mask_embed(decoder_output)
+
     def forward_embed_heads(self, output, level_features):
         """-> (class logits [B, Q, K+1], mask embeddings [B, Q, mask_dim], attention-mask logits
         [B, Q, h*w] at ``level_features``' size, blocked where < 0)."""
-        decoder_output = self.decoder_norm(output).transpose(0, 1)
-        mask_embed = self.mask_embed(decoder_output)
+        outputs_class, mask_embed = self._heads(output)
         attn_logits = torch.einsum("bqc,bchw->bqhw", mask_embed, level_features).flatten(2).detach()
-        return self.class_embed(decoder_output), mask_embed, attn_logits
+        return outputs_class, mask_embed, attn_logits
 
     def forward_prediction_heads(self, output, mask_features, attn_mask_target_size):
         """-> (class logits [B, Q, K+1], mask logits [B, Q, H/4, W/4], blocked [B, Q, h*w] bool)."""
-        decoder_output = self.decoder_norm(output).transpose(0, 1)
-        outputs_class = self.class_embed(decoder_output)
-        mask_embed = self.mask_embed(decoder_output)
+        outputs_class, mask_embed = self._heads(output)
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
         blocked = (attn_mask.sigmoid().flatten(2) < 0.5).detach()
