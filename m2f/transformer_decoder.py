@@ -166,23 +166,33 @@ class MultiScaleMaskedTransformerDecoder(KernelSwitch, nn.Module):
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
         if self.mask_free:
-            return self._forward_mask_free(src, pos, size_list, query_embed, output, mask_features)
-        classes, masks = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
+            level_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+                              for size in size_list]
+
+            def heads(output, level):
+                return self.forward_embed_heads(output, level_features[level])
+        else:
+            def heads(output, level):
+                return self.forward_prediction_heads(output, mask_features, size_list[level])
+
+        classes, masks = [], []  # masks: mask logits, or mask embeddings when mask-free
+        outputs_class, outputs_mask, attn_mask = heads(output, 0)
         classes.append(outputs_class)
         masks.append(outputs_mask)
         for i in range(self.num_layers):
             level = i % self.num_feature_levels
             output = self._layer(i, output, src[level], attn_mask, pos[level], query_embed)
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-                output, mask_features, size_list[(i + 1) % self.num_feature_levels])
+            outputs_class, outputs_mask, attn_mask = heads(output, (i + 1) % self.num_feature_levels)
             classes.append(outputs_class)
             masks.append(outputs_mask)
-        return {
-            "pred_logits": classes[-1],
-            "pred_masks": masks[-1],
-            "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(classes[:-1], masks[:-1])],
-        }
+        key = "mask_embed" if self.mask_free else "pred_masks"
+        out = {"pred_logits": classes[-1], key: masks[-1],
+               "aux_outputs": [{"pred_logits": c, key: m} for c, m in zip(classes[:-1], masks[:-1])]}
+        if self.mask_free:
+            out["mask_features"] = mask_features
+            if not self.training:
+                out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", masks[-1], mask_features)
+        return out
 
     @property
     def mask_free(self) -> bool:
@@ -192,30 +202,6 @@ class MultiScaleMaskedTransformerDecoder(KernelSwitch, nn.Module):
         output = self.transformer_cross_attention_layers[i](output, src, attn_mask, pos=pos, query_pos=query_embed)
         output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
         return self.transformer_ffn_layers[i](output)
-
-    def _forward_mask_free(self, src, pos, size_list, query_embed, output, mask_features) -> Dict:
-        level_features = [F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
-                          for size in size_list]
-        classes, embeds = [], []
-        outputs_class, mask_embed, attn_mask = self.forward_embed_heads(output, level_features[0])
-        classes.append(outputs_class)
-        embeds.append(mask_embed)
-        for i in range(self.num_layers):
-            level = i % self.num_feature_levels
-            output = self._layer(i, output, src[level], attn_mask, pos[level], query_embed)
-            outputs_class, mask_embed, attn_mask = self.forward_embed_heads(
-                output, level_features[(i + 1) % self.num_feature_levels])
-            classes.append(outputs_class)
-            embeds.append(mask_embed)
-        out = {
-            "pred_logits": classes[-1],
-            "mask_embed": embeds[-1],
-            "mask_features": mask_features,
-            "aux_outputs": [{"pred_logits": c, "mask_embed": e} for c, e in zip(classes[:-1], embeds[:-1])],
-        }
-        if not self.training:
-            out["pred_masks"] = torch.einsum("bqc,bchw->bqhw", embeds[-1], mask_features)
-        return out
 
     def _heads(self, output):
         """output [Q, B, C] -> (class logits [B, Q, K+1], mask embeddings [B, Q, mask_dim])."""
