@@ -36,10 +36,17 @@ def point_mask_logits_config(mask_embed) -> PointMaskLogitsConfig:
 
 
 @triton.jit
-def _column_taps(cx, cy, H, W):
-    """:func:`_taps` of [BLOCK_P] points as [BLOCK_P, 1] columns, to broadcast over channels."""
+def _program_points(coords, bidx, qidx, P, H, W, s_cn, s_cp, s_cxy, BLOCK_P: tl.constexpr):
+    """This program's mask n = (b, q), its points offs (pm: in range) and their :func:`_taps`
+    as [BLOCK_P, 1] columns, to broadcast over channels."""
+    n = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pm = offs < P
+    b = tl.load(bidx + n).to(tl.int64)
+    q = tl.load(qidx + n).to(tl.int64)
+    cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
     x0, y0, wx0, wx1, wy0, wy1, vx0, vx1, vy0, vy1 = _taps(cx, cy, H, W)
-    return (x0[:, None], y0[:, None], wx0[:, None], wx1[:, None], wy0[:, None], wy1[:, None],
+    return (n, offs, pm, b, q, x0[:, None], y0[:, None], wx0[:, None], wx1[:, None], wy0[:, None], wy1[:, None],
             vx0[:, None], vx1[:, None], vy0[:, None], vy1[:, None])
 
 
@@ -50,13 +57,8 @@ def _fwd_kernel(
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grid (N, cdiv(P, BLOCK_P)): out [N, P] fp32."""
-    n = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = offs < P
-    b = tl.load(bidx + n).to(tl.int64)
-    q = tl.load(qidx + n).to(tl.int64)
-    cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
-    x0, y0, wx0, wx1, wy0, wy1, vx0, vx1, vy0, vy1 = _column_taps(cx, cy, H, W)
+    n, offs, pm, b, q, x0, y0, wx0, wx1, wy0, wy1, vx0, vx1, vy0, vy1 = _program_points(
+        coords, bidx, qidx, P, H, W, s_cn, s_cp, s_cxy, BLOCK_P)
     acc = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
@@ -77,13 +79,8 @@ def _bwd_kernel(
 ):
     """Grid (N, cdiv(P, BLOCK_P)): atomically adds into the fp32 grad_embed [B, Q, C] and
     grad_features [B, C, H, W] (strides s_ge*, s_gf*)."""
-    n = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pm = offs < P
-    b = tl.load(bidx + n).to(tl.int64)
-    q = tl.load(qidx + n).to(tl.int64)
-    cx, cy = _load_coords(coords + n * s_cn, offs, s_cp, s_cxy, pm)
-    x0, y0, wx0, wx1, wy0, wy1, vx0, vx1, vy0, vy1 = _column_taps(cx, cy, H, W)
+    n, offs, pm, b, q, x0, y0, wx0, wx1, wy0, wy1, vx0, vx1, vy0, vy1 = _program_points(
+        coords, bidx, qidx, P, H, W, s_cn, s_cp, s_cxy, BLOCK_P)
     g = tl.load(grad_out + n * s_gon + offs * s_gop, mask=pm, other=0).to(tl.float32)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + tl.arange(0, BLOCK_C)
