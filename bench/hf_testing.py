@@ -1,7 +1,8 @@
-"""Random-init HF Mask2Former models and seeded training steps, for comparing a model with and
-without :func:`m2f_kernels.integrations.transformers.apply_m2f_kernels_to_mask2former`
-(the integration tests and ``python -m bench.hf_mask2former``). Needs transformers. Not
-installed (the repo's ``bench`` package); importing it sets HF_HUB_OFFLINE=1 unless set.
+"""Random-init HF Mask2Former and EoMT models and seeded training steps, for comparing a model
+with and without :func:`m2f_kernels.integrations.transformers.apply_m2f_kernels_to_mask2former`
+(or ``apply_m2f_kernels_to_eomt``): the integration tests and ``python -m bench.hf_mask2former``.
+Needs transformers. Not installed (the repo's ``bench`` package); importing it sets
+HF_HUB_OFFLINE=1 unless set.
 """
 from __future__ import annotations
 
@@ -31,6 +32,22 @@ def make_config(size: str = "tiny"):
         image_size=384, embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=12,
         drop_path_rate=0.0, out_features=["stage1", "stage2", "stage3", "stage4"])
     return transformers.Mask2FormerConfig(backbone_config=swin, num_labels=133)
+
+
+def make_eomt_config(size: str = "tiny"):
+    """An EomtConfig: 'tiny' for the CPU (64^2 images, 8^2 patches, 3 ViT layers of which the
+    last 2 are query blocks, 6 queries); 'real' and 'small' = the sizes of
+    tue-mps/coco_panoptic_eomt_large_640 and ..._small_640 (ViT-L/16 and ViT-S/16 at 640^2,
+    200 queries, 4 query blocks, 12544 training points, 133 classes)."""
+    if size == "tiny":
+        return transformers.EomtConfig(
+            hidden_size=32, num_hidden_layers=3, num_attention_heads=2, mlp_ratio=2, image_size=64, patch_size=8,
+            num_register_tokens=1, num_blocks=2, num_queries=6, train_num_points=64, num_labels=4)
+    vit = {"real": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
+           "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6)}[size]
+    return transformers.EomtConfig(
+        **vit, image_size=640, patch_size=16, num_register_tokens=4, num_blocks=4, num_queries=200,
+        num_upscale_blocks=2, train_num_points=12544, num_labels=133)
 
 
 def random_boxes(count: int, size: int, device) -> torch.Tensor:

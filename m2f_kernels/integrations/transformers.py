@@ -1,4 +1,4 @@
-"""Hugging Face transformers' Mask2Former on m2f_kernels (the Liger-Kernel convention).
+"""Hugging Face transformers' Mask2Former and EoMT on m2f_kernels (the Liger-Kernel convention).
 
     from m2f_kernels.integrations.transformers import apply_m2f_kernels_to_mask2former
 
@@ -6,8 +6,10 @@
     model = Mask2FormerForUniversalSegmentation.from_pretrained(...)
     # or, for a model that exists already:
     apply_m2f_kernels_to_mask2former(model=model)
+    # EoMT (EomtForUniversalSegmentation): its matcher and mask losses, the same way
+    apply_m2f_kernels_to_eomt(model=eomt_model)
 
-Three switches, each independent:
+Mask2Former: three switches, each independent:
 
 - ``ms_deform_attn``: the pixel decoder's
   ``Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention`` runs
@@ -28,6 +30,20 @@ Three switches, each independent:
   both take the [B, Q, H, W] logits with the matched indices (``pred_index``). ``sample_point``,
   ``pair_wise_*`` and ``sample_points_using_uncertainty`` are then no longer called.
 
+EoMT (``apply_m2f_kernels_to_eomt`` / ``revert_m2f_kernels_to_eomt``, same arguments and
+rules): one switch, ``point_loss``. transformers' ``EomtHungarianMatcher`` and ``EomtLoss``
+are Mask2Former's matcher and criterion under another name (same methods, same code), so
+the same fused classes serve them; the model computes this loss for each of its
+``num_blocks`` intermediate predictions and the final one. EoMT has no deformable attention
+and no decoder cross-attention. Its masked attention (the last ``num_blocks`` ViT layers) is
+not patched, as it is no clean fit for :func:`m2f_kernels.masked_attention`: it is
+self-attention over all tokens (queries, prefix and patch tokens) where only the
+query-to-patch block is masked, and ``EomtForUniversalSegmentation.forward`` builds the mask
+itself as an additive float [B, heads, L, L] tensor for the config's attention function
+(SDPA by default, already one fused kernel with that mask). Using the op would need either
+a second copy of that forward (to hand over a [B, Q, N] bool mask) or turning HF's float
+mask back into a bool one after it has been built, for attention that already runs fused.
+
 Patched modules are instances of fused subclasses of the HF classes: parameters,
 buffers, state_dict keys and ``isinstance`` checks are unchanged. Random points are
 drawn as HF draws them (same calls, same order), so a seeded step samples the same
@@ -37,10 +53,11 @@ fused op never forms) and the cross-attention weights are None.
 
 Only modules whose class is exactly the HF class are patched (a user subclass is left
 alone). Tested with transformers 5.17.0 and 5.24.0; another version whose Mask2Former
-differs where the patch relies on it gets :class:`UnsupportedTransformersError`.
+(or EoMT) differs where the patch relies on it gets :class:`UnsupportedTransformersError`.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -55,16 +72,15 @@ from ..ops.assignment import linear_sum_assignment
 from ..ops.point_loss import pairwise_mask_cost, point_mask_loss, uncertain_point_coords
 
 __all__ = [
-    "apply_m2f_kernels_to_mask2former", "revert_m2f_kernels_to_mask2former", "UnsupportedTransformersError",
-    "TESTED_VERSIONS",
+    "apply_m2f_kernels_to_mask2former", "revert_m2f_kernels_to_mask2former", "apply_m2f_kernels_to_eomt",
+    "revert_m2f_kernels_to_eomt", "UnsupportedTransformersError", "TESTED_VERSIONS",
 ]
 
 TESTED_VERSIONS = ("5.17.0", "5.24.0")
-SWITCHES = ("ms_deform_attn", "masked_attention", "point_loss")
 
 
 class UnsupportedTransformersError(RuntimeError):
-    """The installed transformers' Mask2Former is not the one this patch was written for."""
+    """The installed transformers' Mask2Former (or EoMT) is not the one this patch was written for."""
 
 
 # ----------------------------------------------------------------------------- fused classes
@@ -167,8 +183,9 @@ class _FusedMaskPredictor(_Fused):
 
 
 class _FusedHungarianMatcher(_Fused):
-    """``Mask2FormerHungarianMatcher`` with the mask costs from :func:`m2f_kernels.pairwise_mask_cost`
-    and the assignment from :func:`m2f_kernels.linear_sum_assignment`, on the device."""
+    """``Mask2FormerHungarianMatcher`` (and ``EomtHungarianMatcher``, the same code) with the mask
+    costs from :func:`m2f_kernels.pairwise_mask_cost` and the assignment from
+    :func:`m2f_kernels.linear_sum_assignment`, on the device."""
 
     @torch.no_grad()
     def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels):
@@ -201,7 +218,8 @@ class _FusedHungarianMatcher(_Fused):
 
 
 class _FusedLoss(_Fused):
-    """``Mask2FormerLoss`` with the mask losses from the fused point-loss ops."""
+    """``Mask2FormerLoss`` (and ``EomtLoss``, the same code) with the mask losses from the fused
+    point-loss ops."""
 
     def loss_masks(self, masks_queries_logits, mask_labels, indices, num_masks):
         device = masks_queries_logits.device
@@ -218,18 +236,57 @@ class _FusedLoss(_Fused):
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
 
-# switch -> {HF class name: the mixin of its fused subclass}
+# ----------------------------------------------------------------------------- model families
+class _Family:
+    """A transformers model family the patch knows: its modeling module and, per switch, what
+    is patched there and which HF signatures the fused code relies on."""
+
+    def __init__(self, name: str, module: str, classes: Dict[str, Dict[str, type]],
+                 required: Dict[str, Dict[str, Tuple[str, ...]]],
+                 functions: Optional[Dict[str, Dict[str, Callable]]] = None):
+        self.name = name
+        self.module = module
+        self.classes = classes  # switch -> {HF class name: the mixin of its fused subclass}
+        self.required = required  # switch -> {HF callable: its parameter names (self excluded)}
+        self.functions = functions or {}  # switch -> {HF module function: replacement}; module patch only
+        self.switches = tuple(classes)
+
+    def modeling(self):
+        """The family's transformers modeling module."""
+        try:
+            return importlib.import_module(self.module)
+        except ImportError as exc:
+            raise UnsupportedTransformersError(
+                f"m2f_kernels.integrations.transformers needs transformers with {self.name} "
+                f"(tested with {', '.join(TESTED_VERSIONS)}): {exc}"
+            ) from exc
+
+
+def _point_loss(prefix: str) -> Tuple[Dict[str, type], Dict[str, Tuple[str, ...]]]:
+    """The ``point_loss`` classes and required signatures of a family whose matcher and
+    criterion are Mask2Former's (``{prefix}HungarianMatcher``, ``{prefix}Loss``)."""
+    classes = {f"{prefix}HungarianMatcher": _FusedHungarianMatcher, f"{prefix}Loss": _FusedLoss}
+    required = {
+        f"{prefix}HungarianMatcher.forward": (
+            "masks_queries_logits", "class_queries_logits", "mask_labels", "class_labels"),
+        f"{prefix}Loss.loss_masks": ("masks_queries_logits", "mask_labels", "indices", "num_masks"),
+        f"{prefix}Loss._get_predictions_permutation_indices": ("indices",),
+        f"{prefix}Loss._get_targets_permutation_indices": ("indices",),
+        f"{prefix}Loss._pad_images_to_max_in_batch": ("tensors",),
+    }
+    return classes, required
+
+
+_M2F_POINT_CLASSES, _M2F_POINT_REQUIRED = _point_loss("Mask2Former")
 _CLASSES: Dict[str, Dict[str, type]] = {
     "ms_deform_attn": {"Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention": _FusedDeformableAttention},
     "masked_attention": {"Mask2FormerMaskedAttentionDecoderLayer": _FusedDecoderLayer,
                          "Mask2FormerMaskPredictor": _FusedMaskPredictor},
-    "point_loss": {"Mask2FormerHungarianMatcher": _FusedHungarianMatcher, "Mask2FormerLoss": _FusedLoss},
+    "point_loss": _M2F_POINT_CLASSES,
 }
-# switch -> {HF module function: replacement}; patched on the module only
 _FUNCTIONS: Dict[str, Dict[str, Callable]] = {
     "ms_deform_attn": {"multi_scale_deformable_attention": ms_deform_attn_core_pytorch},
 }
-# What the fused code relies on: HF callables and their parameter names (self excluded).
 _REQUIRED: Dict[str, Dict[str, Tuple[str, ...]]] = {
     "ms_deform_attn": {
         "Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention.forward": (
@@ -243,18 +300,19 @@ _REQUIRED: Dict[str, Dict[str, Tuple[str, ...]]] = {
         "Mask2FormerMaskedAttentionDecoderLayer.__init__": ("config",),
         "Mask2FormerMaskPredictor.forward": ("outputs", "pixel_embeddings", "attention_mask_target_size"),
     },
-    "point_loss": {
-        "Mask2FormerHungarianMatcher.forward": (
-            "masks_queries_logits", "class_queries_logits", "mask_labels", "class_labels"),
-        "Mask2FormerLoss.loss_masks": ("masks_queries_logits", "mask_labels", "indices", "num_masks"),
-        "Mask2FormerLoss._get_predictions_permutation_indices": ("indices",),
-        "Mask2FormerLoss._get_targets_permutation_indices": ("indices",),
-        "Mask2FormerLoss._pad_images_to_max_in_batch": ("tensors",),
-    },
+    "point_loss": _M2F_POINT_REQUIRED,
 }
+MASK2FORMER = _Family("Mask2Former", "transformers.models.mask2former.modeling_mask2former",
+                      _CLASSES, _REQUIRED, _FUNCTIONS)
+SWITCHES = MASK2FORMER.switches  # ("ms_deform_attn", "masked_attention", "point_loss")
+
+_EOMT_POINT_CLASSES, _EOMT_POINT_REQUIRED = _point_loss("Eomt")
+EOMT = _Family("EoMT", "transformers.models.eomt.modeling_eomt",
+               {"point_loss": _EOMT_POINT_CLASSES}, {"point_loss": _EOMT_POINT_REQUIRED})
+EOMT_SWITCHES = EOMT.switches
 
 _FUSED_CLASSES: Dict[type, type] = {}
-_ORIGINAL_FUNCTIONS: Dict[str, Callable] = {}
+_ORIGINAL_FUNCTIONS: Dict[Tuple[str, str], Callable] = {}  # (module, function name) -> HF's function
 
 
 def _base_of(cls):
@@ -272,22 +330,10 @@ def _fused_class(base: type, mixin: type) -> type:
 
 
 # ----------------------------------------------------------------------------- version check
-def _modeling():
-    """transformers' Mask2Former modeling module."""
-    try:
-        from transformers.models.mask2former import modeling_mask2former
-    except ImportError as exc:
-        raise UnsupportedTransformersError(
-            f"m2f_kernels.integrations.transformers needs transformers with Mask2Former "
-            f"(tested with {', '.join(TESTED_VERSIONS)}): {exc}"
-        ) from exc
-    return modeling_mask2former
-
-
-def _problems(mod, switch: str) -> List[str]:
-    """What the installed Mask2Former lacks for ``switch``, or []."""
+def _problems(family: _Family, mod, switch: str) -> List[str]:
+    """What the installed ``family`` lacks for ``switch``, or []."""
     problems = []
-    for path, params in _REQUIRED[switch].items():
+    for path, params in family.required[switch].items():
         owner, _, attr = path.rpartition(".")
         obj = _base_of(getattr(mod, owner, None)) if owner else mod
         fn = getattr(obj, attr, None)
@@ -300,52 +346,51 @@ def _problems(mod, switch: str) -> List[str]:
     return problems
 
 
-def _check_supported(mod, switches) -> None:
-    problems = [p for s in switches for p in _problems(mod, s)]
+def _check_supported(family: _Family, mod, switches) -> None:
+    problems = [p for s in switches for p in _problems(family, mod, s)]
     if problems:
         import transformers
 
         raise UnsupportedTransformersError(
-            f"m2f_kernels cannot patch the Mask2Former of transformers {transformers.__version__} "
+            f"m2f_kernels cannot patch the {family.name} of transformers {transformers.__version__} "
             f"(tested with {', '.join(TESTED_VERSIONS)}): " + "; ".join(problems)
         )
 
 
 # ----------------------------------------------------------------------------- patching
-def _selected(ms_deform_attn: bool, masked_attention: bool, point_loss: bool) -> Tuple[str, ...]:
-    flags = dict(ms_deform_attn=ms_deform_attn, masked_attention=masked_attention, point_loss=point_loss)
-    return tuple(s for s in SWITCHES if flags[s])
+def _selected(family: _Family, **flags: bool) -> Tuple[str, ...]:
+    return tuple(s for s in family.switches if flags[s])
 
 
-def _patch_module(mod, switch: str, fused: bool) -> None:
-    for name, mixin in _CLASSES[switch].items():
+def _patch_module(family: _Family, mod, switch: str, fused: bool) -> None:
+    for name, mixin in family.classes[switch].items():
         base = _base_of(getattr(mod, name))
         setattr(mod, name, _fused_class(base, mixin) if fused else base)
-    for name, replacement in _FUNCTIONS.get(switch, {}).items():
-        current = getattr(mod, name)
+    for name, replacement in family.functions.get(switch, {}).items():
+        current, key = getattr(mod, name), (mod.__name__, name)
         if fused and current is not replacement:
-            _ORIGINAL_FUNCTIONS[name] = current
+            _ORIGINAL_FUNCTIONS[key] = current
             setattr(mod, name, replacement)
         elif not fused and current is replacement:
-            setattr(mod, name, _ORIGINAL_FUNCTIONS.pop(name))
+            setattr(mod, name, _ORIGINAL_FUNCTIONS.pop(key))
 
 
-def _set_fused(model: Optional[nn.Module], switches, fused: bool) -> Optional[nn.Module]:
+def _set_fused(family: _Family, model: Optional[nn.Module], switches, fused: bool) -> Optional[nn.Module]:
     """Patch (fused=True, after the version check) or restore the switches, in ``model``
-    or, with model=None, in the modeling module. Returns ``model``."""
-    mod = _modeling()
+    or, with model=None, in the family's modeling module. Returns ``model``."""
+    mod = family.modeling()
     if fused:
-        _check_supported(mod, switches)
+        _check_supported(family, mod, switches)
     if model is None:
         for s in switches:
-            _patch_module(mod, s, fused)
+            _patch_module(family, mod, s, fused)
     else:
-        _patch_instance(model, mod, switches, fused)
+        _patch_instance(family, model, mod, switches, fused)
     return model
 
 
-def _patch_instance(model: nn.Module, mod, switches, fused: bool) -> None:
-    mixins = {_base_of(getattr(mod, name)): mixin for s in switches for name, mixin in _CLASSES[s].items()}
+def _patch_instance(family: _Family, model: nn.Module, mod, switches, fused: bool) -> None:
+    mixins = {_base_of(getattr(mod, name)): mixin for s in switches for name, mixin in family.classes[s].items()}
     found = False
     for m in model.modules():
         base = _base_of(type(m))
@@ -360,9 +405,10 @@ def _patch_instance(model: nn.Module, mod, switches, fused: bool) -> None:
             m.__class__ = base
     if not found:
         names = sorted(b.__name__ for b in mixins)
-        raise ValueError(f"{type(model).__name__} holds none of the Mask2Former modules to patch ({names})")
+        raise ValueError(f"{type(model).__name__} holds none of the {family.name} modules to patch ({names})")
 
 
+# ----------------------------------------------------------------------------- Mask2Former
 def apply_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_deform_attn: bool = True,
                                      masked_attention: bool = True, point_loss: bool = True):
     """Run transformers' Mask2Former on m2f_kernels.
@@ -381,7 +427,9 @@ def apply_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_defor
         UnsupportedTransformersError: transformers is missing or its Mask2Former differs
             from the tested versions where the patch relies on it.
     """
-    return _set_fused(model, _selected(ms_deform_attn, masked_attention, point_loss), fused=True)
+    switches = _selected(MASK2FORMER, ms_deform_attn=ms_deform_attn, masked_attention=masked_attention,
+                         point_loss=point_loss)
+    return _set_fused(MASK2FORMER, model, switches, fused=True)
 
 
 def revert_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_deform_attn: bool = True,
@@ -391,4 +439,34 @@ def revert_m2f_kernels_to_mask2former(model: Optional[nn.Module] = None, ms_defo
     ``model=None`` restores the module's classes and functions (models built while it was
     patched stay fused: pass them as ``model`` to restore them). Returns ``model``.
     """
-    return _set_fused(model, _selected(ms_deform_attn, masked_attention, point_loss), fused=False)
+    switches = _selected(MASK2FORMER, ms_deform_attn=ms_deform_attn, masked_attention=masked_attention,
+                         point_loss=point_loss)
+    return _set_fused(MASK2FORMER, model, switches, fused=False)
+
+
+# ----------------------------------------------------------------------------- EoMT
+def apply_m2f_kernels_to_eomt(model: Optional[nn.Module] = None, point_loss: bool = True):
+    """Run transformers' EoMT (``EomtForUniversalSegmentation``) training loss on m2f_kernels.
+
+    Args:
+        model: None patches ``transformers.models.eomt.modeling_eomt``, so models built
+            afterwards are fused (models built before are left alone); a model (e.g.
+            ``EomtForUniversalSegmentation``) patches that instance's modules in place.
+        point_loss: ``EomtHungarianMatcher``'s mask costs and assignment and
+            ``EomtLoss``'s mask losses (the fused classes of the Mask2Former patch).
+    Returns:
+        ``model``.
+    Raises:
+        UnsupportedTransformersError: transformers is missing or its EoMT differs from the
+            tested versions where the patch relies on it.
+    """
+    return _set_fused(EOMT, model, _selected(EOMT, point_loss=point_loss), fused=True)
+
+
+def revert_m2f_kernels_to_eomt(model: Optional[nn.Module] = None, point_loss: bool = True):
+    """Undo :func:`apply_m2f_kernels_to_eomt`.
+
+    ``model=None`` restores the module's classes (models built while it was patched stay
+    fused: pass them as ``model`` to restore them). Returns ``model``.
+    """
+    return _set_fused(EOMT, model, _selected(EOMT, point_loss=point_loss), fused=False)
