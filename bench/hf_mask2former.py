@@ -1,6 +1,7 @@
-"""HF transformers' Mask2Former with and without m2f_kernels: equality, step time, peak memory.
+"""HF transformers' Mask2Former (or EoMT) with and without m2f_kernels: equality, step time, peak memory.
 
     python -m bench.hf_mask2former                                  # Swin-S, 2 x 512^2, CUDA
+    python -m bench.hf_mask2former --model eomt                     # EoMT-L, 2 x 640^2, CUDA
     python -m bench.hf_mask2former --size tiny --device cpu --steps 1 --dtype fp32   # smoke run
 
 A random-init ``Mask2FormerForUniversalSegmentation`` (no hub download) is built from a
@@ -8,10 +9,14 @@ local config: ``--size real`` is facebook/mask2former-swin-small-coco-instance (
 backbone, hidden 256, 100 queries, 6 encoder and 10 decoder layers, 12544 training points,
 80 classes), ``--size tiny`` the tiny model of the integration tests (bench/hf_testing.py).
 The batch is ``--batch`` images of random pixels with ``--masks`` random box instance
-masks each.
+masks each. ``--model eomt`` runs ``EomtForUniversalSegmentation`` instead, patched by
+``apply_m2f_kernels_to_eomt`` (its matcher and mask losses): ``--size real`` has the sizes
+of tue-mps/coco_panoptic_eomt_large_640 (ViT-L/16 at 640^2, 200 queries, 4 query blocks,
+12544 training points, 133 classes), ``--size tiny`` is the EoMT tests' model (64^2); the
+image size is the config's.
 
 1. Equality (fp32, tf32 off): one seeded forward + backward of HF's model and of a deep
-   copy patched by ``apply_m2f_kernels_to_mask2former(model=...)``, both seeded alike so
+   copy patched by ``apply_m2f_kernels_to_mask2former(model=...)`` (or ``_eomt``), both seeded alike so
    that the matcher and the loss sample the same points (the patch draws them as HF
    does). Reports relative errors ||got - hf|| / ||hf|| of the loss, the class and mask
    logits and the parameter gradients (all of them together, and the worst parameter
@@ -26,9 +31,9 @@ masks each.
    step's activations; the shared input batch excluded). ``--budget-s`` caps the timed
    steps (at least one each) so a run stays short.
 
-Writes ``hf-mask2former-<device>-<date>.json`` and ``.md`` to ``--out``. The commit is
+Writes ``hf-<model>-<device>-<date>.json`` and ``.md`` to ``--out``. The commit is
 ``M2F_BENCH_COMMIT`` if set, else ``git rev-parse HEAD``. Exit status 2 when
-transformers (with Mask2Former), scipy or the requested device is missing.
+transformers (with the model), scipy or the requested device is missing.
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -56,23 +61,52 @@ from .results import REPO_ROOT, atomic_write, environment, result_path
 
 SCHEMA = "m2f-bench-hf-mask2former/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-DEFAULT_IMAGE = {"real": 512, "tiny": 128}
+DEFAULT_IMAGE = {"real": 512, "tiny": 128}  # Mask2Former; EoMT's is its config's
 DEFAULT_MASKS = {"real": 20, "tiny": 3}
 LR, WEIGHT_DECAY = 1e-4, 0.05  # the official Mask2Former AdamW settings
 
 
-def missing_requirements() -> Optional[str]:
-    """Why the HF model cannot run here (transformers, its Mask2Former, scipy), or None."""
+class Model(NamedTuple):
+    """A ``--model``: the HF family, where it lives, its patch and what the results record."""
+    name: str
+    module: str  # the transformers modeling module
+    cls: str  # the model class (in transformers)
+    apply: str  # the patch function in m2f_kernels.integrations.transformers
+    ops: Tuple[str, ...]  # the m2f_kernels ops the patch runs (their backends are recorded)
+    layers: Tuple[str, ...]  # the config's layer counts recorded
+
+
+MODELS = {
+    "mask2former": Model("Mask2Former", "transformers.models.mask2former.modeling_mask2former",
+                         "Mask2FormerForUniversalSegmentation", "apply_m2f_kernels_to_mask2former",
+                         ("ms_deform_attn", "masked_attention", "pairwise_mask_cost", "point_mask_loss"),
+                         ("decoder_layers", "encoder_layers")),
+    "eomt": Model("EoMT", "transformers.models.eomt.modeling_eomt", "EomtForUniversalSegmentation",
+                  "apply_m2f_kernels_to_eomt", ("pairwise_mask_cost", "point_mask_loss"),
+                  ("num_hidden_layers", "num_blocks")),
+}
+
+
+def missing_requirements(model: str = "mask2former") -> Optional[str]:
+    """Why the HF model cannot run here (transformers, its ``model``, scipy), or None."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for module, hint in (("transformers", "pip install transformers==5.17.0"),
-                         ("transformers.models.mask2former.modeling_mask2former",
-                          "this transformers has no Mask2Former; pip install transformers==5.17.0"),
-                         ("scipy", "HF's Mask2FormerLoss needs scipy: pip install scipy")):
+    name, hint = MODELS[model].name, "pip install transformers==5.17.0"
+    for module, hint in (("transformers", hint),
+                         (MODELS[model].module, f"this transformers has no {name}; {hint}"),
+                         ("scipy", f"HF's {name} loss needs scipy: pip install scipy")):
         try:
             importlib.import_module(module)
         except Exception as exc:  # ImportError, or a transformers broken against this torch
             return f"cannot import {module} ({type(exc).__name__}: {exc}); {hint}"
     return None
+
+
+MODEL_DESCRIPTIONS = {
+    ("mask2former", "real"): "facebook/mask2former-swin-small-coco-instance config, random init",
+    ("mask2former", "tiny"): "tests' tiny Mask2Former, random init",
+    ("eomt", "real"): "tue-mps/coco_panoptic_eomt_large_640 sizes, random init",
+    ("eomt", "tiny"): "tests' tiny EoMT, random init",
+}
 
 
 def _helpers():
@@ -82,8 +116,11 @@ def _helpers():
     return hf_testing
 
 
-def make_config(size: str):
-    """Mask2FormerConfig: 'real' = facebook/mask2former-swin-small-coco-instance, 'tiny' = the tests'."""
+def make_config(size: str, model: str = "mask2former"):
+    """Mask2FormerConfig: 'real' = facebook/mask2former-swin-small-coco-instance, 'tiny' = the
+    tests'; for ``model='eomt'`` an EomtConfig (bench/hf_testing.py's)."""
+    if model == "eomt":
+        return _helpers().make_eomt_config(size)
     if size == "tiny":
         return _helpers().make_config("tiny")
     import transformers
@@ -100,14 +137,14 @@ def make_config(size: str):
         use_auxiliary_loss=True, num_labels=80)
 
 
-def build_model(config, seed: int):
+def build_model(config, seed: int, model: str = "mask2former"):
     """The random-init model (train mode, CPU), deformable sampling points off pixel centres."""
     import transformers
 
     torch.manual_seed(seed)
-    model = transformers.Mask2FormerForUniversalSegmentation(config).train()
-    _helpers().generic_points(model)
-    return model
+    built = getattr(transformers, MODELS[model].cls)(config).train()
+    _helpers().generic_points(built)  # Mask2Former's deformable attention; nothing in EoMT
+    return built
 
 
 def make_batch(config, batch: int, size: int, masks: int, device, seed: int) -> dict:
@@ -137,11 +174,12 @@ def _free(device: torch.device) -> None:
 
 
 def _on_device(base, device, patched: bool):
-    from m2f_kernels.integrations.transformers import apply_m2f_kernels_to_mask2former
+    from m2f_kernels.integrations import transformers as integration
 
     model = copy.deepcopy(base).to(device).train()
-    if patched:
-        apply_m2f_kernels_to_mask2former(model=model)
+    if patched:  # the patch function of base's model class
+        apply = next(getattr(integration, m.apply) for m in MODELS.values() if m.cls == type(base).__name__)
+        apply(model=model)
     return model
 
 
@@ -241,7 +279,7 @@ def _fmt(x, spec=".3g"):
 def markdown(data: dict) -> str:
     env, cfg = data["env"], data["config"]
     lines = [
-        f"# HF Mask2Former with m2f_kernels: {env['device']}",
+        f"# HF {cfg.get('family', 'Mask2Former')} with m2f_kernels: {env['device']}",
         "",
         f"- created {data['created']}, commit `{env.get('commit')}`"
         + (" (dirty tree)" if env.get("dirty") else ""),
@@ -296,12 +334,14 @@ def markdown(data: dict) -> str:
 # ----------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.hf_mask2former", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=tuple(MODELS), default="mask2former")
     p.add_argument("--size", choices=("real", "tiny"), default="real")
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     p.add_argument("--steps", type=int, default=10, help="timed steps per case (after the warm-ups)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--dtype", choices=("fp32", "bf16", "all"), default="all")
-    p.add_argument("--image-size", type=int, default=None, help="default: 512 real, 128 tiny")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: 512 real, 128 tiny (Mask2Former); EoMT's config's (640 real, 64 tiny), no other")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--masks", type=int, default=None, help="instance masks per image (default: 20 real, 3 tiny)")
     p.add_argument("--seed", type=int, default=0)
@@ -318,7 +358,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     t0 = time.perf_counter()
     args = parse_args(argv)
-    reason = missing_requirements()
+    reason = missing_requirements(args.model)
     if reason is not None:
         print(f"bench.hf_mask2former: cannot run: {reason}", flush=True)
         return 2
@@ -331,7 +371,13 @@ def main(argv=None) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
     import transformers
 
-    size = args.image_size or DEFAULT_IMAGE[args.size]
+    family = MODELS[args.model]
+    config = make_config(args.size, args.model)
+    size = args.image_size or (config.image_size if args.model == "eomt" else DEFAULT_IMAGE[args.size])
+    if args.model == "eomt" and size != config.image_size:
+        print(f"bench.hf_mask2former: cannot run: EoMT's position embeddings fix the image size at "
+              f"{config.image_size}, not {size}", flush=True)
+        return 2
     masks = args.masks or DEFAULT_MASKS[args.size]
     dtypes = list(DTYPES) if args.dtype == "all" else [args.dtype]
     deadline = t0 + args.budget_s
@@ -342,28 +388,25 @@ def main(argv=None) -> int:
         from m2f_kernels._dispatch import resolve
 
         env["m2f_kernels_backends"] = {
-            d: {op: resolve(op, device, DTYPES[d])
-                for op in ("ms_deform_attn", "masked_attention", "pairwise_mask_cost", "point_mask_loss")}
+            d: {op: resolve(op, device, DTYPES[d]) for op in family.ops}
             for d in dtypes}
     except Exception as exc:  # informative only
         env["m2f_kernels_backends"] = f"unknown ({type(exc).__name__}: {exc})"
 
     print(f"[hf_mask2former] {env['device']}: torch {env['torch']}, transformers {env['transformers']}, "
-          f"triton {env['triton']}; building the {args.size} model", flush=True)
-    config = make_config(args.size)
-    base = build_model(config, args.seed)
+          f"triton {env['triton']}; building the {args.size} {family.name} model", flush=True)
+    base = build_model(config, args.seed, args.model)
     batch = make_batch(config, args.batch, size, masks, device, args.seed + 1)
     data = {
         "schema": SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "env": env,
         "config": {
-            "model": ("facebook/mask2former-swin-small-coco-instance config, random init" if args.size == "real"
-                      else "tests' tiny Mask2Former, random init"),
+            "model": MODEL_DESCRIPTIONS[args.model, args.size], "family": family.name,
             "size": args.size, "device": device.type, "batch": args.batch, "image_size": size,
             "masks_per_image": masks, "train_num_points": config.train_num_points,
-            "num_queries": config.num_queries, "decoder_layers": config.decoder_layers,
-            "encoder_layers": config.encoder_layers, "num_labels": config.num_labels,
+            "num_queries": config.num_queries, "num_labels": config.num_labels,
+            **{k: getattr(config, k) for k in family.layers},
             "parameters": sum(p.numel() for p in base.parameters()),
             "steps": args.steps, "warmup": args.warmup, "dtypes": dtypes, "seed": args.seed,
             "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY},
@@ -412,7 +455,7 @@ def main(argv=None) -> int:
 
     data["elapsed_s"] = time.perf_counter() - t0
     text = markdown(data)
-    path = result_path(args.out, f"hf-mask2former-{env['device']}", "default")
+    path = result_path(args.out, f"hf-{args.model}-{env['device']}", "default")
     atomic_write(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
     atomic_write(path.with_suffix(".md"), text)
     print("\n" + text, flush=True)

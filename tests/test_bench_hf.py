@@ -1,4 +1,4 @@
-"""bench/hf_mask2former.py on the CPU: the tiny HF Mask2Former, one step of each kind.
+"""bench/hf_mask2former.py on the CPU: the tiny HF Mask2Former (and EoMT), one step of each kind.
 
 Checks the wiring (result files and their fields) and that the equality numbers the
 script reports are at the level of tests/test_integrations_transformers.py; the real
@@ -63,3 +63,28 @@ def test_missing_transformers_exits_2(monkeypatch, capsys):
     assert hf_mask2former.main(["--size", "tiny", "--device", "cpu"]) == 2
     out = capsys.readouterr().out
     assert "cannot run: cannot import transformers" in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_tiny_cpu_run_eomt(tmp_path, one_thread):
+    """--model eomt: the tests' tiny EoMT, patched by apply_m2f_kernels_to_eomt."""
+    pytest.importorskip("transformers.models.eomt.modeling_eomt", reason="this transformers has no EoMT")
+    rc = hf_mask2former.main(["--model", "eomt", "--size", "tiny", "--device", "cpu", "--steps", "1",
+                              "--warmup", "0", "--dtype", "fp32", "--out", str(tmp_path)])
+    assert rc == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("hf-eomt-cpu-") and files[0].endswith(".json"), files
+    assert (tmp_path / files[1]).read_text().startswith("# HF EoMT with m2f_kernels")
+    data = json.loads((tmp_path / files[0]).read_text())
+    config = data["config"]
+    assert config["family"] == "EoMT" and config["image_size"] == 64 and config["num_blocks"] == 2, config
+    assert set(data["env"]["m2f_kernels_backends"]["fp32"]) == {"pairwise_mask_cost", "point_mask_loss"}
+    eq = data["equality"]
+    assert "error" not in eq, eq
+    assert eq["grad_params_match"] and eq["grad_params"] > 50
+    for key in ("loss", "grads_overall", "grads_worst"):
+        assert 0 <= eq[key] < 1e-4, f"{key}: {eq[key]}"
+    for key in ("class_queries_logits", "masks_queries_logits"):  # the patch leaves EoMT's forward alone
+        assert eq[key] == 0, f"{key}: {eq[key]}"
+    assert [(r["model"], r["status"]) for r in data["results"]] == [("hf", "ok"), ("m2f_kernels", "ok")]
+    assert hf_mask2former.main(["--model", "eomt", "--size", "tiny", "--device", "cpu", "--image-size", "128",
+                                "--out", str(tmp_path)]) == 2
