@@ -124,7 +124,7 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     # the stamp names the exact objects, their versions (in-place edits bump them) and S.
     # The pixel decoder passes one pair to all its layers: one check per forward, not six.
     stamp = (id(level_start_index), _version(level_start_index), _version(spatial_shapes), value.shape[1])
-    if getattr(spatial_shapes, "_m2f_kernels_checked", (None,))[0] == stamp:
+    if getattr(spatial_shapes, "_m2f_kernels_checked", None) == stamp:
         return
     shapes = spatial_shapes.tolist()
     if any(hh < 1 or ww < 1 for hh, ww in shapes):
@@ -139,15 +139,23 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
         raise ValueError(
             f"value.shape[1] (S) must equal sum of H_l*W_l over spatial_shapes = {sum(sizes)}, got shape {tuple(value.shape)}"
         )
-    spatial_shapes._m2f_kernels_checked = (stamp, [tuple(hw) for hw in shapes])
+    spatial_shapes._m2f_kernels_checked = stamp
+    remember_level_shapes(spatial_shapes, shapes)
+
+
+def remember_level_shapes(spatial_shapes: torch.Tensor, shapes) -> None:
+    """Attach the [(H_l, W_l)] Python ints that ``spatial_shapes`` holds, for
+    :func:`level_shapes`: read once by :func:`spatial_layout`, or given by whoever built the
+    tensor from ints (under ``torch.export`` the tensor has no values to read)."""
+    spatial_shapes._m2f_kernels_shapes = (_version(spatial_shapes), [(int(hh), int(ww)) for hh, ww in shapes])
 
 
 def level_shapes(spatial_shapes: torch.Tensor) -> list:
-    """[(H_l, W_l)] as Python ints: the list :func:`spatial_layout` read when it checked this
-    tensor (unedited since), else read now (a host sync for a device tensor)."""
-    checked = getattr(spatial_shapes, "_m2f_kernels_checked", None)
-    if checked is not None and checked[0][2] == _version(spatial_shapes):
-        return checked[1]
+    """[(H_l, W_l)] as Python ints: the list remembered for this tensor (unedited since),
+    else read now (a host sync for a device tensor)."""
+    known = getattr(spatial_shapes, "_m2f_kernels_shapes", None)
+    if known is not None and known[0] == _version(spatial_shapes):
+        return known[1]
     return [(int(hh), int(ww)) for hh, ww in spatial_shapes.tolist()]
 
 

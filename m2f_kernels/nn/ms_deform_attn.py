@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn.init import constant_, xavier_uniform_
 
+from .._validation import remember_level_shapes
 from ..ops.ms_deform_attn import ms_deform_attn
 
 
@@ -155,8 +156,10 @@ def level_index(shapes, device, cache: dict) -> tuple:
     sizes = [h * w for h, w in shapes]
 
     def build():
-        return (torch.tensor(shapes, dtype=torch.int64).to(device),
-                torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64).to(device))
+        spatial_shapes = torch.tensor(shapes, dtype=torch.int64).to(device)
+        if not torch.compiler.is_dynamo_compiling():  # torch.compile keeps the ops, which read no ints
+            remember_level_shapes(spatial_shapes, shapes)
+        return spatial_shapes, torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64).to(device)
 
     if torch.compiler.is_compiling():
         return build()

@@ -60,9 +60,11 @@ class Op:
     """A declared op. ``op(*args, backend=None)`` runs it: ``args`` are the custom op's
     arguments without ``backend``, already validated by the public function."""
 
-    def __init__(self, name: str, custom_op, eager: Callable, argnames: Tuple[str, ...], dispatch_arg: int):
+    def __init__(self, name: str, custom_op, forward: Callable, eager: Callable, argnames: Tuple[str, ...],
+                 dispatch_arg: int):
         self.name = name
         self.custom_op = custom_op
+        self._forward = forward
         self._eager = eager
         self.argnames = argnames
         self._dispatch_arg = dispatch_arg
@@ -93,6 +95,8 @@ class Op:
         args = (*args, self.choose_backend(args, backend))
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if not eager_fast_path(*tensors):
+            if torch.onnx.is_in_onnx_export():
+                return self.decomposed(*args[:-1])
             return self.custom_op(*args)
         device_type = tensors[0].device.type
         if not torch.is_autocast_enabled(device_type):
@@ -101,6 +105,15 @@ class Op:
         with torch.autocast(device_type, enabled=False):
             out = self._eager(*args)
         return _autocast.cast_outputs(self.name, out, device_type)
+
+    def decomposed(self, *args):
+        """The op as standard torch ops: its forward body on the reference backend, called
+        directly, so that a tracer records the reference's aten ops instead of the custom op.
+
+        ``torch.onnx.export`` gets this (ONNX has no kernel of ours); ``torch.export`` and
+        torch.compile keep the custom op.
+        """
+        return self._forward(*args, "reference")
 
 
 OPS: Dict[str, Op] = {}
@@ -147,7 +160,7 @@ def define_op(name: str, forward: Callable, fake: Callable, *, module: str, func
         eager = _eager_function(name, forward, setup, _autograd_backward(name, argnames, backward, backward.impl))
     _autocast.register(name, custom, autocast or {}, fp32_outputs)
     _dispatch.register(_dispatch.OpDispatch(name, module, dict(functions), dict(auto_order_cuda or {})))
-    op = OPS[name] = Op(name, custom, eager, argnames[:-1], dispatch_arg)
+    op = OPS[name] = Op(name, custom, forward, eager, argnames[:-1], dispatch_arg)
     return op
 
 
