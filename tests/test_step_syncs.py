@@ -89,16 +89,23 @@ def test_fused_step_device_ops_at_most_half_of_before():
                                          f"{ops.ops.most_common(10)}"
 
 
-def test_patched_hf_mask2former_adds_no_host_sync(monkeypatch):
-    """transformers' Mask2Former with the m2f_kernels patch (forward, HF's loss, backward)
-    syncs only where HF's own code does (its encoder layers' isfinite guard and the decoder's
-    layerdrop draw); the unpatched step syncs in the matcher (scipy) too."""
+@pytest.mark.parametrize("family", ["mask2former", "eomt"])
+def test_patched_hf_model_adds_no_host_sync(monkeypatch, family):
+    """transformers' Mask2Former / EoMT with the m2f_kernels patch (forward, HF's loss,
+    backward) syncs only where HF's own code does (Mask2Former: its encoder layers' isfinite
+    guard and the decoder's layerdrop draw); the unpatched step syncs in the matcher (scipy) too."""
     hf_testing = pytest.importorskip("bench.hf_testing", reason="transformers is not installed")
     from m2f_kernels.integrations import transformers as patch
 
+    make_config, model_class, apply, source = {
+        "mask2former": (hf_testing.make_config, "Mask2FormerForUniversalSegmentation",
+                        patch.apply_m2f_kernels_to_mask2former, "mask2former/modeling_mask2former.py"),
+        "eomt": (hf_testing.make_eomt_config, "EomtForUniversalSegmentation",
+                 patch.apply_m2f_kernels_to_eomt, "eomt/modeling_eomt.py"),
+    }[family]
     torch.manual_seed(0)
-    config = hf_testing.make_config("tiny")
-    model = hf_testing.hf.Mask2FormerForUniversalSegmentation(config).train()
+    config = make_config("tiny")
+    model = getattr(hf_testing.transformers, model_class)(config).train()
     batch = hf_testing.make_batch(config, 2, 64, "cpu")
 
     def count() -> HostSyncs:
@@ -110,9 +117,7 @@ def test_patched_hf_mask2former_adds_no_host_sync(monkeypatch):
 
     hf_own = count()
     assert any("linear_sum_assignment" in k for k in hf_own.where), dict(hf_own.where)
-    patch.apply_m2f_kernels_to_mask2former(model=model)
+    apply(model=model)
     patched = count()
     assert set(patched.where) <= set(hf_own.where), f"syncs the patch added: {set(patched.where) - set(hf_own.where)}"
-    assert all(k.split(" at ")[1].startswith("mask2former/modeling_mask2former.py") for k in patched.where), \
-        dict(patched.where)
-
+    assert all(k.split(" at ")[1].startswith(source) for k in patched.where), dict(patched.where)
