@@ -42,6 +42,10 @@ def _visible(mask_ptrs, ok, MASK_IS_BOOL: tl.constexpr):
     if MASK_IS_BOOL:
         vis = mt == 0
     else:
+        if mt.dtype == tl.bfloat16:
+            # bf16 -> fp32 is exact. Triton 3.9's interpreter compares bf16 as its raw
+            # uint16 bits (never < 0); earlier ones, and the GPU, compare the values.
+            mt = mt.to(tl.float32)
         vis = (mt < 0) == 0  # NaN logits count as visible, as in the reference (mask < 0)
     return vis & ok
 
@@ -420,7 +424,12 @@ def _bwd_kernel(
                     dv += dv_c
                 dq_ptrs = dq_part + offs_q[:, None] * D + offs_d[None, :]
                 dq_mask = (offs_q < NQ)[:, None] & d_ok[None, :]
-                dq_old = tl.load(dq_ptrs, mask=dq_mask & (kb > kb_start), other=0.0)
+                # The chunk's first key tile starts the sum (a uniform branch: the mask
+                # `dq_mask & (kb > kb_start)` becomes int32 in Triton 3.9's interpreter,
+                # which its loads refuse).
+                dq_old = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+                if kb > kb_start:
+                    dq_old = tl.load(dq_ptrs, mask=dq_mask, other=0.0)
                 tl.store(dq_ptrs, dq_old + dq_c * scale, mask=dq_mask)
                 tl.debug_barrier()  # the next key tile re-reads these rows
             tl.store(dk_base + offs_n[:, None] * D + offs_d[None, :],

@@ -148,10 +148,15 @@ def _pairwise_partial_kernel(
     qtm = qm[:, None] & tm[None, :]
     tl.store(qt, acc_xt, mask=qtm)
     tl.store(qt + Q * T, acc_st, mask=qtm)
+    # Every pid_t program has the same per-query sums, every pid_q program the same per-target
+    # sums: only the pid_t == 0 / pid_q == 0 programs store them (the row bound is 0 in the
+    # others; `qm & (pid_t == 0)`, a scalar condition broadcast into a block, becomes an
+    # int32 mask in Triton 3.9's interpreter, which its stores refuse).
     q_dst = row + 2 * Q * T + rq
-    tl.store(q_dst, sp_sum, mask=qm & (pid_t == 0))
-    tl.store(q_dst + Q, s_sum, mask=qm & (pid_t == 0))
-    tl.store(row + 2 * Q * T + 2 * Q + rt, t_sum, mask=tm & (pid_q == 0))
+    q_stored = rq < tl.where(pid_t == 0, Q, 0)
+    tl.store(q_dst, sp_sum, mask=q_stored)
+    tl.store(q_dst + Q, s_sum, mask=q_stored)
+    tl.store(row + 2 * Q * T + 2 * Q + rt, t_sum, mask=rt < tl.where(pid_q == 0, T, 0))
 
 
 @triton.jit
