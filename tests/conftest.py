@@ -134,3 +134,68 @@ def seed() -> int:
     random.seed(value)
     print(f"seed={value}")
     return value
+
+
+# --- the Triton-versions subset ------------------------------------------------------------------
+# .ci/run runs the whole suite under the pinned Triton (3.6.0, the GPU machine's), then these
+# tests again under each other tested Triton version (`pytest -m triton_versions`, with
+# TRITON_INTERPRET=1). Chosen so that, between them, they launch every Triton kernel forward and
+# backward, every constexpr variant flag (split / multi-query-block / tile skipping / partial
+# dq / weights / indexed / fixed point / dot precision ...) and every argument dtype the full
+# suite launches (pred, q/k/v, mask and target dtypes; int32 and int64 indices), found by
+# recording the interpreter's launches over the whole suite; about 20 s per version on the
+# 2-core CI machine. Entries are node-id prefixes under tests/; under `-m triton_versions` an
+# entry that matches no test is an error, so a renamed test cannot drop out silently.
+TRITON_VERSIONS_SUBSET = (
+    # masked_attention: bool and logits masks in every dtype, logits masks in another dtype
+    # than q, the key-split forward with tile skipping, the multi-query-block backward
+    "test_op_masked_attention.py::test_matches_reference[triton-",
+    "test_op_masked_attention.py::test_logits_mask_dtypes[triton-",
+    "test_op_masked_attention.py::TestTriton::test_tilings[split_skip-float32]",
+    "test_op_masked_attention.py::TestTriton::test_tilings[multi_qb_skip-bfloat16]",
+    # point_sample, uncertain_point_coords (int64 and int32 indices)
+    "test_op_point_loss.py::test_point_sample[triton-",
+    "test_op_point_loss.py::test_uncertain_point_coords_public_indexed[triton-",
+    "test_op_point_loss.py::test_uncertain_point_coords_indexed_int32_index[triton]",
+    # pairwise_mask_cost: every pred x target dtype, the tf32x3 config
+    "test_op_point_loss.py::test_pairwise_mask_cost[triton-",
+    "test_op_point_loss.py::TestTriton::test_pairwise_mask_cost_configs[tf32x3]",
+    # point_mask_loss: plain and indexed, every target dtype, weights, int32 indices
+    "test_op_point_loss.py::test_point_mask_loss_sizes[triton-one_mask-",
+    "test_op_point_loss.py::test_point_mask_loss[triton-bfloat16-indexed-",
+    "test_op_point_loss.py::test_point_mask_loss_int32_index[triton]",
+    "test_point_mask_loss_weights.py::test_triton_weights_in_16bit",
+    # ms_deform_attn: weights and softmax, 16-bit inputs, the fixed-point backward
+    "test_op_ms_deform_attn.py::test_matches_reference[triton-mixed_levels-float16-",
+    "test_op_ms_deform_attn.py::test_matches_reference[triton-mixed_levels-bfloat16-weights]",
+    "test_op_ms_deform_attn.py::test_nonfinite_input_reaches_grad_value[triton-grad_out_nan-True]",
+    # point_mask_logits; point_sample of bool target masks inside the tiny model
+    "test_mask_free.py::test_triton_point_mask_logits_matches_the_reference",
+    "test_m2f_equivalence.py::test_fused_with_one_triton_op_agrees[point_sample]",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark the TRITON_VERSIONS_SUBSET tests ``triton_versions``. Under ``-m triton_versions``
+    (the subset run): an entry whose file is gone, or whose collected file has no test it
+    matches, is an error, and so is a run that could only skip them (no Triton that can run)."""
+    unmatched = set(TRITON_VERSIONS_SUBSET)
+    collected_files = set()
+    for item in items:
+        nodeid = item.nodeid.removeprefix("tests/")
+        collected_files.add(nodeid.split("::")[0])
+        hits = [prefix for prefix in TRITON_VERSIONS_SUBSET if nodeid.startswith(prefix)]
+        if hits:
+            item.add_marker(pytest.mark.triton_versions)
+            unmatched.difference_update(hits)
+    if (config.getoption("markexpr") or "").strip() != "triton_versions":
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    stale = sorted(entry for entry in unmatched if entry.split("::")[0] in collected_files
+                   or not os.path.exists(os.path.join(here, entry.split("::")[0])))
+    if stale:
+        raise pytest.UsageError("TRITON_VERSIONS_SUBSET entries that match no test: " + ", ".join(stale))
+    if not triton_runnable():
+        raise pytest.UsageError("-m triton_versions needs triton and TRITON_INTERPRET=1 (or a CUDA GPU); "
+                                f"triton installed: {TRITON_INSTALLED}")
