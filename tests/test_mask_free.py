@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import m2f_kernels
+from m2f_kernels.reference import point_mask_logits as reference_point_mask_logits
 from bench.m2f_testing import TINY, random_images, random_targets
 from m2f import build_model
 from m2f.targets import pad_targets
@@ -160,7 +161,10 @@ def test_eval_still_returns_the_last_masks():
     assert rel_err(free["pred_logits"], logits["pred_logits"]) < 1e-4
 
 
-def test_point_mask_logits_is_the_sampled_einsum():
+@pytest.mark.parametrize("one_mask_chunks", [False, True])
+def test_point_mask_logits_is_the_sampled_einsum(one_mask_chunks, monkeypatch):
+    if one_mask_chunks:  # the reference's chunk loop, one matched mask at a time
+        monkeypatch.setattr(reference_point_mask_logits, "_CHUNK_ELEMENTS", 1)
     seed = torch.seed()
     embed, features = torch.randn(2, 5, 6, dtype=torch.float64), torch.randn(2, 6, 7, 9, dtype=torch.float64)
     coords = torch.rand(4, 11, 2, dtype=torch.float64) * 1.2 - 0.1
