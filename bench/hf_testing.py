@@ -101,3 +101,27 @@ def train_step(model, batch, seed: int, log: bool = False):
         out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return out, out.loss.detach(), grads, (mode.ops if log else None)
+
+
+def timed_fp32_steps(models: dict, batch, seed: int, label: str) -> dict:
+    """{name: :func:`train_step` result} for each CUDA model of ``models`` ({name: model}), in
+    fp32 without tf32, each after a warm-up step (kernel compilation, allocator); prints
+    "[device] <label>, <name>: step ms, peak MiB" per model."""
+    import time
+
+    results = {}
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, model in models.items():
+            train_step(model, batch, seed)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            results[name] = train_step(model, batch, seed)
+            torch.cuda.synchronize()
+            print(f"\n[{torch.cuda.get_device_name()}] {label}, {name}: {(time.perf_counter() - start) * 1e3:.1f} ms, "
+                  f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return results

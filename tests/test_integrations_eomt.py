@@ -14,7 +14,6 @@ import collections
 import copy
 import os
 import sys
-import time
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ hf = pytest.importorskip("transformers.models.eomt.modeling_eomt", reason="this 
 pytest.importorskip("scipy", reason="HF's EomtLoss needs scipy")
 
 from m2f_kernels.integrations import transformers as patch  # noqa: E402
-from bench.hf_testing import make_batch, make_config, make_eomt_config, train_step  # noqa: E402
+from bench.hf_testing import make_batch, make_config, make_eomt_config, timed_fp32_steps, train_step  # noqa: E402
 from .test_integrations_transformers import LossTieSuspected, assert_same_step  # noqa: E402
 
 PATCHED_NAMES = [n for s in patch.EOMT_SWITCHES for n in patch.EOMT.classes[s]]
@@ -226,21 +225,7 @@ def test_real_size_step_matches_hf_on_gpu():
     model = patch.apply_m2f_kernels_to_eomt(model=copy.deepcopy(reference))
     batch = make_batch(config, 2, config.image_size, "cuda")
     seed = torch.seed()
-    results = {}
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        for name, m in (("hf", reference), ("m2f_kernels", model)):
-            train_step(m, batch, seed)  # warm-up: kernel compilation, allocator
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            results[name] = train_step(m, batch, seed)
-            torch.cuda.synchronize()
-            print(f"\n[{torch.cuda.get_device_name()}] HF EoMT-S 2x640^2 fp32 train step, {name}: "
-                  f"{(time.perf_counter() - start) * 1e3:.1f} ms, "
-                  f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    results = timed_fp32_steps({"hf": reference, "m2f_kernels": model}, batch, seed,
+                               "HF EoMT-S 2x640^2 fp32 train step")
     # the forward is HF's in both; the loss's reassociation moves the gradients by rounding
     assert_same_step(results["m2f_kernels"], results["hf"], 1e-4, 5e-3, f"real size (seed {seed})")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ pytest.importorskip("scipy", reason="HF's Mask2FormerLoss needs scipy")
 from m2f_kernels.compat import ms_deform_attn_core_pytorch  # noqa: E402
 from m2f_kernels.integrations import transformers as patch  # noqa: E402
 from bench.hf_testing import (  # noqa: E402
-    generic_points, make_batch, make_config, random_boxes, train_step,
+    generic_points, make_batch, make_config, random_boxes, timed_fp32_steps, train_step,
 )
 
 SWITCH_CASES = [
@@ -331,22 +330,8 @@ def test_real_size_step_matches_hf_on_gpu():
     model = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(reference))
     batch = make_batch(config, 2, 384, "cuda")
     seed = torch.seed()
-    results = {}
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        for name, m in (("hf", reference), ("m2f_kernels", model)):
-            train_step(m, batch, seed)  # warm-up: kernel compilation, allocator
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            start = time.perf_counter()
-            results[name] = train_step(m, batch, seed)
-            torch.cuda.synchronize()
-            print(f"\n[{torch.cuda.get_device_name()}] HF Mask2Former Swin-T 2x384^2 fp32 train step, {name}: "
-                  f"{(time.perf_counter() - start) * 1e3:.1f} ms, "
-                  f"peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    results = timed_fp32_steps({"hf": reference, "m2f_kernels": model}, batch, seed,
+                               "HF Mask2Former Swin-T 2x384^2 fp32 train step")
     # the decoder thresholds mask logits at 0, so fp32 reassociation can flip a few mask
     # bits and move later layers' gradients by O(1e-3) (as in test_m2f_equivalence)
     assert_same_step(results["m2f_kernels"], results["hf"], 1e-3, 5e-3, f"real size (seed {seed})")
