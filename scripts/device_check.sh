@@ -13,7 +13,7 @@
 #   bench        the benchmark suite, default scope (BENCH_FILTER narrows it: -k)
 #   bench-quick  the same at --benchmark-quick
 #   sweeps       the masked-attention and point-loss sweeps at --quick (defaults, host vs GPU time)
-#   hf           python -m bench.hf_mask2former (HF Mask2Former with/without the patch)
+#   hf           python -m bench.hf_mask2former (HF Mask2Former, then HF EoMT, with/without the patch)
 #   train-start  start the fused and the reference `--preset small` training runs in the
 #                background (TRAIN_STEPS, TRAIN_ARGS, TRAIN_LIMIT); `train-wait` waits for them
 #   cuda-tests   the cuda backend's tests, then compute-sanitizer memcheck + racecheck on a subset
@@ -98,9 +98,11 @@ for stage in $stages; do
       tail -20 "$LOGS/sweep-point-loss.txt"
       ;;
     hf)
-      timeout "$HF_LIMIT" python3 -m bench.hf_mask2former --size real --device cuda --out bench/results \
-        > "$LOGS/hf.log" 2>&1
-      tail -30 "$LOGS/hf.log"
+      for model in mask2former eomt; do
+        timeout "$HF_LIMIT" python3 -m bench.hf_mask2former --model "$model" --size real --device cuda \
+          --out bench/results > "$LOGS/hf-$model.log" 2>&1
+        tail -30 "$LOGS/hf-$model.log"
+      done
       ;;
     train-start)
       for kernels in fused reference; do
