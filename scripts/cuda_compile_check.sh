@@ -49,24 +49,34 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 OBJ_DIR="${CUDA_CHECK_OBJ_DIR:-$TMP}"
 mkdir -p "$OBJ_DIR"
-status=0
-check() {  # check LABEL FILE COMMAND...: run COMMAND, print one line, keep the log on failure
-  local label="$1" file="$2"; shift 2
+# Files compile side by side, one job per core (CUDA_CHECK_JOBS): each nvcc job is
+# single-threaded and the files are independent; the lines print in file order at the end.
+JOBS="${CUDA_CHECK_JOBS:-$(nproc)}"
+count=0
+check() {  # check N LABEL FILE COMMAND...: run COMMAND, leave its one line (and log on failure) in $TMP/N.out
+  local n="$1" label="$2" file="$3"; shift 3
   local start=$SECONDS
-  if "$@" > "$TMP/log" 2>&1; then
-    echo "ok    $label ${file#"$ROOT"/} ($((SECONDS - start)) s)"
+  if "$@" > "$TMP/$n.log" 2>&1; then
+    echo "ok    $label ${file#"$ROOT"/} ($((SECONDS - start)) s)" > "$TMP/$n.out"
   else
-    echo "FAIL  $label ${file#"$ROOT"/} ($((SECONDS - start)) s)"
-    cat "$TMP/log"
-    status=1
+    { echo "FAIL  $label ${file#"$ROOT"/} ($((SECONDS - start)) s)"; cat "$TMP/$n.log"; } > "$TMP/$n.out"
+    touch "$TMP/$n.failed"
   fi
+}
+launch() {  # launch LABEL FILE COMMAND...: check in the background, at most JOBS at once
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  count=$((count + 1))
+  check "$count" "$@" &
 }
 
 shopt -s globstar nullglob
 for f in "$ROOT"/csrc/**/*.cu; do
-  check "nvcc sm_80,sm_90" "$f" "$NVCC" "${COMMON[@]}" "${NVCC_FLAGS[@]}" -c "$f" -o "$OBJ_DIR/$(basename "$f").o"
+  launch "nvcc sm_80,sm_90" "$f" "$NVCC" "${COMMON[@]}" "${NVCC_FLAGS[@]}" -c "$f" -o "$OBJ_DIR/$(basename "$f").o"
 done
 for f in "$ROOT"/csrc/**/*.cpp; do
-  check "$CXX -fsyntax-only" "$f" "$CXX" "${COMMON[@]}" -fPIC -fsyntax-only "$f"
+  launch "$CXX -fsyntax-only" "$f" "$CXX" "${COMMON[@]}" -fPIC -fsyntax-only "$f"
 done
-exit $status
+wait
+for n in $(seq 1 "$count"); do cat "$TMP/$n.out"; done
+failed=("$TMP"/*.failed)
+[ "${#failed[@]}" -eq 0 ]
