@@ -13,7 +13,8 @@ are the custom op's schema), a fake, and, when it has a gradient, a :class:`Back
   order; :mod:`m2f_kernels._dispatch`).
 
 Calling the returned :class:`Op` with the custom op's arguments (``backend=`` as a keyword)
-chooses the backend and runs the op. ``docs/adding-an-op.md`` walks through a new op.
+chooses the backend and runs the op; under ``torch.onnx.export`` it traces the op's
+reference instead (:meth:`Op.decomposed`: standard ONNX operators, no custom op). ``docs/adding-an-op.md`` walks through a new op.
 """
 from __future__ import annotations
 
