@@ -125,3 +125,16 @@ def timed_fp32_steps(models: dict, batch, seed: int, label: str) -> dict:
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     return results
+
+
+@contextlib.contextmanager
+def module_restored(module, names, revert):
+    """Yields {name: original} of ``module``'s attributes ``names``; afterwards ``revert()`` has
+    run and every one of them is the original again, whatever happened inside."""
+    originals = {n: getattr(module, n) for n in names}
+    try:
+        yield originals
+    finally:
+        revert()
+        for name, obj in originals.items():
+            setattr(module, name, obj)

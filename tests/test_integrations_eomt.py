@@ -27,7 +27,9 @@ hf = pytest.importorskip("transformers.models.eomt.modeling_eomt", reason="this 
 pytest.importorskip("scipy", reason="HF's EomtLoss needs scipy")
 
 from m2f_kernels.integrations import transformers as patch  # noqa: E402
-from bench.hf_testing import make_batch, make_config, make_eomt_config, timed_fp32_steps, train_step  # noqa: E402
+from bench.hf_testing import (  # noqa: E402
+    make_batch, make_config, make_eomt_config, module_restored, timed_fp32_steps, train_step,
+)
 from .test_integrations_transformers import LossTieSuspected, assert_same_step  # noqa: E402
 
 PATCHED_NAMES = [n for s in patch.EOMT_SWITCHES for n in patch.EOMT.classes[s]]
@@ -63,11 +65,8 @@ def hf_calls(monkeypatch):
 @pytest.fixture
 def restore_module():
     """Whatever a test does to the modeling module, the next test sees HF's originals."""
-    originals = {n: getattr(hf, n) for n in PATCHED_NAMES}
-    yield originals
-    patch.revert_m2f_kernels_to_eomt()
-    for name, obj in originals.items():
-        setattr(hf, name, obj)
+    with module_restored(hf, PATCHED_NAMES, patch.revert_m2f_kernels_to_eomt) as originals:
+        yield originals
 
 
 def eomt_step(model, batch, seed: int, calls: collections.Counter):

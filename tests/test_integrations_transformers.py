@@ -27,7 +27,7 @@ pytest.importorskip("scipy", reason="HF's Mask2FormerLoss needs scipy")
 from m2f_kernels.compat import ms_deform_attn_core_pytorch  # noqa: E402
 from m2f_kernels.integrations import transformers as patch  # noqa: E402
 from bench.hf_testing import (  # noqa: E402
-    generic_points, make_batch, make_config, random_boxes, timed_fp32_steps, train_step,
+    generic_points, make_batch, make_config, module_restored, random_boxes, timed_fp32_steps, train_step,
 )
 
 SWITCH_CASES = [
@@ -103,11 +103,8 @@ def assert_same_step_retrying_ties(step, tol: float, grad_tol: float, what: str)
 @pytest.fixture
 def restore_module():
     """Whatever a test does to the modeling module, the next test sees HF's originals."""
-    originals = {n: getattr(hf, n) for n in PATCHED_NAMES}
-    yield originals
-    patch.revert_m2f_kernels_to_mask2former()
-    for name, obj in originals.items():
-        setattr(hf, name, obj)
+    with module_restored(hf, PATCHED_NAMES, patch.revert_m2f_kernels_to_mask2former) as originals:
+        yield originals
 
 
 def tiny_model(seed=None):
