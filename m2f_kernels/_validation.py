@@ -123,8 +123,12 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
     # Reading CUDA tensors costs a host sync, so a pair already checked is not read again:
     # the stamp names the exact objects, their versions (in-place edits bump them) and S.
     # The pixel decoder passes one pair to all its layers: one check per forward, not six.
-    stamp = (id(level_start_index), _version(level_start_index), _version(spatial_shapes), value.shape[1])
-    if getattr(spatial_shapes, "_m2f_kernels_checked", None) == stamp:
+    # Both tensors carry the stamp: a new tensor may reuse the id() of a freed one, and it
+    # has no stamp.
+    stamp = (id(spatial_shapes), id(level_start_index), _version(spatial_shapes), _version(level_start_index),
+             value.shape[1])
+    if (getattr(spatial_shapes, "_m2f_kernels_checked", None) == stamp
+            and getattr(level_start_index, "_m2f_kernels_checked", None) == stamp):
         return
     shapes = spatial_shapes.tolist()
     if any(hh < 1 or ww < 1 for hh, ww in shapes):
@@ -139,7 +143,7 @@ def spatial_layout(value, spatial_shapes, level_start_index) -> None:
         raise ValueError(
             f"value.shape[1] (S) must equal sum of H_l*W_l over spatial_shapes = {sum(sizes)}, got shape {tuple(value.shape)}"
         )
-    spatial_shapes._m2f_kernels_checked = stamp
+    spatial_shapes._m2f_kernels_checked = level_start_index._m2f_kernels_checked = stamp
     remember_level_shapes(spatial_shapes, shapes)
 
 

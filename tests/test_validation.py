@@ -173,6 +173,21 @@ def test_spatial_layout_is_read_once_per_pair_and_again_after_an_edit(monkeypatc
         mk.ms_deform_attn(torch.randn(2, 17, 2, 4), shapes, starts, loc, weights)
 
 
+def test_a_new_level_start_index_is_checked_even_where_it_reuses_a_freed_ones_id():
+    """A start index built per call is a new tensor that may take the id() of the last one
+    (freed): it is checked all the same."""
+    shapes, value = torch.tensor([[3, 4], [2, 2]]), torch.randn(1, 16, 2, 4)
+    loc, weights = torch.rand(1, 3, 2, 2, 2, 2), torch.rand(1, 3, 2, 2, 2)
+
+    def call(starts):
+        return mk.ms_deform_attn(value, shapes, torch.tensor(starts), loc, weights, backend="reference")
+
+    for _ in range(3):
+        call([0, 12])
+        with pytest.raises(ValueError, match="level_start_index"):
+            call([0, 5])
+
+
 @pytest.mark.parametrize("op", ["point_mask_loss", "uncertain_point_coords"])
 def test_pred_index_out_of_range_is_an_error_naming_it(op):
     """A ValueError at once on the CPU (on a GPU: a device-side assert, as the check never syncs)."""
