@@ -238,3 +238,21 @@ def test_custom_op_path_gradcheck(custom_op_path):
     """The gradchecks above run the fast path; the custom op's registered autograd gets its own."""
     for name, (fn, leaves) in _differentiable_calls().items():
         assert torch.autograd.gradcheck(lambda *xs: fn(*xs)[0], leaves), name
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["eager_function", "custom_op"])
+@pytest.mark.parametrize("name", list(_differentiable_calls()))
+def test_double_backward_raises(name, fast, monkeypatch):
+    """The backwards have no derivative of their own: a second derivative (a gradient penalty
+    through create_graph=True) raises on both paths instead of being wrong or silently 0."""
+    from m2f_kernels.ops import _define
+
+    monkeypatch.setattr(_define, "FAST_EAGER", fast)
+    fn, leaves = _differentiable_calls()[name]
+    outs = fn(*leaves)
+    total = sum(o.sum() for o in outs)
+    grads = torch.autograd.grad(total, leaves, create_graph=True)
+    torch.autograd.grad(total, leaves, retain_graph=True)  # first order: fine
+    penalty = total + sum((g ** 2).sum() for g in grads)
+    with pytest.raises(RuntimeError, match="second derivative|no autograd formula"):
+        penalty.backward()

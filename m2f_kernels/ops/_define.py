@@ -222,9 +222,33 @@ def _eager_function(name: str, forward: Callable, setup_context: Callable, backw
 
     cls_name = "".join(part.title() for part in name.split("_")) + "Eager"
     function = type(cls_name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward),
+        "forward": staticmethod(forward_with_ctx), "backward": staticmethod(_first_order_only(name, backward)),
     })
     return function.apply
+
+
+def _first_order_only(name: str, backward: Callable) -> Callable:
+    """``backward`` run without recording a graph; under ``create_graph`` its gradients lead to a
+    node that raises when backpropagated through, as the custom op's ``<name>_backward`` does.
+
+    The backward bodies are not differentiable (the outputs they are given are constants to
+    them, the kernels record nothing), so a second derivative through them would be wrong or
+    silently missing. ``torch.autograd.function.once_differentiable`` looks only at the output
+    gradients; here the saved inputs count too (``grad(out.sum(), q, create_graph=True)``).
+    """
+    message = (f"m2f_kernels.{name} has no second derivative (its backward is not differentiable)").encode()
+
+    def first_order_backward(ctx, *grads):
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return result
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (*grads, *ctx.saved_tensors)):
+            return result
+        error = torch._C._functions.DelayedError(message, len(result))
+        return error(*[None if g is None else g.detach().requires_grad_() for g in result])
+
+    return first_order_backward
 
 
 # --- autograd from a Backward -----------------------------------------------------------------
