@@ -256,3 +256,28 @@ def test_double_backward_raises(name, fast, monkeypatch):
     penalty = total + sum((g ** 2).sum() for g in grads)
     with pytest.raises(RuntimeError, match="second derivative|no autograd formula"):
         penalty.backward()
+
+
+def test_every_op_runs_on_meta_tensors():
+    """Plain eager calls on meta tensors (shape inference, a model built on the meta device)
+    take the custom op's fakes: shapes and dtypes, no data, gradients included."""
+    meta = torch.device("meta")
+    q = torch.randn(2, 3, 5, 4, device=meta, requires_grad=True)
+    value = torch.randn(2, S, 2, 4, device=meta, requires_grad=True)
+    loc, weights = torch.rand(2, 3, 2, 3, 2, 2, device=meta), torch.rand(2, 3, 2, 3, 2, device=meta)
+    pred = torch.randn(2, 4, 6, 5, device=meta, requires_grad=True)
+    target, coords = torch.rand(3, 9, 8, device=meta) > 0.5, torch.rand(3, 11, 2, device=meta)
+    index = (torch.tensor([0, 1, 1], device=meta), torch.tensor([2, 0, 3], device=meta))
+    out = mk.masked_attention(q, q, q, torch.rand(2, 5, 5, device=meta) < 0.5)
+    assert out.shape == q.shape and torch.autograd.grad(out.sum(), q)[0].shape == q.shape
+    out = mk.ms_deform_attn(value, SHAPES, STARTS, loc, weights)
+    assert out.shape == (2, 3, 8) and torch.autograd.grad(out.sum(), value)[0].shape == value.shape
+    assert mk.point_sample(pred[0].unsqueeze(1), coords[:1].expand(4, -1, -1)).shape == (4, 1, 11)
+    bce, dice = mk.point_mask_loss(pred, target, coords, 3.0, pred_index=index)
+    assert bce.shape == dice.shape == () and torch.autograd.grad(bce + dice, pred)[0].shape == pred.shape
+    assert mk.uncertain_point_coords(pred, 7, pred_index=index).shape == (3, 7, 2)
+    cost, _ = mk.pairwise_mask_cost(pred[0], target, coords[0])
+    assert cost.shape == (4, 3) and cost.device == meta
+    assert mk.linear_sum_assignment(cost).shape == (3,)
+    embed, features = torch.randn(2, 4, 3, device=meta), torch.randn(2, 3, 5, 6, device=meta)
+    assert mk.point_mask_logits(embed, features, coords, index).shape == (3, 11)

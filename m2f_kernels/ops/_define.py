@@ -203,7 +203,8 @@ def eager_fast_path(*tensors: torch.Tensor) -> bool:
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
         return False
-    return all(type(t) in _PLAIN_TENSORS for t in tensors)
+    # meta tensors (shape inference) take the custom op, whose fakes are its meta kernels
+    return all(type(t) in _PLAIN_TENSORS and not t.is_meta for t in tensors)
 
 
 def _eager_function(name: str, forward: Callable, setup_context: Callable, backward: Callable) -> Callable:
