@@ -9,6 +9,7 @@ point_sample's input runs in its own dtype too.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -136,8 +137,8 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
         raise TypeError(f"num_points must be an int, got {type(num_points).__name__}")
     if num_points < 1:
         raise ValueError(f"num_points must be >= 1, got {num_points}")
-    if not isinstance(oversample_ratio, (int, float)) or oversample_ratio < 1:
-        raise ValueError(f"oversample_ratio must be a number >= 1, got {oversample_ratio!r}")
+    if not isinstance(oversample_ratio, (int, float)) or not 1 <= oversample_ratio < math.inf:
+        raise ValueError(f"oversample_ratio must be a finite number >= 1, got {oversample_ratio!r}")
     if not isinstance(importance_sample_ratio, (int, float)) or not 0 <= importance_sample_ratio <= 1:
         raise ValueError(f"importance_sample_ratio must be in [0, 1], got {importance_sample_ratio!r}")
     n = check_pred_index("logits", logits, pred_index, "[B, Q, H, W]")
