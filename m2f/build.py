@@ -1,7 +1,11 @@
 """``build_model``: the official Mask2Former configurations, shrinkable for tests."""
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import numbers
+import os
+import typing
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
@@ -16,12 +20,42 @@ from .transformer_decoder import MultiScaleMaskedTransformerDecoder
 
 def checked_overrides(cls, overrides: dict, caller: str):
     """``cls(**overrides)`` (a dataclass of a builder's optional settings), or a TypeError
-    naming the unknown keys and the valid ones."""
+    naming the unknown keys and the valid ones, or the first value whose type does not fit
+    its field's annotation (a sequence may be a list or a tuple, a float field takes an int)."""
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(overrides) - valid)
     if unknown:
         raise TypeError(f"{caller} got unknown overrides {unknown}; valid: {sorted(valid)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in overrides.items():
+        if not _fits(value, hints[key]):
+            shown = str(hints[key]).replace("typing.", "")
+            raise TypeError(f"{caller}: override {key} must be {shown}, got {value!r} ({type(value).__name__})")
     return cls(**overrides)
+
+
+def _fits(value, hint) -> bool:
+    """Whether ``value`` fits the type annotation ``hint`` (the forms Overrides classes use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union:
+        return any(_fits(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, (str, os.PathLike))
+    if origin in (tuple, collections.abc.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        if origin is tuple and Ellipsis not in args:  # Tuple[int, str]: one type per item
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return all(_fits(v, args[0]) for v in value)
+    return True
 
 
 @dataclass

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
+from .cli_args import at_least
 from .data import ShardSampler, collate
 from .data.sample import DatasetInfo
 from .inference import instance_inference, panoptic_inference, semantic_inference, upsample_masks
@@ -150,11 +151,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--checkpoint", help="a checkpoint written by m2f.train")
     p.add_argument("--split", default="val")
     p.add_argument("--data-root", help="override the run's data root")
-    p.add_argument("--eval-images", type=int, help="evaluate only the first N images")
-    p.add_argument("--batch-size", type=int, default=8, help="global batch size")
+    p.add_argument("--eval-images", type=at_least(1), help="evaluate only the first N images")
+    p.add_argument("--batch-size", type=at_least(1), default=8, help="global batch size")
     p.add_argument("--kernels", choices=("reference", "fused"), help="override the run's kernels")
     p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="override the run's autocast mode")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=at_least(0), default=0)
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--out", help="folder for eval.json and the prediction plot (default: the run folder)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")

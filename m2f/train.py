@@ -63,6 +63,7 @@ from .checkpoint import (CHECKPOINT, CheckpointMismatchError, CheckpointWriter, 
                          OptimizerStateMismatchError, check_state_dict, checkpoint_files, latest_checkpoint,
                          load_checkpoint, load_optimizer_state)
 from .checkpoint import atomic_save as _atomic_save
+from .cli_args import at_least
 from .solver import build_optimizer, build_scheduler, clip_gradients, current_lrs
 
 # Presets: model size and schedule. Explicit flags override them. The from-scratch presets
@@ -155,12 +156,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "without it the backbone starts from scratch")
     p.add_argument("--dataset", choices=DATASETS, help="default: shapes (generated, no files)")
     p.add_argument("--data-root", help="dataset folder (coco_panoptic, ade20k)")
-    p.add_argument("--steps", type=int, help="optimiser steps")
-    p.add_argument("--batch-size", type=int, help="global batch size (all ranks together)")
-    p.add_argument("--image-size", type=int, help="training crop / evaluation size in pixels")
-    p.add_argument("--train-images", type=int, help="train on the first N images only (e.g. to overfit)")
-    p.add_argument("--lr", type=float, help="base learning rate (official: 1e-4)")
-    p.add_argument("--num-queries", type=int)
+    p.add_argument("--steps", type=at_least(1), help="optimiser steps")
+    p.add_argument("--batch-size", type=at_least(1), help="global batch size (all ranks together)")
+    p.add_argument("--image-size", type=at_least(32), help="training crop / evaluation size in pixels")
+    p.add_argument("--train-images", type=at_least(1), help="train on the first N images only (e.g. to overfit)")
+    p.add_argument("--lr", type=at_least(0.0, float), help="base learning rate (official: 1e-4)")
+    p.add_argument("--num-queries", type=at_least(1))
     p.add_argument("--model", action="append", metavar="KEY=VALUE",
                    help="extra build_model override, e.g. --model dec_layers=6 (repeatable); or the architecture: "
                    "--model segformer (with --backbone mit_b0..mit_b5; see m2f.semantic)")
@@ -168,17 +169,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="run folder (default: runs/<dataset>_<preset>)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue the run in --out (or from CHECKPOINT)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: at the end only)")
-    p.add_argument("--eval-images", type=int, help="evaluate on the first N val images (default: all; "
+    p.add_argument("--eval-every", type=at_least(0), help="evaluate every N steps (default 0: at the end only)")
+    p.add_argument("--eval-images", type=at_least(1), help="evaluate on the first N val images (default: all; "
                    "shapes has 100)")
-    p.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: 500), besides --ckpt-minutes, "
+    p.add_argument("--ckpt-every", type=at_least(1), help="checkpoint every N steps (default: 500), besides --ckpt-minutes, "
                    "the end and SIGINT / SIGTERM")
-    p.add_argument("--ckpt-minutes", type=float, help="also checkpoint every M minutes (default: 10; 0: off)")
-    p.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints (default: 3): checkpoint.pt "
+    p.add_argument("--ckpt-minutes", type=at_least(0.0, float), help="also checkpoint every M minutes (default: 10; 0: off)")
+    p.add_argument("--keep-checkpoints", type=at_least(1), help="keep the newest K checkpoints (default: 3): checkpoint.pt "
                    "and checkpoint_<step>.pt")
-    p.add_argument("--log-every", type=int, help="log every N steps (default: 10)")
-    p.add_argument("--seed", type=int, help="seed of the model, the data and the sampling (default: 0)")
-    p.add_argument("--num-workers", type=int, help="data loader workers per rank (default: 4 on GPU, 0 on CPU)")
+    p.add_argument("--log-every", type=at_least(1), help="log every N steps (default: 10)")
+    p.add_argument("--seed", type=at_least(0), help="seed of the model, the data and the sampling (default: 0)")
+    p.add_argument("--num-workers", type=at_least(0), help="data loader workers per rank (default: 4 on GPU, 0 on CPU)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the model's training forward, loss included (default: off)")
@@ -234,10 +235,10 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "out": args.out or os.path.join("runs", f"{cfg['dataset']}_{preset}"),
         "eval_every": args.eval_every or 0,
         "eval_images": args.eval_images,
-        "ckpt_every": args.ckpt_every or 500,
+        "ckpt_every": 500 if args.ckpt_every is None else args.ckpt_every,
         "ckpt_minutes": 10.0 if args.ckpt_minutes is None else args.ckpt_minutes,
         "keep_checkpoints": 3 if args.keep_checkpoints is None else args.keep_checkpoints,
-        "log_every": args.log_every or 10,
+        "log_every": 10 if args.log_every is None else args.log_every,
         "num_workers": args.num_workers,
         "device": args.device,
         "compile": bool(args.compile),
@@ -688,10 +689,6 @@ def load_run_config(args: argparse.Namespace, env: Env):
     cfg.setdefault("ckpt_minutes", 10.0)
     cfg.setdefault("keep_checkpoints", 3)
     check_step_options(cfg, env)
-    if cfg["keep_checkpoints"] < 1:
-        raise SystemExit(f"--keep-checkpoints must be at least 1, got {cfg['keep_checkpoints']}")
-    if cfg["ckpt_minutes"] < 0:
-        raise SystemExit(f"--ckpt-minutes must be 0 (off) or more, got {cfg['ckpt_minutes']}")
     if cfg["num_workers"] is None:
         cfg["num_workers"] = min(4, os.cpu_count() or 1) if env.device.type == "cuda" else 0
     if cfg["batch_size"] % env.world_size:

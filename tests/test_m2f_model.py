@@ -1,6 +1,8 @@
 """The reference Mask2Former: configurations, parameter counts, shapes, losses."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -103,6 +105,18 @@ def test_build_model_rejects_bad_arguments():
         build_model("resnet18", kernels="cuda")
     with pytest.raises(ValueError, match="mask_loss must be one of"):
         build_model("resnet18", mask_loss="dense")
+    for key, value in (("max_targets", "abc"), ("dec_layers", 2.0), ("deep_supervision", 1), ("dropout", "0"),
+                       ("backbone_depths", (1, "1")), ("pixel_mean", 1.0)):
+        with pytest.raises(TypeError, match=f"build_model: override {key} must be .*, got {re.escape(repr(value))}"):
+            build_model("resnet18", **{key: value})
+
+
+def test_build_model_overrides_take_lists_for_sequences_and_ints_for_floats():
+    """What a JSON config or ``--model KEY=VALUE`` gives: lists, ints where floats are meant."""
+    model = build_model("resnet18", num_queries=4, backbone_width=8, backbone_depths=[1, 1, 1, 1], hidden_dim=32,
+                        nheads=2, dim_feedforward=16, dec_layers=1, enc_layers=1, enc_dim_feedforward=16,
+                        dropout=0, max_targets=None, pixel_mean=[0, 0, 0])
+    assert model.pixel_mean.flatten().tolist() == [0.0, 0.0, 0.0]
 
 
 def test_fused_model_under_inference_mode_then_training():

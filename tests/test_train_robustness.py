@@ -310,6 +310,28 @@ def test_missing_data_is_one_line_and_creates_no_run_folder(tmp_path, dataset, m
         train_mod.main(argv + ["--debug"])
 
 
+@pytest.mark.parametrize("module, flag, value, bound", [
+    (train_mod, "--steps", "0", "an integer >= 1"), (train_mod, "--batch-size", "-2", "an integer >= 1"),
+    (train_mod, "--image-size", "16", "an integer >= 32"), (train_mod, "--seed", "-1", "an integer >= 0"),
+    (train_mod, "--lr", "-1e-4", "a number >= 0.0"), (train_mod, "--ckpt-minutes", "nan", "a number >= 0.0"),
+    (train_mod, "--keep-checkpoints", "0", "an integer >= 1"), (train_mod, "--log-every", "x", "an integer >= 1"),
+    (evaluate_mod, "--eval-images", "0", "an integer >= 1"),
+])
+def test_out_of_range_numbers_are_usage_errors_naming_the_flag(capsys, module, flag, value, bound):
+    with pytest.raises(SystemExit) as info:
+        module.parse_args([f"{flag}={value}"] + (["--run", "x"] if module is evaluate_mod else []))
+    assert info.value.code == 2
+    assert f"argument {flag}: must be {bound}, got {value!r}" in capsys.readouterr().err
+
+
+def test_model_override_of_the_wrong_type_is_one_line_and_creates_nothing(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        train_mod.main(MICRO + ["--model", "max_targets=abc", "--out", str(run)])
+    assert "override max_targets must be Optional[int], got 'abc'" in str(info.value)
+    assert "\n" not in str(info.value) and not run.exists()
+
+
 def test_bad_checkpoints_are_one_line_errors_that_create_nothing(tmp_path):
     run = str(tmp_path / "run")
     train_mod.main(MICRO + ["--steps", "1", "--out", run])
