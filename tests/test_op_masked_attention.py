@@ -610,3 +610,14 @@ def test_layer_without_mask_and_with_key_padding(backend):
     pad[0, -5:] = True
     assert_close_floored(layer(tgt, memory, memory_key_padding_mask=pad),
                          official(tgt, memory, memory_key_padding_mask=pad), TOLERANCE[torch.float32], "key padding")
+
+
+def test_layer_with_no_queries_or_no_images_and_a_float_key_padding_mask():
+    """Zero queries or a zero batch give empty outputs; a floating key_padding_mask (an additive
+    bias in nn.MultiheadAttention, which the layer does not take) is a TypeError naming it."""
+    C, heads, N = 8, 2, 5
+    layer = MaskedCrossAttention(C, heads, backend="reference")
+    assert layer(torch.randn(0, 2, C), torch.randn(N, 2, C)).shape == (0, 2, C)
+    assert layer(torch.randn(3, 0, C), torch.randn(N, 0, C)).shape == (3, 0, C)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        layer(torch.randn(3, 2, C), torch.randn(N, 2, C), memory_key_padding_mask=torch.zeros(2, N))

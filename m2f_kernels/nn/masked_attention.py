@@ -31,13 +31,13 @@ def multihead_masked_attention(query: Tensor, key: Tensor, value: Tensor, in_pro
     w_q, w_k, w_v = in_proj_weight.chunk(3)
     b_q, b_k, b_v = in_proj_bias.chunk(3)
 
-    def heads(x: Tensor) -> Tensor:  # [L, B, C] -> [B, heads, L, C / heads]
-        return x.view(x.shape[0], x.shape[1], num_heads, -1).permute(1, 2, 0, 3)
+    def heads(x: Tensor) -> Tensor:  # [L, B, C] -> [B, heads, L, C / heads] (sizes spelt out: L or B may be 0)
+        return x.view(x.shape[0], x.shape[1], num_heads, x.shape[2] // num_heads).permute(1, 2, 0, 3)
 
     q = heads(F.linear(query, w_q, b_q))
     out = m2f_kernels.masked_attention(q, heads(F.linear(key, w_k, b_k)), heads(F.linear(value, w_v, b_v)),
                                        mask, scale=q.shape[-1] ** -0.5, backend=backend)
-    out = out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+    out = out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], out.shape[1] * out.shape[3])
     return F.linear(out, out_proj_weight, out_proj_bias)
 
 
@@ -103,6 +103,8 @@ def op_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], bat
     else:
         mask = attn_mask
     if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:  # a floating one would read as logits, not as a bias
+            raise TypeError(f"key_padding_mask must be bool [B, N] (True = padding), got {key_padding_mask.dtype}")
         blocked = mask if mask.dtype == torch.bool else mask < 0
         pad = key_padding_mask.view(batch, *([1] * (mask.dim() - 2)), nk)
         mask = pad.expand(mask.shape) if attn_mask is None else blocked | pad
