@@ -340,7 +340,10 @@ def main(argv=None) -> int:
     parser.add_argument("--no-charts", action="store_true", help="markdown only")
     args = parser.parse_args(argv)
     path = Path(args.result)
-    data = load(path)
+    try:
+        data = load(path)
+    except (OSError, ValueError) as e:  # no file, not JSON, or not of the schema (one problem a line)
+        parser.error(str(e).replace(":\n  ", ": ").replace("\n  ", "; "))
     out = Path(args.out) if args.out else path.parent
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{path.stem}.md").write_text(markdown(data))

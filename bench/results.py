@@ -146,7 +146,10 @@ def write_json(data: dict, path: Path) -> None:
 
 def load(path) -> dict:
     """Read and validate a result file (ValueError listing every problem)."""
-    data = json.loads(Path(path).read_text())
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON: {e}") from e
     problems = validate(data)
     if problems:
         raise ValueError(f"{path} does not match schema {SCHEMA}:\n  " + "\n  ".join(problems))

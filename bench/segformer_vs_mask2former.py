@@ -49,6 +49,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from m2f.cli_args import at_least
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NUM_CLASSES = 150  # ADE20K
 MODELS = [  # (name, architecture, backbone, kernels)
@@ -233,11 +235,12 @@ def markdown(rows: List[Dict], sizes) -> str:
 
 def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(prog="python -m bench.segformer_vs_mask2former", description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    p.add_argument("--only", nargs="+", metavar="BACKBONE", help="these backbones only (e.g. resnet50 mit_b0)")
+    p.add_argument("--sizes", type=at_least(32), nargs="+", default=list(SIZES), help="square image sizes")
+    p.add_argument("--only", nargs="+", metavar="BACKBONE", choices=sorted({m[2] for m in MODELS}),
+                   help="these backbones only (e.g. resnet50 mit_b0)")
     p.add_argument("--gflops-only", action="store_true", help="parameters and GFLOPs; no GPU measurement")
-    p.add_argument("--iters", type=int, default=10, help="timed inference iterations (training: half)")
-    p.add_argument("--train-steps", type=int, default=0, help="mIoU after this many steps on shapes (0: pending)")
+    p.add_argument("--iters", type=at_least(1), default=10, help="timed inference iterations (training: half)")
+    p.add_argument("--train-steps", type=at_least(0), default=0, help="mIoU after this many steps on shapes (0: pending)")
     p.add_argument("--train-device", help="device of the mIoU runs (default: cuda when available)")
     p.add_argument("--out", help="JSON path (default: bench/results/segformer-vs-mask2former-<device>-<date>.json)")
     args = p.parse_args(argv)

@@ -336,7 +336,7 @@ def _fake_results(cpu_records) -> dict:
             "env": env, "cases": cases}
 
 
-def test_results_json_schema(tmp_path, cpu_records):
+def test_results_json_schema(tmp_path, cpu_records, capsys):
     fake = _fake_results(cpu_records)
     path = results.result_path(tmp_path, "NVIDIA H100 80GB HBM3", "default")
     assert path.name.startswith("nvidia-h100-80gb-hbm3-") and path.suffix == ".json"
@@ -365,6 +365,15 @@ def test_results_json_schema(tmp_path, cpu_records):
     bad.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="env.commit missing"):
         results.load(bad)
+    not_json = tmp_path / "not.json"
+    not_json.write_text("{")
+    for path, message in ((bad, "does not match schema m2f-bench/1: env.commit missing; "),
+                          (not_json, f"{not_json} is not JSON: "), (tmp_path / "none.json", "No such file")):
+        with pytest.raises(SystemExit) as info:
+            report.main([str(path)])
+        assert info.value.code == 2
+        error = capsys.readouterr().err.splitlines()[-1]
+        assert error.startswith("python -m bench.report: error: ") and message in error
 
 
 def test_report_writes_markdown_tables_and_charts(tmp_path, cpu_records, capsys):

@@ -320,3 +320,13 @@ def test_bench_counts_the_flops_of_a_real_forward_and_marks_gpu_columns_pending(
            "infer_img_s": None, "train_step_ms": None, "peak_gb_per_image": None, "miou_shapes": None}
     table = markdown([row], [512])
     assert table.count(PENDING) == 4 and "| SegFormer B0 | - | 3.8 | 16.8 |" in table
+
+
+@pytest.mark.parametrize("argv, message", [(["--sizes", "0"], "argument --sizes: must be an integer >= 32"),
+                                           (["--only", "mit_b1"], "argument --only: invalid choice: 'mit_b1'")])
+def test_bench_refuses_bad_arguments_before_building_anything(capsys, argv, message):
+    from bench.segformer_vs_mask2former import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
