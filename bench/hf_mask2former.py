@@ -32,7 +32,8 @@ image size is the config's.
    steps (at least one each) so a run stays short.
 
 Writes ``hf-<model>-<device>-<date>.json`` and ``.md`` to ``--out``. The commit is
-``M2F_BENCH_COMMIT`` if set, else ``git rev-parse HEAD``. Exit status 2 when
+``M2F_BENCH_COMMIT`` if set, else ``git rev-parse HEAD``; rewritten after each case, so an
+interrupted run keeps the cases it finished. Exit status 2 when
 transformers (with the model), scipy or the requested device is missing.
 """
 from __future__ import annotations
@@ -415,6 +416,16 @@ def main(argv=None) -> int:
         "equality": None,
         "results": [],
     }
+    path = result_path(args.out, f"hf-{args.model}-{env['device']}", "default")
+
+    def save() -> str:
+        """Write what is measured so far (a Ctrl-C or a time limit keeps the finished cases)."""
+        data["elapsed_s"] = time.perf_counter() - t0
+        text = markdown(data)
+        atomic_write(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
+        atomic_write(path.with_suffix(".md"), text)
+        return text
+
     print(f"[hf_mask2former] {data['config']['parameters'] / 1e6:.1f} M parameters, batch {args.batch} x "
           f"{size}^2, {masks} masks/image ({time.perf_counter() - t0:.1f} s)", flush=True)
 
@@ -427,6 +438,7 @@ def main(argv=None) -> int:
             data["equality"] = {"error": f"{type(exc).__name__}: {exc}"}
             _free(device)
         print(f"  {data['equality']} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        save()
 
     cases = [(dtype, model_name, patched) for dtype in dtypes
              for model_name, patched in (("hf", False), ("m2f_kernels", True))]
@@ -447,17 +459,14 @@ def main(argv=None) -> int:
             record.update(status="error", reason=f"{type(exc).__name__}: {exc}")
             _free(device)
         data["results"].append(record)
+        save()
         t = record.get("time_ms")
         print(f"  {record['status']}" + (f": median {t['median']:.1f} ms over {t['rounds']}, peak "
                                          f"{_fmt(record.get('peak_mib'), '.0f')} MiB" if t else
                                          f": {record.get('reason')}")
               + f" ({time.perf_counter() - t0:.1f} s)", flush=True)
 
-    data["elapsed_s"] = time.perf_counter() - t0
-    text = markdown(data)
-    path = result_path(args.out, f"hf-{args.model}-{env['device']}", "default")
-    atomic_write(path, json.dumps(data, indent=1, allow_nan=True) + "\n")
-    atomic_write(path.with_suffix(".md"), text)
+    text = save()
     print("\n" + text, flush=True)
     print(f"[hf_mask2former] wrote {path} and {path.with_suffix('.md').name} ({data['elapsed_s']:.1f} s)",
           flush=True)

@@ -88,3 +88,22 @@ def test_tiny_cpu_run_eomt(tmp_path, one_thread):
     assert [(r["model"], r["status"]) for r in data["results"]] == [("hf", "ok"), ("m2f_kernels", "ok")]
     assert hf_mask2former.main(["--model", "eomt", "--size", "tiny", "--device", "cpu", "--image-size", "128",
                                 "--out", str(tmp_path)]) == 2
+
+
+def test_an_interrupted_run_keeps_the_cases_it_finished(tmp_path, one_thread, monkeypatch):
+    real, calls = hf_mask2former.time_steps, []
+
+    def time_steps(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hf_mask2former, "time_steps", time_steps)
+    with pytest.raises(KeyboardInterrupt):
+        hf_mask2former.main(["--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--dtype", "fp32",
+                             "--no-equality", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("*.json")
+    data = json.loads(path.read_text())
+    assert [(r["model"], r["status"]) for r in data["results"]] == [("hf", "ok")]
+    assert "| fp32 | hf |" in path.with_suffix(".md").read_text()
