@@ -126,6 +126,22 @@ def test_one_visible_key_rows(backend):
     assert_attention_matches(backend, q, k, v, mask)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["eager_function", "custom_op"])
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+def test_a_mask_that_requires_grad_gets_none(backend, fast, monkeypatch):
+    """The output is piecewise constant in mask logits: their gradient is zero, given as None
+    (no error), on the eager path and through the custom op; q, k, v get theirs."""
+    from m2f_kernels.ops import _define
+
+    monkeypatch.setattr(_define, "FAST_EAGER", fast)
+    B, H, Q, N, D = 1, 2, 3, 10, 8
+    q, k, v = (t.requires_grad_() for t in make_qkv(B, H, Q, N, D, torch.float32))
+    mask = make_mask(B, H, Q, N, "logits", False).requires_grad_()
+    out = mk.masked_attention(q, k, v, mask, backend=backend)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, mask), allow_unused=True)
+    assert grads[3] is None and all(g is not None and torch.isfinite(g).all() for g in grads[:3])
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.float16, torch.bfloat16, torch.float64], ids=_dtype_id)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_logits_mask_dtypes(backend, mask_dtype):
