@@ -201,7 +201,7 @@ def check_pred_index(pred_name: str, pred: torch.Tensor, pred_index, form: str,
         if pred_index is None:
             raise ValueError(f"pred_index=(batch_index, query_index) is required when {pred_name} is 4-D {form}")
         if not isinstance(pred_index, (tuple, list)) or len(pred_index) != 2:
-            raise TypeError("pred_index must be a pair (batch_index, query_index) of int64 tensors")
+            raise TypeError("pred_index must be a pair (batch_index, query_index) of int64 or int32 tensors")
         for name, idx in zip(("pred_index[0]", "pred_index[1]"), pred_index):
             check_tensor(name, idx, (1,), "[N]")
             if idx.dtype not in (torch.int64, torch.int32):

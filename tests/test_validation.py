@@ -55,6 +55,8 @@ CASES = {
                            mask=torch.zeros(2, 4, 0, dtype=torch.bool)), ValueError, "k"),
     "q not tensor": (_attention(q=[1.0]), TypeError, "q"),
     "zero head dim": (_attention(q=torch.randn(2, 3, 4, 0), k=torch.randn(2, 3, 6, 0)), ValueError, "q"),
+    "scale bool": (_attention(kw=dict(scale=True)), TypeError, "scale"),
+    "scale tensor": (_attention(kw=dict(scale=torch.tensor(0.5))), TypeError, "scale"),
     # ms_deform_attn
     "value rank": (_deform(value=torch.randn(2, 16, 8)), ValueError, "value"),
     "value integer": (_deform(value=torch.zeros(2, 16, 2, 4, dtype=torch.int64)), TypeError, "value"),

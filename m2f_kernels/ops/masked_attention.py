@@ -77,7 +77,7 @@ def _check(q, k, v, mask, scale) -> None:
     if tuple(mask.shape) != expected:
         form = "[B, Q, N]" if mask.dim() == 3 else "[B, H, Q, N]"
         raise ValueError(f"mask must be {form} = {expected} for these q, k, got shape {tuple(mask.shape)}")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
 
 
