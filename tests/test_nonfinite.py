@@ -304,6 +304,27 @@ class TestNonfiniteValues:
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("bad", BAD_IDS)
+@pytest.mark.parametrize("where", ["coords", "mask_features", "mask_embed"])
+def test_point_mask_logits_forward(backend, bad, where):
+    """The logits at points are NaN / ±inf where the reference's are (their gradients are
+    not pinned: docs/ops.md, "Non-finite values")."""
+    embed, features = torch.randn(2, 3, 4, device=DEVICE), torch.randn(2, 4, 5, 6, device=DEVICE)
+    coords = torch.rand(3, 7, 2, device=DEVICE)
+    index = (torch.tensor([1, 0, 1], device=DEVICE), torch.tensor([2, 0, 0], device=DEVICE))
+    if where == "coords":
+        coords = put(coords, (1, 4, 0), BAD[bad])
+    elif where == "mask_features":
+        features = put(features, (1, 2, 3, 3), BAD[bad])
+    else:
+        embed = put(embed, (1, 2, 1), BAD[bad])
+    got = run("point_mask_logits", backend, (embed, features, coords, index))[0]
+    want = run("point_mask_logits", "reference", (embed, features, coords, index))[0]
+    assert (~want.isfinite()).any()
+    assert_matches(got, want, "logits", exact=bad == "nan")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 class TestMaskedAttention:
 
     def test_nonfinite_mask_logits(self, backend):
