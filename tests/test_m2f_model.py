@@ -130,3 +130,53 @@ def test_fused_model_under_inference_mode_then_training():
     assert out["pred_masks"].shape[:2] == (2, TINY["num_queries"])
     model.train()
     sum(model(images, random_targets(2, model.num_classes, 64, 64)).values()).backward()
+
+
+def _frozen_bn_formula(bn, x):
+    """detectron2's FrozenBatchNorm2d.forward, computed afresh."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+    bias = bn.bias - bn.running_mean * scale
+    return x * scale.to(x.dtype).view(1, -1, 1, 1) + bias.to(x.dtype).view(1, -1, 1, 1)
+
+
+def test_frozen_bn_reuses_its_scale_and_bias_until_a_buffer_changes(tmp_path):
+    import copy
+
+    from m2f.backbone import FrozenBatchNorm2d
+
+    bn = FrozenBatchNorm2d(5)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(bn, name).normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 5, 3, 4, requires_grad=True)
+
+    def check(what, dtype=torch.float32):
+        xd = x.detach().to(dtype).requires_grad_()
+        got, want = bn(xd), _frozen_bn_formula(bn, xd)
+        assert torch.equal(got, want), what
+        g = torch.randn_like(got)
+        assert torch.equal(torch.autograd.grad(got, xd, g)[0], torch.autograd.grad(want, xd, g)[0]), what
+
+    check("first call")
+    cached = bn._affine_cache
+    check("second call")
+    assert bn._affine_cache is cached
+    check("bf16 input", torch.bfloat16)
+    bn.running_mean.add_(1.0)  # in place: a new version
+    check("running_mean changed in place")
+    bn.load_state_dict({**bn.state_dict(), "weight": torch.full((5,), 3.0)})
+    check("load_state_dict")
+    for _ in range(3):  # a new tensor, whatever id() it gets
+        bn.running_var = torch.rand(5) + 0.5
+        check("running_var replaced")
+    bn.double()
+    check("module.double()", torch.float64)
+    with torch.inference_mode():
+        assert torch.equal(bn(x.detach().double()), _frozen_bn_formula(bn, x.detach().double()))
+    check("training after inference_mode", torch.float64)  # no inference tensor saved for backward
+    copied = copy.deepcopy(bn)
+    copied.weight.mul_(2.0)
+    check("a deep copy's change leaves the original", torch.float64)
+    torch.save(bn, tmp_path / "bn.pt")
+    loaded = torch.load(tmp_path / "bn.pt", weights_only=False)
+    assert torch.equal(loaded(x.detach().double()), bn(x.detach().double()))

@@ -8,7 +8,7 @@ frozen batch norm, so the modules carry torchvision's names (``conv1``, ``bn1``,
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,13 @@ DEPTHS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3)), 101: ("
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """Batch norm with fixed statistics and affine terms, all buffers (detectron2's FrozenBN)."""
+    """Batch norm with fixed statistics and affine terms, all buffers (detectron2's FrozenBN).
+
+    ``x * scale + bias`` with detectron2's per-channel scale and bias, which depend on the
+    buffers only: they are computed once per buffer state (the same values, two kernel
+    launches a call instead of seven). A buffer changed in place (load_state_dict,
+    calibration) or replaced (``.to()``) is seen by its version and identity.
+    """
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
@@ -30,9 +36,31 @@ class FrozenBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(num_features) - eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, bias = self._affine(x.dtype)
+        return x * scale + bias
+
+    def _affine(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(scale, bias), each [1, C, 1, 1] in ``dtype``."""
+        buffers = (self.weight, self.bias, self.running_mean, self.running_var)
+        if torch.compiler.is_compiling() or any(b.requires_grad for b in buffers):
+            return self._compute_affine(dtype)
+        key = (dtype, self.eps, torch.is_inference_mode_enabled(), *(b._version for b in buffers))
+        cache = self.__dict__.get("_affine_cache")
+        # the cache object stamped on each buffer: a new tensor (even one reusing a freed id) has none
+        if cache is not None and cache[0] == key and all(getattr(b, "_m2f_affine", None) is cache for b in buffers):
+            return cache[1]
+        affine = self._compute_affine(dtype)
+        if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
+            cache = (key, affine)  # not while capturing a CUDA graph: captured kernels run only on replay
+            self.__dict__["_affine_cache"] = cache
+            for b in buffers:
+                b._m2f_affine = cache
+        return affine
+
+    def _compute_affine(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
-        return x * scale.to(x.dtype).view(1, -1, 1, 1) + bias.to(x.dtype).view(1, -1, 1, 1)
+        return scale.to(dtype).view(1, -1, 1, 1), bias.to(dtype).view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"
