@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2f_kernels.nn.shape_cache import cached
+
 
 class Conv2d(nn.Conv2d):
     """detectron2's Conv2d: a convolution followed by an optional norm and activation.
@@ -57,7 +59,10 @@ class MLP(nn.Module):
 class PositionEmbeddingSine(nn.Module):
     """DETR's normalised sine position embedding, as in Mask2Former's position_encoding.py.
 
-    forward(x [B, C, H, W]) -> [B, 2 * num_pos_feats, H, W] float32 (y features, then x).
+    forward(x [B, C, H, W]) -> [B, 2 * num_pos_feats, H, W] float32 (y features, then x),
+    the same for every image: one [1, ...] embedding per size and device, made once
+    (:func:`m2f_kernels.nn.shape_cache.cached`) and expanded over the batch; never modify it
+    in place.
     """
 
     def __init__(self, num_pos_feats: int = 64, temperature: float = 10000,
@@ -69,18 +74,24 @@ class PositionEmbeddingSine(nn.Module):
         self.temperature = temperature
         self.normalize = normalize
         self.scale = 2 * math.pi if scale is None else scale
+        self._embeddings: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
+        embedding = cached(self._embeddings, (h, w, str(x.device)), lambda: self._embed(h, w, x.device))
+        return embedding.expand(b, -1, -1, -1)
+
+    def _embed(self, h: int, w: int, device) -> torch.Tensor:
+        """[1, 2 * num_pos_feats, H, W]."""
         # no padding mask: every position is valid, so the cumsums are plain ranges
-        not_mask = torch.ones((b, h, w), device=x.device, dtype=torch.bool)
+        not_mask = torch.ones((1, h, w), device=device, dtype=torch.bool)
         y_embed = not_mask.cumsum(1, dtype=torch.float32)
         x_embed = not_mask.cumsum(2, dtype=torch.float32)
         if self.normalize:
             eps = 1e-6
             y_embed = y_embed / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = x_embed / (x_embed[:, :, -1:] + eps) * self.scale
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
         dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_x = x_embed[:, :, :, None] / dim_t
         pos_y = y_embed[:, :, :, None] / dim_t

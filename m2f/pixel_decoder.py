@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from m2f_kernels.nn.ms_deform_attn import level_index
+from m2f_kernels.nn.shape_cache import cached
 
 from .kernels import KernelSwitch
 from .layers import Conv2d, PositionEmbeddingSine, c2_xavier_fill
@@ -46,10 +47,12 @@ class MSDeformAttnTransformerEncoder(nn.Module):
     def __init__(self, num_layers: int, **layer_kwargs):
         super().__init__()
         self.layers = nn.ModuleList(MSDeformAttnTransformerEncoderLayer(**layer_kwargs) for _ in range(num_layers))
+        self._reference_points: dict = {}
 
     @staticmethod
     def get_reference_points(spatial_shapes: Sequence[Tuple[int, int]], batch: int, num_levels: int, device):
-        """[B, S, L, 2]: every pixel centre, normalised, repeated for each level (no padding)."""
+        """[B, S, L, 2]: every pixel centre, normalised, repeated for each level (no padding;
+        an expanded view of one [S, 2] tensor)."""
         refs = []
         for hh, ww in spatial_shapes:
             ref_y, ref_x = torch.meshgrid(
@@ -62,7 +65,9 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         return ref[None, :, None].expand(batch, -1, num_levels, -1)
 
     def forward(self, src, spatial_shapes, level_start_index, pos, shapes_list):
-        reference_points = self.get_reference_points(shapes_list, src.shape[0], len(shapes_list), src.device)
+        shapes = tuple(tuple(hw) for hw in shapes_list)
+        reference_points = cached(self._reference_points, (shapes, src.shape[0], str(src.device)),
+                                  lambda: self.get_reference_points(shapes, src.shape[0], len(shapes), src.device))
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
         return src

@@ -180,3 +180,40 @@ def test_frozen_bn_reuses_its_scale_and_bias_until_a_buffer_changes(tmp_path):
     torch.save(bn, tmp_path / "bn.pt")
     loaded = torch.load(tmp_path / "bn.pt", weights_only=False)
     assert torch.equal(loaded(x.detach().double()), bn(x.detach().double()))
+
+
+def test_position_embedding_and_reference_points_are_made_once_per_size():
+    """The sine embedding and the encoder's reference points equal the official per-call
+    computation (bitwise, every image of the batch) and are the same tensors on the next call."""
+    import math
+
+    from m2f.layers import PositionEmbeddingSine
+    from m2f.pixel_decoder import MSDeformAttnTransformerEncoder
+
+    pe = PositionEmbeddingSine(8, normalize=True)
+    for b, h, w in ((2, 5, 7), (3, 4, 4), (2, 5, 7)):
+        got = pe(torch.zeros(b, 3, h, w))
+        y = torch.arange(1, h + 1, dtype=torch.float32).view(1, h, 1).expand(b, h, w)
+        x = torch.arange(1, w + 1, dtype=torch.float32).view(1, 1, w).expand(b, h, w)
+        y, x = y / (y[:, -1:, :] + 1e-6) * 2 * math.pi, x / (x[:, :, -1:] + 1e-6) * 2 * math.pi
+        dim_t = 10000 ** (2 * torch.div(torch.arange(8, dtype=torch.float32), 2, rounding_mode="floor") / 8)
+        px, py = x[..., None] / dim_t, y[..., None] / dim_t
+        px = torch.stack((px[..., 0::2].sin(), px[..., 1::2].cos()), dim=4).flatten(3)
+        py = torch.stack((py[..., 0::2].sin(), py[..., 1::2].cos()), dim=4).flatten(3)
+        assert torch.equal(got, torch.cat((py, px), dim=3).permute(0, 3, 1, 2)), (b, h, w)
+    assert pe(torch.zeros(1, 3, 5, 7)).data_ptr() == got.data_ptr()
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, src, pos, reference_points, *rest):
+            seen.append(reference_points)
+            return src
+
+    encoder = MSDeformAttnTransformerEncoder(0)
+    encoder.layers.append(Probe())
+    src = torch.zeros(2, 3 * 4 + 2 * 2, 8)
+    encoder(src, None, None, None, [(3, 4), (2, 2)])
+    encoder(src, None, None, None, [(3, 4), (2, 2)])
+    want = MSDeformAttnTransformerEncoder.get_reference_points([(3, 4), (2, 2)], 2, 2, "cpu")
+    assert torch.equal(seen[0], want) and seen[1] is seen[0]

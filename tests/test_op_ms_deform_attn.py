@@ -18,7 +18,7 @@ import torch
 
 import m2f_kernels as mk
 from m2f_kernels import _dispatch
-from m2f_kernels.nn.ms_deform_attn import MSDeformAttn, MSDeformAttnFunction
+from m2f_kernels.nn.ms_deform_attn import MSDeformAttn, MSDeformAttnFunction, level_index
 from m2f_kernels.reference import ms_deform_attn as reference
 from ._inputs import (
     DEFORM_OUTPUTS, EXACT, FD_TOL, LOOP_LEVELS, LOW_PRECISION, OfficialMSDeformAttn, assert_deform_matches,
@@ -432,3 +432,35 @@ def test_function_apply_matches_official_core(backend, seed):
     with mk.use_backend(backend):
         out = MSDeformAttnFunction.apply(value, shapes, starts, loc, weights, 64)
     assert_close(out, official_core(value, shapes, loc, weights), TOLERANCE[dtype], f"output (seed {seed})")
+
+
+def test_shape_cache_keeps_the_last_layouts_apart_from_inference_mode_and_graph_capture(monkeypatch):
+    """``cached``: one build per key, inference-mode values apart, the least recently used key
+    dropped past max_entries, nothing stored while a CUDA graph is captured; level_index
+    through it returns the same tensors for the same layout."""
+    from m2f_kernels.nn.shape_cache import cached
+
+    builds = []
+
+    def build(key):
+        return lambda: builds.append(key) or torch.zeros(1)
+
+    cache = {}
+    first = cached(cache, "a", build("a"), max_entries=2)
+    assert cached(cache, "a", build("a"), max_entries=2) is first and builds == ["a"]
+    with torch.inference_mode():
+        assert cached(cache, "a", build("a"), max_entries=2) is not first and builds == ["a", "a"]
+    cached(cache, "a", build("a"), max_entries=2)  # "a" is now the most recently used
+    cached(cache, "b", build("b"), max_entries=2)  # drops the inference-mode "a"
+    assert cached(cache, "a", build("a"), max_entries=2) is first and builds == ["a", "a", "b"]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cached(cache, "c", build("c"), max_entries=2)
+    assert cached(cache, "a", build("a"), max_entries=2) is first and len(cache) == 2 and builds[-1] == "c"
+    monkeypatch.undo()
+
+    levels = {}
+    shapes, starts = level_index([(3, 4), (2, 2)], "cpu", levels)
+    again = level_index(((3, 4), (2, 2)), torch.device("cpu"), levels)
+    assert again[0] is shapes and again[1] is starts
+    assert shapes.tolist() == [[3, 4], [2, 2]] and starts.tolist() == [0, 12]

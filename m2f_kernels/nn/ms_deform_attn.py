@@ -17,6 +17,7 @@ from torch.nn.init import constant_, xavier_uniform_
 
 from .._validation import remember_level_shapes
 from ..ops.ms_deform_attn import ms_deform_attn
+from .shape_cache import cached
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -149,7 +150,7 @@ class MSDeformAttn(nn.Module):
 
 def level_index(shapes, device, cache: dict) -> tuple:
     """(spatial_shapes [L, 2], level_start_index [L]) int64 on ``device`` for the level sizes
-    ``shapes`` [(H_l, W_l)], built once per layout into ``cache`` and reused: the op checks a
+    ``shapes`` [(H_l, W_l)], built once per layout into ``cache`` (:func:`.shape_cache.cached`) and reused: the op checks a
     pair it has seen without reading it again (a host sync on the GPU), and a CUDA graph
     replays with the same tensors. Under torch.compile they are traced into the graph."""
     shapes = tuple((int(h), int(w)) for h, w in shapes)
@@ -161,10 +162,4 @@ def level_index(shapes, device, cache: dict) -> tuple:
             remember_level_shapes(spatial_shapes, shapes)
         return spatial_shapes, torch.tensor([sum(sizes[:i]) for i in range(len(sizes))], dtype=torch.int64).to(device)
 
-    if torch.compiler.is_compiling():
-        return build()
-    # inference-mode tensors may not be saved for a backward: a cache of their own
-    key = (shapes, str(device), torch.is_inference_mode_enabled())
-    if key not in cache:
-        cache[key] = build()
-    return cache[key]
+    return cached(cache, (shapes, str(device)), build)
