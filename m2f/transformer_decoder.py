@@ -31,7 +31,11 @@ def _xavier_reset(module: nn.Module) -> None:
             nn.init.xavier_uniform_(p)
 
 
-class SelfAttentionLayer(nn.Module):
+class SelfAttentionLayer(KernelSwitch, nn.Module):
+    """The queries' self-attention (official parameters ``self_attn.*``, ``norm``). The
+    official call also returns head-averaged attention weights, which nobody reads: fused,
+    the layer asks for none, so the attention runs as one scaled_dot_product_attention."""
+
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
@@ -44,7 +48,7 @@ class SelfAttentionLayer(nn.Module):
         """tgt, query_pos: [Q, B, C]."""
         x = self.norm(tgt) if self.normalize_before else tgt
         q = k = x if query_pos is None else x + query_pos
-        tgt = tgt + self.dropout(self.self_attn(q, k, value=x)[0])
+        tgt = tgt + self.dropout(self.self_attn(q, k, value=x, need_weights=not self.fused)[0])
         return tgt if self.normalize_before else self.norm(tgt)
 
 

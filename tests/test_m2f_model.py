@@ -217,3 +217,22 @@ def test_position_embedding_and_reference_points_are_made_once_per_size():
     encoder(src, None, None, None, [(3, 4), (2, 2)])
     want = MSDeformAttnTransformerEncoder.get_reference_points([(3, 4), (2, 2)], 2, 2, "cpu")
     assert torch.equal(seen[0], want) and seen[1] is seen[0]
+
+
+def test_fused_self_attention_forms_no_attention_weights(monkeypatch):
+    """kernels='fused': the decoder's self-attention asks nn.MultiheadAttention for no weights
+    (one scaled_dot_product_attention); its output equals the official call's."""
+    import torch.nn.modules.activation as activation
+
+    from m2f.transformer_decoder import SelfAttentionLayer
+
+    asked = []
+    real = activation.F.multi_head_attention_forward
+    monkeypatch.setattr(activation.F, "multi_head_attention_forward",
+                        lambda *a, **k: asked.append(k["need_weights"]) or real(*a, **k))
+    layer = SelfAttentionLayer(32, 4)
+    tgt, query_pos = torch.randn(7, 2, 32), torch.randn(7, 2, 32)
+    official = layer(tgt, query_pos)
+    layer.kernels = "fused"
+    torch.testing.assert_close(layer(tgt, query_pos), official, rtol=1e-5, atol=1e-6)
+    assert asked == [True, False]

@@ -23,6 +23,9 @@ from bench.m2f_testing import TINY, random_images, random_targets
 # Counted at 18a8be1 (before the static criterion and the grouped optimizer) with this
 # test's big configuration: 5917 non-view device ops and 68 host syncs per step.
 OPS_BEFORE = 5917
+# The same count now (torch 2.13, CPU), with 5% of room: a change that adds launches to
+# every step shows here. Lower it when a change removes some.
+OPS_NOW = 2018
 
 
 def _step_fn(backbone="resnet18", batch=2, **overrides):
@@ -85,8 +88,8 @@ def test_fused_step_device_ops_at_most_half_of_before():
     step()
     with DeviceOps() as ops:
         step()
-    assert ops.total <= OPS_BEFORE // 2, f"{ops.total} device ops per step (before: {OPS_BEFORE}): " \
-                                         f"{ops.ops.most_common(10)}"
+    assert ops.total <= min(OPS_BEFORE // 2, OPS_NOW * 1.05), \
+        f"{ops.total} device ops per step (counted before: {OPS_BEFORE}, now: {OPS_NOW}): {ops.ops.most_common(10)}"
 
 
 @pytest.mark.parametrize("family", ["mask2former", "eomt"])
