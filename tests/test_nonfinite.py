@@ -316,6 +316,7 @@ def test_point_mask_logits_forward(backend, bad, where):
         coords = put(coords, (1, 4, 0), BAD[bad])
     elif where == "mask_features":
         features = put(features, (1, 2, 3, 3), BAD[bad])
+        coords = put(coords, (0, 0), torch.tensor([3.5 / 6, 3.5 / 5]))  # mask 0 (image 1) reads that pixel
     else:
         embed = put(embed, (1, 2, 1), BAD[bad])
     got = run("point_mask_logits", backend, (embed, features, coords, index))[0]
