@@ -8,7 +8,8 @@
   confusion matrix over non-ignored pixels; classes absent from the ground truth are left out).
 - :class:`MaskAP`: COCO mask AP (``COCOeval`` with iouType='segm', area range 'all',
   100 detections per image and category, IoU thresholds .50:.05:.95, 101-point
-  interpolated precision); AP, AP50, AP75.
+  interpolated precision); AP, AP50, AP75. ``tests/test_metrics.py`` checks it against
+  pycocotools' ``COCOeval`` on random images.
 
 Results are percentages (x100) as detectron2 reports them. Each metric accumulates
 per-image updates and :meth:`sync` merges the states of all torch.distributed ranks.

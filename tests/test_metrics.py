@@ -1,4 +1,5 @@
-"""PQ / mIoU / mask AP against small cases computed by hand (panopticapi, detectron2, COCOeval rules).
+"""PQ / mIoU / mask AP against small cases computed by hand (panopticapi, detectron2, COCOeval rules),
+and mask AP against pycocotools' COCOeval itself on random images.
 
 Images are 1 x N rows so every pixel count is visible in the test. Random permutations of
 the segment ids and of the order of the inputs check that nothing depends on them.
@@ -194,3 +195,67 @@ def test_mask_ap_perfect_and_empty():
     m.update(gt, torch.rand(5), labels, gt, labels)
     assert m.compute()["AP"] == pytest.approx(100.0)
     assert np.isnan(MaskAP(3).compute()["AP"])
+
+
+def _random_instances(rng, n, h, w, num_classes):
+    """n random rectangle-union masks [n, h, w] bool and their classes [n]."""
+    out = np.zeros((n, h, w), bool)
+    for m in out:
+        for _ in range(rng.integers(1, 3)):
+            y, x = rng.integers(0, h - 2), rng.integers(0, w - 2)
+            m[y: y + rng.integers(2, h // 2), x: x + rng.integers(2, w // 2)] = True
+    return out, rng.integers(0, num_classes, n)
+
+
+def test_mask_ap_matches_pycocotools_on_random_images(seed):
+    """AP / AP50 / AP75 equal COCOeval('segm') (pycocotools, the official evaluator) on random
+    images: jittered and spurious detections, wrong classes, crowd regions, distinct scores."""
+    mask_util = pytest.importorskip("pycocotools.mask", reason="pycocotools is not installed")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(seed)
+    num_classes, h, w = 3, 20, 24
+    ours = MaskAP(num_classes)
+    images, annotations, detections = [], [], []
+
+    def rle(m):
+        encoded = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        encoded["counts"] = encoded["counts"].decode()
+        return encoded
+
+    scores = iter(rng.permutation(10_000) / 10_000)  # distinct: COCOeval and MaskAP break ties alike
+    for image_id in range(1, 17):
+        gt, gt_labels = _random_instances(rng, rng.integers(0, 6), h, w, num_classes)
+        crowd = rng.random(len(gt)) < 0.3
+        kept = rng.random(len(gt)) < 0.8  # detected ground truth, jittered, sometimes mislabelled
+        jittered = np.roll(gt[kept], rng.integers(-2, 3, 2), axis=(1, 2)) if kept.any() else gt[kept]
+        spurious, spurious_labels = _random_instances(rng, rng.integers(0, 4), h, w, num_classes)
+        dt = np.concatenate([jittered, spurious])
+        dt_labels = np.concatenate([np.where(rng.random(kept.sum()) < 0.1, (gt_labels[kept] + 1) % num_classes,
+                                             gt_labels[kept]), spurious_labels])
+        dt_scores = np.array([next(scores) for _ in dt])
+        ours.update(torch.from_numpy(dt), torch.from_numpy(dt_scores), torch.from_numpy(dt_labels),
+                    torch.from_numpy(gt), torch.from_numpy(gt_labels), torch.from_numpy(crowd), image_id=image_id)
+        images.append({"id": image_id, "height": h, "width": w})
+        for m, c, is_crowd in zip(gt, gt_labels, crowd):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(c) + 1,
+                                "segmentation": rle(m), "area": float(m.sum()), "iscrowd": int(is_crowd),
+                                "bbox": list(mask_util.toBbox(rle(m)))})
+        detections += [{"image_id": image_id, "category_id": int(c) + 1, "segmentation": rle(m), "score": float(s)}
+                       for m, c, s in zip(dt, dt_labels, dt_scores)]
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations,
+                    "categories": [{"id": c + 1, "name": str(c)} for c in range(num_classes)]}
+    coco.createIndex()
+    evaluator = COCOeval(coco, coco.loadRes(detections), "segm")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [T, R, K], area 'all', 100 detections
+
+    def mean(p):
+        return 100 * p[p > -1].mean() if (p > -1).any() else float("nan")
+
+    want = {"AP": mean(precision), "AP50": mean(precision[0]), "AP75": mean(precision[5])}
+    got = ours.compute()
+    assert got == pytest.approx(want, nan_ok=True), (got, want)
