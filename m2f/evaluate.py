@@ -3,12 +3,15 @@
     python -m m2f.evaluate --run runs/shapes_tiny            # the run's newest valid checkpoint on its val split
     torchrun --nproc_per_node=8 -m m2f.evaluate --checkpoint path/to/checkpoint.pt
 
-Predictions are upsampled to the (padded) input size and post-processed per image with
-the official inference (``m2f.inference``): semantic = argmax of the per-class scores,
-panoptic with thresholds 0.8 / 0.8, instances = top 100 (query, class) pairs of thing
-classes. Evaluation images are resized (longest side) and padded to the run's image size;
-the padding is void / ignore in the ground truth, so it never counts. Errors (a missing or
-damaged checkpoint, missing data) are one line; ``--debug`` shows the traceback.
+Predictions are upsampled to the (padded) input size, cropped to the image inside the
+padding (``batch["image_sizes"]``, as detectron2's ``sem_seg_postprocess`` crops to
+``image_sizes``) and post-processed per image with the official inference
+(``m2f.inference``): semantic = argmax of the per-class scores, panoptic with thresholds
+0.8 / 0.8, instances = top 100 (query, class) pairs of thing classes. Evaluation images are
+resized (longest side) and padded to the run's image size; predictions and ground truth are
+compared at that resized size, not at the original image resolution as the official
+evaluation does. Errors (a missing or damaged checkpoint, missing data) are one line;
+``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -103,21 +106,25 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DatasetInfo, devi
         h, w = images.shape[-2:]
         d = max(1, model.size_divisibility)  # the model pads its input to a multiple of this
         padded = (-(-h // d) * d, -(-w // d) * d)
-        masks = upsample_masks(out["pred_masks"].float(), padded)[..., :h, :w]
+        masks = upsample_masks(out["pred_masks"].float(), padded)
         for b in range(images.shape[0]):
-            mask_cls, mask_pred = out["pred_logits"][b].float(), masks[b]
+            # the image without the model's and the dataset's padding
+            hb, wb = batch["image_sizes"][b] if "image_sizes" in batch else (h, w)
+            mask_cls, mask_pred = out["pred_logits"][b].float(), masks[b, :, :hb, :wb]
+            sem_gt = batch["sem_seg"][b][:hb, :wb]
             sem = semantic_inference(mask_cls, mask_pred).argmax(0).cpu()
-            sem_metric.update(sem, batch["sem_seg"][b])
-            example = {"image": batch["images"][b], "sem_seg": batch["sem_seg"][b], "pred_sem_seg": sem}
+            sem_metric.update(sem, sem_gt)
+            example = {"image": batch["images"][b][:, :hb, :wb], "sem_seg": sem_gt, "pred_sem_seg": sem}
+            pan_gt = batch["pan_seg"][b][:hb, :wb] if batch["pan_seg"] is not None else None
             if pq is not None:
                 pan, segments = panoptic_inference(mask_cls, mask_pred, thing_ids=info.thing_ids)
                 pan = pan.cpu()
-                pq.update(pan, segments, batch["pan_seg"][b], batch["segments"][b])
-                example.update(pan_seg=batch["pan_seg"][b], segments=batch["segments"][b],
+                pq.update(pan, segments, pan_gt, batch["segments"][b])
+                example.update(pan_seg=pan_gt, segments=batch["segments"][b],
                                pred_pan_seg=pan, pred_segments=segments)
             if ap is not None:
                 inst = instance_inference(mask_cls, mask_pred, thing_ids=info.thing_ids)
-                gt_masks, gt_labels, gt_crowd = instance_ground_truth(batch["pan_seg"][b], batch["segments"][b])
+                gt_masks, gt_labels, gt_crowd = instance_ground_truth(pan_gt, batch["segments"][b])
                 ap.update(inst["pred_masks"] > 0.5, inst["scores"], inst["pred_classes"], gt_masks, gt_labels,
                           gt_crowd, image_id=batch["index"][b])
             if len(examples) < num_examples:

@@ -8,6 +8,8 @@ A sample is a dict:
     the segments present in ``pan_seg``.
   - ``targets``: dict(labels int64 [T], masks bool [T, H, W]), the training targets.
   - ``index``: the dataset index.
+  - ``image_size`` (evaluation samples): (h, w) of the image inside the bottom / right
+    padding (absent: no padding).
 """
 from __future__ import annotations
 
@@ -78,7 +80,8 @@ def finalize(sample: Dict, info: DatasetInfo) -> Dict:
 
 def collate(samples: List[Dict]) -> Dict:
     """Batch same-sized samples: images uint8 [B, 3, H, W], sem_seg [B, H, W], pan_seg [B, H, W]
-    (or None), and per-image lists ``targets``, ``segments`` (or None), ``index``."""
+    (or None), and per-image lists ``targets``, ``segments`` (or None), ``index``,
+    ``image_sizes`` ((h, w) without the padding)."""
     panoptic = "pan_seg" in samples[0]
     return {
         "images": torch.stack([s["image"] for s in samples]),
@@ -87,4 +90,5 @@ def collate(samples: List[Dict]) -> Dict:
         "segments": [s["segments"] for s in samples] if panoptic else None,
         "targets": [s["targets"] for s in samples],
         "index": [s["index"] for s in samples],
+        "image_sizes": [tuple(int(n) for n in s.get("image_size", s["image"].shape[-2:])) for s in samples],
     }

@@ -10,7 +10,8 @@ the same geometry applied to all three. Pads: image 128 (detectron2's FixedSizeC
 - :class:`SemanticCrop`: ADE20K (``MaskFormerSemanticDatasetMapper``): ``ResizeShortestEdge``
   to a choice of 0.5..2.0 x size, ``RandomCrop_CategoryAreaConstraint``, SSD colour
   augmentation, flip, pad.
-- :class:`ResizePad`: evaluation: longest side to ``size``, then pad to a square.
+- :class:`ResizePad`: evaluation: longest side to ``size``, then pad to a square; the
+  sample's ``image_size`` is the size before the padding.
 """
 from __future__ import annotations
 
@@ -139,7 +140,8 @@ class SemanticCrop:
 
 
 class ResizePad:
-    """Evaluation: longest side to ``size`` (aspect kept), then pad to ``size`` x ``size``."""
+    """Evaluation: longest side to ``size`` (aspect kept), then pad to ``size`` x ``size``;
+    ``image_size`` = (h, w) before the padding, which evaluation crops away."""
 
     def __init__(self, size: int):
         self.size = size
@@ -147,8 +149,10 @@ class ResizePad:
     def __call__(self, sample: Dict, rng: Optional[np.random.Generator] = None) -> Dict:
         H, W = sample["image"].shape[-2:]
         scale = self.size / max(H, W)
-        sample = resize(sample, max(1, round(H * scale)), max(1, round(W * scale)))
-        return pad(sample, self.size, self.size)
+        h, w = max(1, round(H * scale)), max(1, round(W * scale))
+        sample = pad(resize(sample, h, w), self.size, self.size)
+        sample["image_size"] = (h, w)
+        return sample
 
 
 def color_aug_ssd(image: torch.Tensor, rng: np.random.Generator, brightness_delta: float = 32,
