@@ -27,6 +27,7 @@ import torch
 
 from bench.data import box_masks
 from bench.harness import Block, Inputs, OpSpec, Unavailable
+from m2f.loss_dict import total_loss
 
 NUM_CLASSES = 133  # COCO panoptic
 R50 = {"backbone": "resnet50", "queries": 100, "image": 1024, "T": 30}
@@ -97,7 +98,7 @@ def _train(kernels: str, mask_loss: str, mask_head: str = "points", run: str = "
             optimizer.zero_grad(set_to_none=False)
             with _autocast(meta["dtype"]):
                 losses = forward(images, type(targets)(*target_tensors) if target_tensors else targets)
-                loss = sum(losses.values())
+                loss = total_loss(losses)
             loss.backward()
             optimizer.step()
             return {"loss": loss.detach()}

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 import m2f_kernels
 
 from .kernels import KernelSwitch
+from .loss_dict import LossDict
 from .losses import dice_loss, sigmoid_ce_loss
 from .matcher import MASK_LOSSES, HungarianMatcher
 from .point_features import (
@@ -38,7 +39,7 @@ from .targets import PaddedTargets, pad_targets
 
 
 class SetCriterion(KernelSwitch, nn.Module):
-    """forward(outputs, targets, generator=None) -> unweighted losses
+    """forward(outputs, targets, generator=None) -> unweighted losses, a :class:`~m2f.loss_dict.LossDict`
     {"loss_ce", "loss_mask", "loss_dice", and "<name>_<i>" for each aux prediction i}."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Dict[str, float], eos_coef: float,
@@ -117,7 +118,7 @@ class SetCriterion(KernelSwitch, nn.Module):
         return self.fused and self.mask_loss == "point"
 
     def forward(self, outputs: Dict, targets: Union[List[Dict], PaddedTargets],
-                generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                generator: Optional[torch.Generator] = None) -> LossDict:
         if self.static:
             if not isinstance(targets, PaddedTargets):
                 targets = pad_targets(targets, _largest_mask_size(targets), device=outputs["pred_logits"].device)
@@ -130,11 +131,11 @@ class SetCriterion(KernelSwitch, nn.Module):
         losses = self._losses(final, targets, num_masks, generator)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self._losses(aux, targets, num_masks, generator).items()})
-        return losses
+        return LossDict(losses)
 
     # --- static shapes (kernels='fused', mask_loss='point') -----------------------------------
 
-    def _static_forward(self, outputs: Dict, targets: PaddedTargets, generator) -> Dict[str, torch.Tensor]:
+    def _static_forward(self, outputs: Dict, targets: PaddedTargets, generator) -> LossDict:
         """All L predictions (final, then the auxiliary ones) as one batch: one matcher cost
         pass, one assignment call, one class loss, and (mask-free) one point-loss pass."""
         shared = {"mask_features": outputs["mask_features"]} if "mask_features" in outputs else {}
@@ -154,12 +155,7 @@ class SetCriterion(KernelSwitch, nn.Module):
             masks = [self._static_mask_losses(p, targets, matched[i], pairs[i], num_masks, generator)
                      for i, p in enumerate(predictions)]
             loss_mask, loss_dice = (torch.stack(x) for x in zip(*masks))
-        losses = {}
-        for i in range(num):
-            suffix = "" if i == 0 else f"_{i - 1}"
-            losses.update({"loss_ce" + suffix: loss_ce[i], "loss_mask" + suffix: loss_mask[i],
-                           "loss_dice" + suffix: loss_dice[i]})
-        return losses
+        return LossDict.from_terms(("loss_ce", "loss_mask", "loss_dice"), (loss_ce, loss_mask, loss_dice))
 
     def _static_class_loss(self, predictions, targets: PaddedTargets, matched, pairs) -> torch.Tensor:
         """[L] the official weighted cross-entropy of each prediction: matched queries get their

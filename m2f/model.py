@@ -90,9 +90,7 @@ class Mask2Former(PixelNormalizer):
             targets = self.pad_targets(targets, x.shape[-2:], self.max_targets)
         else:
             targets = self.prepare_targets(targets, x.shape[-2:])
-        losses = self.criterion(outputs, targets, generator)
-        weights = self.criterion.weight_dict
-        return {k: v * weights[k] for k, v in losses.items() if k in weights}
+        return self.criterion(outputs, targets, generator).weighted(self.criterion.weight_dict)
 
     @staticmethod
     def pad_targets(targets: List[Dict], padded_size, max_targets: Optional[int] = None) -> PaddedTargets:

@@ -64,6 +64,7 @@ from .checkpoint import (CHECKPOINT, CheckpointMismatchError, CheckpointWriter, 
                          load_checkpoint, load_optimizer_state)
 from .checkpoint import atomic_save as _atomic_save
 from .cli_args import at_least
+from .loss_dict import total_loss
 from .solver import build_optimizer, build_scheduler, clip_gradients, current_lrs
 
 # Presets: model size and schedule. Explicit flags override them. The from-scratch presets
@@ -418,7 +419,7 @@ def optimizer_step(forward, model, images, targets, optimizer, scaler, amp_conte
     """Forward and loss (in ``amp_context``), backward, clipping, optimiser step -> detached losses."""
     with amp_context:
         losses = forward(images, targets, generator=generator)
-    loss = sum(losses.values())
+    loss = total_loss(losses)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)

@@ -121,3 +121,31 @@ def test_num_masks_is_averaged_over_processes_and_clamped(tmp_path):
         assert average_num_masks(5, "cpu") == 5.0 and average_num_masks(0, "cpu") == 1.0
     finally:
         dist.destroy_process_group()
+
+
+def test_loss_dict_from_terms_weights_and_sums_its_stack():
+    """LossDict.from_terms: the official keys as views of one stack; weighted() with one weight
+    per term stays stacked, else (or without a weight) goes entry by entry; total_loss equals
+    sum(values()) and its gradient reaches each term's vector."""
+    from m2f.loss_dict import LossDict, total_loss
+
+    ce, mask = torch.rand(3, requires_grad=True), torch.rand(3, requires_grad=True)
+    losses = LossDict.from_terms(("loss_ce", "loss_mask"), (ce, mask))
+    assert list(losses) == ["loss_ce", "loss_mask", "loss_ce_0", "loss_mask_0", "loss_ce_1", "loss_mask_1"]
+    assert losses["loss_mask_1"].item() == mask[2].item()
+    uniform = {"loss_ce": 2.0, "loss_ce_0": 2.0, "loss_ce_1": 2.0, "loss_mask": 5.0, "loss_mask_0": 5.0,
+               "loss_mask_1": 5.0}
+    for weights, stacked in ((uniform, True), ({**uniform, "loss_ce_1": 3.0}, False),
+                             ({k: v for k, v in uniform.items() if k != "loss_mask_0"}, False),
+                             ({k: v for k, v in uniform.items() if "mask" not in k}, True)):
+        weighted = losses.weighted(weights)
+        assert (weighted.stacked is not None) == stacked, weights
+        assert set(weighted) == set(weights)
+        for k, v in weighted.items():
+            torch.testing.assert_close(v, losses[k] * weights[k])
+        total = total_loss(weighted)
+        torch.testing.assert_close(total, sum(weighted.values()))
+        ce.grad = mask.grad = None
+        total.backward()
+        torch.testing.assert_close(ce.grad, torch.tensor([weights.get(k, 0.0) for k in ("loss_ce", "loss_ce_0", "loss_ce_1")]))
+    assert total_loss({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}).item() == 3.0
