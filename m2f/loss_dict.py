@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
+import torch.utils._pytree
 
 
 class LossDict(dict):
@@ -46,6 +47,13 @@ class LossDict(dict):
                 if kept:
                     return LossDict.from_terms(*zip(*kept))
         return LossDict({k: v * weights[k] for k, v in self.items() if k in weights})
+
+
+# A dict to pytree (DDP's output pass-through, torch.utils._pytree.tree_map, ...): its entries
+# are the leaves; what comes back is a LossDict without terms (summed entry by entry).
+torch.utils._pytree.register_pytree_node(
+    LossDict, lambda d: (list(d.values()), list(d.keys())), lambda values, keys: LossDict(zip(keys, values)),
+    serialized_type_name="m2f.loss_dict.LossDict")
 
 
 def _entry(name: str, prediction: int) -> str:

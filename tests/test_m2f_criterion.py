@@ -149,3 +149,6 @@ def test_loss_dict_from_terms_weights_and_sums_its_stack():
         total.backward()
         torch.testing.assert_close(ce.grad, torch.tensor([weights.get(k, 0.0) for k in ("loss_ce", "loss_ce_0", "loss_ce_1")]))
     assert total_loss({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}).item() == 3.0
+    mapped = torch.utils._pytree.tree_map(lambda t: t * 2, losses)  # a dict to pytree: entries are the leaves
+    assert type(mapped) is LossDict and mapped.keys() == losses.keys() and mapped.stacked is None
+    torch.testing.assert_close(total_loss(mapped), 2 * total_loss(losses))
