@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
 from PIL import Image
 
 from m2f.data import StreamSampler, build_dataset, collate
 from m2f.data.io import id2rgb
-from m2f.data.sample import semantic_from_panoptic
+from m2f.data.sample import DatasetInfo, finalize, semantic_from_panoptic
 from m2f.data.shapes import INFO as SHAPES_INFO
 from m2f.data.transforms import LargeScaleJitter, ResizePad, SemanticCrop
 
@@ -28,9 +30,10 @@ def check_panoptic_sample(s, info, size):
     assert {seg["id"] for seg in s["segments"]} == present  # exactly the segments in the map
     assert torch.equal(sem, semantic_from_panoptic(pan, s["segments"]))
     regular = [seg for seg in s["segments"] if not seg["iscrowd"]]
-    assert t["labels"].tolist() == [seg["category_id"] for seg in regular]
-    assert t["masks"].dtype == torch.bool and t["masks"].shape == (len(regular), size, size)
-    assert t["masks"].flatten(1).any(1).all()  # no empty target
+    present = t["masks"].flatten(1).any(1)  # a segment augmentation removed stays, with an empty mask
+    assert t["labels"][present].tolist() == [seg["category_id"] for seg in regular]
+    assert t["masks"].dtype == torch.bool and t["masks"].shape == (len(t["labels"]), size, size)
+    assert torch.equal(t["masks"][present], pan[None] == torch.tensor([seg["id"] for seg in regular])[:, None, None])
     assert t["masks"].sum(0).max() <= 1  # segments never overlap
     for seg in s["segments"]:
         assert seg["isthing"] == (seg["category_id"] in info.thing_ids)
@@ -125,11 +128,187 @@ def test_color_aug_is_pointwise_and_leaves_labels():
         plain = SemanticCrop(32, color_aug=False, flip=False)(sample, np.random.default_rng(seed))
         assert torch.equal(out["pan_seg"], plain["pan_seg"])  # geometry is drawn before colour
         changed += int(not torch.equal(out["image"], plain["image"]))
-        keep = interior(out["pan_seg"]) & (out["pan_seg"] > 0)
+        keep = interior(out["pan_seg"], r=2) & (out["pan_seg"] > 0)  # nearest labels may sit a source pixel off
         for i in torch.unique(out["pan_seg"][keep]).tolist():  # one colour in, one colour out
             region = out["image"].permute(1, 2, 0)[keep & (out["pan_seg"] == i)]
             assert (region == region[0]).all()
     assert changed > 0
+
+
+# ----------------------------------------------------------------------------- the official mappers
+# Oracles written from detectron2 / Mask2Former: numpy HWC arrays, uint8 images and RGB panoptic
+# PNGs resized with PIL, float64 semantic maps with F.interpolate, the draws in the mappers' order.
+
+
+def official_lsj(image, pan, segments, size, rng, min_scale=0.1, max_scale=2.0):
+    """COCOPanopticNewBaselineDatasetMapper: RandomFlip, ResizeScale, FixedSizeCrop (pad 128 /
+    255), then one target per non-crowd segment of the annotation."""
+    image, png = image.permute(1, 2, 0).numpy(), id2rgb(pan.numpy())
+    if rng.uniform(0, 1) < 0.5:
+        image, png = image[:, ::-1], png[:, ::-1]
+    H, W = image.shape[:2]
+    s = size * rng.uniform(min_scale, max_scale)
+    h, w = np.round(np.multiply((H, W), min(s / H, s / W))).astype(int)
+    image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
+    png = np.asarray(Image.fromarray(np.ascontiguousarray(png)).resize((w, h), Image.NEAREST))
+    top, left = np.round(np.maximum(np.subtract((h, w), size), 0) * rng.uniform(0.0, 1.0)).astype(int)
+    image, png = image[top:top + size, left:left + size], png[top:top + size, left:left + size]
+    pad = ((0, size - image.shape[0]), (0, size - image.shape[1]), (0, 0))
+    image, png = np.pad(image, pad, constant_values=128), np.pad(png, pad, constant_values=255)
+    ids = torch.from_numpy(png.astype(np.int64) @ np.array([1, 256, 256 ** 2]))
+    kept = [seg for seg in segments if not seg["iscrowd"]]
+    masks = torch.stack([ids == seg["id"] for seg in kept]) if kept else torch.zeros(0, size, size, dtype=torch.bool)
+    return torch.from_numpy(image).permute(2, 0, 1), [seg["category_id"] for seg in kept], masks
+
+
+def official_shortest_edge(h, w, short, max_size):
+    """ResizeShortestEdge.get_output_shape."""
+    scale = short * 1.0 / min(h, w)
+    newh, neww = (short * 1.0, scale * w) if h < w else (scale * h, short * 1.0)
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def official_semantic(image, sem, size, rng):
+    """MaskFormerSemanticDatasetMapper without colour: ResizeShortestEdge (choice), RandomCrop
+    'absolute', RandomFlip, pad to ``size`` (128 / 255), one target per class present."""
+    image, sem = image.permute(1, 2, 0).numpy(), sem.numpy().astype("double")
+    short = [int(x * 0.1 * size) for x in range(5, 21)][rng.integers(16)]
+    h, w = official_shortest_edge(*sem.shape, short, 4 * size)
+    image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    sem = F.interpolate(torch.from_numpy(sem)[None, None], (h, w), mode="nearest")[0, 0].numpy()
+    ch, cw = min(size, h), min(size, w)
+    y0, x0 = rng.integers(h - ch + 1), rng.integers(w - cw + 1)
+    image, sem = image[y0:y0 + ch, x0:x0 + cw], sem[y0:y0 + ch, x0:x0 + cw]
+    if rng.uniform(0, 1) < 0.5:
+        image, sem = image[:, ::-1], sem[:, ::-1]
+    image = F.pad(torch.from_numpy(image.copy()).permute(2, 0, 1), (0, size - cw, 0, size - ch), value=128)
+    sem = F.pad(torch.from_numpy(sem.astype("long")), (0, size - cw, 0, size - ch), value=255)
+    classes = np.unique(sem.numpy())
+    classes = classes[classes != 255]
+    return image, sem, classes.tolist(), [sem == c for c in classes]
+
+
+def random_panoptic(rng, crowd_only=False):
+    """A noisy image and a panoptic map of rectangles: stuff, things (large ids: all three PNG
+    channels), one crowd, void; contiguous category ids."""
+    H, W = int(rng.integers(16, 90)), int(rng.integers(16, 90))
+    pan = torch.zeros(H, W, dtype=torch.int64)
+    segments = []
+    for k in range(int(rng.integers(1, 7))):
+        seg_id = int(rng.integers(1, 256 ** 3 - 1))
+        y, x = int(rng.integers(H)), int(rng.integers(W))
+        pan[y:y + int(rng.integers(1, H)), x:x + int(rng.integers(1, W))] = seg_id
+        segments.append({"id": seg_id, "category_id": int(rng.integers(5)), "isthing": False,
+                         "iscrowd": int(crowd_only or k == 1)})
+    image = torch.from_numpy(rng.integers(0, 256, (3, H, W), dtype=np.uint8))
+    return image, pan, segments
+
+
+def test_lsj_matches_the_official_mapper():
+    info = DatasetInfo("rand", tuple("abcde"), frozenset(), panoptic=True)
+    rng, size, empty = np.random.default_rng(), 32, 0
+    for trial in range(40):
+        image, pan, segments = random_panoptic(rng, crowd_only=trial % 10 == 0)
+        seed = int(rng.integers(2**31))
+        out = finalize(LargeScaleJitter(size)({"image": image, "pan_seg": pan, "segments": list(segments)},
+                                              np.random.default_rng(seed)), info)
+        want_image, want_labels, want_masks = official_lsj(image, pan, segments, size, np.random.default_rng(seed))
+        assert torch.equal(out["image"], want_image), (trial, seed)
+        assert out["targets"]["labels"].tolist() == want_labels, (trial, seed)
+        assert torch.equal(out["targets"]["masks"], want_masks), (trial, seed)
+        empty += int((~want_masks.flatten(1).any(1)).sum())
+    assert empty > 0  # some targets were cropped or shrunk away: they stay, with empty masks
+
+
+def test_lsj_crop_that_removes_every_segment_keeps_their_targets():
+    info = DatasetInfo("rand", tuple("abcde"), frozenset(), panoptic=True)
+    pan = torch.zeros(200, 200, dtype=torch.int64)
+    pan[:20, :20], pan[20:40, :20] = 7, 9  # top left only
+    segments = [{"id": 7, "category_id": 3, "isthing": True, "iscrowd": 0},
+                {"id": 9, "category_id": 1, "isthing": True, "iscrowd": 1}]
+    image = torch.zeros(3, 200, 200, dtype=torch.uint8)
+    # draws: not flipped, zoomed in (scale > 1.9), the crop near the bottom right (u > 0.9)
+    seed = next(s for s in range(100_000) if (lambda r: r.uniform(0, 1) >= 0.5 and r.uniform(0.1, 2.0) > 1.9
+                                              and r.uniform(0, 1) > 0.9)(np.random.default_rng(s)))
+    out = finalize(LargeScaleJitter(32)({"image": image, "pan_seg": pan, "segments": segments},
+                                        np.random.default_rng(seed)), info)
+    assert (out["pan_seg"] == 0).all() and out["segments"] == []
+    assert out["targets"]["labels"].tolist() == [3] and not out["targets"]["masks"].any()  # the crowd is none
+
+
+def test_semantic_crop_matches_the_official_mapper():
+    rng, size = np.random.default_rng(), 32
+    for trial in range(40):
+        H, W = int(rng.integers(8, 120)), int(rng.integers(8, 120))
+        image = torch.from_numpy(rng.integers(0, 256, (3, H, W), dtype=np.uint8))
+        sem = torch.from_numpy(rng.choice([0, 1, 2, 3, 255], (H, W)))
+        seed = int(rng.integers(2**31))
+        out = SemanticCrop(size, color_aug=False)({"image": image, "sem_seg": sem}, np.random.default_rng(seed))
+        out = finalize(out, DatasetInfo("rand", tuple("abcd"), frozenset(), panoptic=False))
+        want_image, want_sem, want_labels, want_masks = official_semantic(image, sem, size, np.random.default_rng(seed))
+        assert torch.equal(out["image"], want_image), (trial, seed)
+        assert torch.equal(out["sem_seg"], want_sem), (trial, seed)
+        assert out["targets"]["labels"].tolist() == want_labels
+        assert torch.equal(out["targets"]["masks"], torch.stack(want_masks) if want_masks else
+                           torch.zeros(0, size, size, dtype=torch.bool))
+
+
+def test_shortest_edge_size_is_detectron2s():
+    from m2f.data.transforms import shortest_edge_size
+
+    # extreme aspect ratios where the long side is capped and detectron2's float steps round down
+    for h, w, short, max_size in [(97, 512, 96, 256), (1536, 261, 44, 256), (2560, 210, 16, 128), (1792, 35, 28, 128)]:
+        assert shortest_edge_size(h, w, short, max_size) == official_shortest_edge(h, w, short, max_size)
+    rng = np.random.default_rng()
+    for h, w, short in zip(rng.integers(1, 3000, 2000), rng.integers(1, 3000, 2000), rng.integers(16, 1025, 2000)):
+        assert shortest_edge_size(int(h), int(w), int(short), 2048) == official_shortest_edge(h, w, short, 2048)
+
+
+def official_color_aug(image, rng, brightness_delta=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue_delta=18):
+    """ColorAugSSDTransform: every step returns uint8 (astype truncation after brightness and
+    contrast); the HSV steps in float HSV (OpenCV's would quantize hue to 2 degrees)."""
+    img = image.permute(1, 2, 0).numpy()
+
+    def convert(x, alpha=1.0, beta=0.0):
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    def hsv_step(x, channel, change):
+        hsv = rgb_to_hsv(x / 255.0)
+        hsv[..., channel] = change(hsv[..., channel])
+        return np.round(hsv_to_rgb(hsv) * 255).astype(np.uint8)
+
+    steps = {"contrast": lambda x: convert(x, alpha=rng.uniform(*contrast)),
+             "saturation": lambda x: hsv_step(x, 1, lambda s: np.clip(s * rng.uniform(*saturation), 0, 1)),
+             "hue": lambda x: hsv_step(x, 0, lambda h: (h + rng.integers(-hue_delta, hue_delta + 1) / 180) % 1)}
+    if rng.integers(2):
+        img = convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+    order = ("contrast", "saturation", "hue") if rng.integers(2) else ("saturation", "hue", "contrast")
+    for name in order:
+        if rng.integers(2):
+            img = steps[name](img)
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)
+
+
+def test_color_aug_matches_the_official_steps():
+    from m2f.data.transforms import color_aug_ssd
+
+    rng = np.random.default_rng()
+    image = torch.from_numpy(rng.integers(0, 256, (3, 24, 24), dtype=np.uint8))
+    for _ in range(50):
+        seed = int(rng.integers(2**31))
+        out = color_aug_ssd(image, np.random.default_rng(seed))
+        assert torch.equal(out, official_color_aug(image, np.random.default_rng(seed))), seed
+    # brightness alone, +delta: truncated like astype(uint8)
+    bright = next(s for s in range(100) if (lambda r: r.integers(2) and r.uniform(-32, 32) > 0.5
+                                            and not any(r.integers(2) for _ in range(4)))(np.random.default_rng(s)))
+    r = np.random.default_rng(bright)
+    r.integers(2)
+    delta = r.uniform(-32, 32)
+    out = color_aug_ssd(image, np.random.default_rng(bright))
+    assert torch.equal(out, (image.float() + delta).clamp(0, 255).floor().to(torch.uint8))
 
 
 def test_stream_sampler_shards_the_single_process_batches():

@@ -6,7 +6,8 @@ A sample is a dict:
   - ``pan_seg`` (panoptic datasets only): int64 [H, W] segment ids, 0 = void.
   - ``segments`` (panoptic datasets only): list of dict(id, category_id, isthing, iscrowd),
     the segments present in ``pan_seg``.
-  - ``targets``: dict(labels int64 [T], masks bool [T, H, W]), the training targets.
+  - ``targets``: dict(labels int64 [T], masks bool [T, H, W]), the training targets (panoptic:
+    every annotated non-crowd segment, with an empty mask where augmentation removed it).
   - ``index``: the dataset index.
   - ``image_size`` (evaluation samples): (h, w) of the image inside the bottom / right
     padding (absent: no padding).
@@ -42,7 +43,8 @@ class DatasetInfo:
 
 
 def targets_from_panoptic(pan_seg: torch.Tensor, segments: List[Dict]) -> Dict[str, torch.Tensor]:
-    """One target per non-crowd segment (the official panoptic mapper): labels [T], masks bool [T, H, W]."""
+    """One target per non-crowd segment of ``segments``, in order, empty masks included (the
+    official panoptic mapper): labels [T], masks bool [T, H, W]."""
     kept = [s for s in segments if not s["iscrowd"]]
     labels = torch.tensor([s["category_id"] for s in kept], dtype=torch.int64)
     ids = torch.tensor([s["id"] for s in kept], dtype=pan_seg.dtype)
@@ -67,12 +69,16 @@ def semantic_from_panoptic(pan_seg: torch.Tensor, segments: List[Dict],
 
 
 def finalize(sample: Dict, info: DatasetInfo) -> Dict:
-    """Drop segments no longer present (after a crop) and attach ``sem_seg`` and ``targets``."""
+    """Attach ``targets`` and ``sem_seg``, and drop the segments no longer present.
+
+    Panoptic targets are every annotated non-crowd segment, those a crop or resize removed
+    included (an empty mask), as the official panoptic mapper builds them; ``segments``
+    keeps the ones present in ``pan_seg``."""
     if info.panoptic:
+        sample["targets"] = targets_from_panoptic(sample["pan_seg"], sample["segments"])
         present = set(torch.unique(sample["pan_seg"]).tolist())
         sample["segments"] = [s for s in sample["segments"] if s["id"] in present]
         sample["sem_seg"] = semantic_from_panoptic(sample["pan_seg"], sample["segments"], info.ignore_label)
-        sample["targets"] = targets_from_panoptic(sample["pan_seg"], sample["segments"])
     else:
         sample["targets"] = targets_from_semantic(sample["sem_seg"], info.ignore_label)
     return sample

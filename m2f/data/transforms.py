@@ -3,7 +3,8 @@
 Every transform takes a sample dict (``image`` uint8 [3, H, W]; optional ``sem_seg`` and
 ``pan_seg`` int64 [H, W]) and a ``numpy.random.Generator``, and returns a new dict with
 the same geometry applied to all three. Pads: image 128 (detectron2's FixedSizeCrop),
-``sem_seg`` 255 (ignore), ``pan_seg`` 0 (void).
+``sem_seg`` 255 (ignore), ``pan_seg`` 0 (void; detectron2 pads the RGB panoptic PNG with
+255, an id no segment has, so the targets are the same).
 
 - :class:`LargeScaleJitter`: COCO LSJ (``COCOPanopticNewBaselineDatasetMapper``): flip,
   ``ResizeScale(0.1, 2.0)`` to the target size, ``FixedSizeCrop`` (random crop, then pad).
@@ -21,26 +22,49 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.colors import hsv_to_rgb, rgb_to_hsv
+from PIL import Image
 
 LABEL_KEYS = ("sem_seg", "pan_seg")
 PAD_VALUES = {"image": 128, "sem_seg": 255, "pan_seg": 0}
 
 
-def resize(sample: Dict, h: int, w: int) -> Dict:
-    """Image bilinear (antialiased when shrinking), label maps nearest (pixel centres)."""
+def resize(sample: Dict, h: int, w: int, labels: str = "pil") -> Dict:
+    """Resize as detectron2's ``ResizeTransform``, which resizes uint8 arrays with PIL and
+    other arrays with ``F.interpolate``: the image (uint8) with PIL BILINEAR (antialiased
+    when shrinking); label maps nearest, by ``labels``:
+
+    - ``"pil"``: PIL NEAREST, as the COCO mapper resizes the uint8 RGB panoptic PNG;
+    - ``"torch"``: ``F.interpolate(mode="nearest")``, source pixel ``floor(dst * in / out)``,
+      as the semantic mapper resizes its float64 label map (up to one source pixel off the
+      pixel centres when shrinking).
+    """
+    if labels not in ("pil", "torch"):
+        raise ValueError(f"labels must be 'pil' or 'torch', got {labels!r}")
     out = dict(sample)
     H, W = sample["image"].shape[-2:]
     if (H, W) == (h, w):
         return out
-    img = sample["image"].float()[None]
-    img = F.interpolate(img, size=(h, w), mode="bilinear", align_corners=False, antialias=h < H or w < W)
-    out["image"] = img[0].round_().clamp_(0, 255).to(torch.uint8)
-    rows = ((torch.arange(h) + 0.5) * (H / h)).long().clamp_(max=H - 1)
-    cols = ((torch.arange(w) + 0.5) * (W / w)).long().clamp_(max=W - 1)
+    img = Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR)
+    out["image"] = torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
     for key in LABEL_KEYS:
         if key in sample:
-            out[key] = sample[key][rows][:, cols]
+            out[key] = _resize_nearest(sample[key], h, w, labels)
     return out
+
+
+def _resize_nearest(label: torch.Tensor, h: int, w: int, method: str) -> torch.Tensor:
+    if method == "torch":
+        return F.interpolate(label[None, None].double(), size=(h, w), mode="nearest")[0, 0].to(label.dtype)
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0 or hi >= 256 ** 3:
+        raise ValueError(f"label values must lie in [0, 2**24) for PIL resizing, got [{lo}, {hi}]")
+    ids = label.numpy()
+    if hi < 256:
+        small = Image.fromarray(ids.astype(np.uint8)).resize((w, h), Image.NEAREST)
+        return torch.from_numpy(np.array(small)).to(label.dtype)
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], axis=-1).astype(np.uint8)
+    rgb = np.array(Image.fromarray(rgb).resize((w, h), Image.NEAREST)).astype(np.int64)
+    return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]).to(label.dtype)
 
 
 def crop(sample: Dict, top: int, left: int, h: int, w: int) -> Dict:
@@ -81,7 +105,11 @@ def random_crop(sample: Dict, h: int, w: int, rng: np.random.Generator) -> Dict:
 
 class LargeScaleJitter:
     """COCO LSJ: flip (p=0.5), scale the image to fit ``uniform(min_scale, max_scale) * size``,
-    crop a random ``size`` x ``size`` window and pad to it."""
+    crop a random ``size`` x ``size`` window and pad to it.
+
+    As detectron2's ``FixedSizeCrop``, one uniform draw places the crop on both axes (the
+    offsets are the same fraction of their ranges). The output side is at least 1 pixel
+    (detectron2 would fail on a side rounded to 0)."""
 
     def __init__(self, size: int, min_scale: float = 0.1, max_scale: float = 2.0, flip: bool = True):
         self.size, self.min_scale, self.max_scale, self.flip = size, min_scale, max_scale, flip
@@ -94,9 +122,9 @@ class LargeScaleJitter:
         scale = min(target / H, target / W)  # ResizeScale keeps the aspect ratio
         sample = resize(sample, max(1, round(H * scale)), max(1, round(W * scale)))
         h, w = sample["image"].shape[-2:]
-        # FixedSizeCrop: offset = round(uniform(0, max_offset))
-        top = int(round(rng.uniform(0, max(h - self.size, 0))))
-        left = int(round(rng.uniform(0, max(w - self.size, 0))))
+        # FixedSizeCrop: offset = round(max_offset * u), one u for both axes
+        u = rng.uniform(0.0, 1.0)
+        top, left = int(np.round(max(h - self.size, 0) * u)), int(np.round(max(w - self.size, 0) * u))
         sample = crop(sample, top, left, min(self.size, h), min(self.size, w))
         return pad(sample, self.size, self.size)
 
@@ -117,10 +145,7 @@ class SemanticCrop:
     def __call__(self, sample: Dict, rng: np.random.Generator) -> Dict:
         H, W = sample["image"].shape[-2:]
         short = self.short_edges[int(rng.integers(len(self.short_edges)))]
-        scale = short / min(H, W)
-        if max(H, W) * scale > self.max_size:
-            scale = self.max_size / max(H, W)
-        sample = resize(sample, int(H * scale + 0.5), int(W * scale + 0.5))
+        sample = resize(sample, *shortest_edge_size(H, W, short, self.max_size), labels="torch")
         sample = self._crop(sample, rng)
         if self.color_aug:
             sample = dict(sample, image=color_aug_ssd(sample["image"], rng))
@@ -134,9 +159,20 @@ class SemanticCrop:
         for _ in range(10):
             cropped = random_crop(sample, self.size, self.size, rng)
             _, counts = torch.unique(cropped["sem_seg"][cropped["sem_seg"] != self.ignore_label], return_counts=True)
-            if len(counts) > 1 and counts.max().item() / counts.sum().item() < self.single_category_max_area:
+            if len(counts) > 1 and counts.max().item() < counts.sum().item() * self.single_category_max_area:
                 break
         return cropped
+
+
+def shortest_edge_size(H: int, W: int, short: int, max_size: int):
+    """detectron2's ``ResizeShortestEdge.get_output_shape``: (h, w) with the short side
+    ``short``, scaled down so that the long side is at most ``max_size``, in its float steps."""
+    scale = short / min(H, W)
+    h, w = (float(short), scale * W) if H < W else (scale * H, float(short))
+    if max(h, w) > max_size:
+        scale = max_size / max(h, w)
+        h, w = h * scale, w * scale
+    return int(h + 0.5), int(w + 0.5)
 
 
 class ResizePad:
@@ -159,25 +195,38 @@ def color_aug_ssd(image: torch.Tensor, rng: np.random.Generator, brightness_delt
                   contrast: Sequence[float] = (0.5, 1.5), saturation: Sequence[float] = (0.5, 1.5),
                   hue_delta: int = 18) -> torch.Tensor:
     """Mask2Former's ``ColorAugSSDTransform`` on uint8 [3, H, W]: brightness, then contrast
-    before or after the HSV saturation and hue changes, each applied with p=0.5."""
-    img = image.permute(1, 2, 0).numpy().astype(np.float32)
+    before or after the saturation and hue changes, each applied with p=0.5; every step
+    returns uint8 (brightness, contrast: truncated as ``astype(uint8)``; the HSV steps:
+    rounded). The HSV round trips are float (matplotlib), where OpenCV quantizes hue to 180
+    and saturation to 256 levels: those steps differ by a few levels at most."""
+    img = image.permute(1, 2, 0).numpy()
 
     def convert(x, alpha=1.0, beta=0.0):
-        return np.clip(x * alpha + beta, 0, 255)
+        return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
+    def brightness(x):
+        return convert(x, beta=rng.uniform(-brightness_delta, brightness_delta)) if rng.integers(2) else x
+
+    def contrast_(x):
+        return convert(x, alpha=rng.uniform(*contrast)) if rng.integers(2) else x
+
+    def saturation_(x):
+        if not rng.integers(2):
+            return x
+        hsv = rgb_to_hsv(x / 255.0)
+        hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*saturation), 0, 1)
+        return np.round(hsv_to_rgb(hsv) * 255.0).astype(np.uint8)
+
+    def hue(x):
+        if not rng.integers(2):
+            return x
+        hsv = rgb_to_hsv(x / 255.0)  # OpenCV hue is in 0..180
+        hsv[..., 0] = (hsv[..., 0] + rng.integers(-hue_delta, hue_delta + 1) / 180.0) % 1.0
+        return np.round(hsv_to_rgb(hsv) * 255.0).astype(np.uint8)
+
+    img = brightness(img)
     if rng.integers(2):
-        img = convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
-    contrast_first = bool(rng.integers(2))
-    if contrast_first and rng.integers(2):
-        img = convert(img, alpha=rng.uniform(*contrast))
-    do_sat, do_hue = rng.integers(2), rng.integers(2)
-    if do_sat or do_hue:
-        hsv = rgb_to_hsv(img / 255.0)
-        if do_sat:
-            hsv[..., 1] = np.clip(hsv[..., 1] * rng.uniform(*saturation), 0, 1)
-        if do_hue:  # OpenCV hue is in 0..180
-            hsv[..., 0] = (hsv[..., 0] + rng.integers(-hue_delta, hue_delta + 1) / 180.0) % 1.0
-        img = hsv_to_rgb(hsv) * 255.0
-    if not contrast_first and rng.integers(2):
-        img = convert(img, alpha=rng.uniform(*contrast))
-    return torch.from_numpy(np.round(img).clip(0, 255).astype(np.uint8)).permute(2, 0, 1).contiguous()
+        img = hue(saturation_(contrast_(img)))
+    else:
+        img = contrast_(hue(saturation_(img)))
+    return torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).clone(memory_format=torch.contiguous_format)
