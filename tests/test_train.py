@@ -24,7 +24,8 @@ MICRO = ["--preset", "micro", "--device", "cpu", "--num-workers", "0", "--eval-i
 
 
 def fresh_seed() -> int:
-    seed = int(np.random.SeedSequence().entropy % 2**31)
+    """A new seed per run, printed; M2F_TEST_SEED=<seed> replays a failure."""
+    seed = int(os.environ.get("M2F_TEST_SEED") or np.random.SeedSequence().entropy % 2**31)
     print(f"seed {seed}")
     return seed
 
@@ -151,11 +152,16 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
         torch.set_num_threads(threads)
 
     ddp, single = read_log(ddp_run), read_log(single_run)
+    # grad_norm and the weights: the random backbone's conv weight gradients are sums with heavy
+    # cancellation, which batch-1 and batch-2 convolutions add in other orders (up to ~7e-4
+    # apart per tensor; after two AdamW steps the weights ~2e-5 apart); a wrong normalisation
+    # across ranks is off by a factor
+    tolerance = {"loss": 1e-4, "loss_ce": 1e-4, "loss_mask": 1e-4, "loss_dice": 1e-4, "grad_norm": 2e-3}
     for d, s in zip(ddp[:2], single[:2]):
         assert d["step"] == s["step"]
-        for key in ("loss", "loss_ce", "loss_mask", "loss_dice", "grad_norm"):
-            assert d[key] == pytest.approx(s[key], rel=1e-4), f"step {d['step']} {key}: {d[key]} vs {s[key]}"
-    assert rel_diff(final_state(ddp_run)["model"], final_state(single_run)["model"]) < 1e-6
+        for key, rel in tolerance.items():
+            assert d[key] == pytest.approx(s[key], rel=rel), f"step {d['step']} {key}: {d[key]} vs {s[key]}"
+    assert rel_diff(final_state(ddp_run)["model"], final_state(single_run)["model"]) < 2e-4
     assert len(final_state(ddp_run)["rng"]) == 2  # both ranks' RNG streams are saved
     ddp_eval, single_eval = ddp[-1]["eval"], single[-1]["eval"]
     assert ddp_eval["pACC"] == pytest.approx(single_eval["pACC"], abs=0.5)  # metrics merged over both ranks
