@@ -152,3 +152,95 @@ def test_loss_dict_from_terms_weights_and_sums_its_stack():
     mapped = torch.utils._pytree.tree_map(lambda t: t * 2, losses)  # a dict to pytree: entries are the leaves
     assert type(mapped) is LossDict and mapped.keys() == losses.keys() and mapped.stacked is None
     torch.testing.assert_close(total_loss(mapped), 2 * total_loss(losses))
+
+
+def _official_criterion(outputs, targets, num_classes, eos_coef, num_points, oversample, importance, costs, generator):
+    """Mask2Former's SetCriterion + HungarianMatcher written out from the paper's and the
+    official code's description (no m2f code): the same random draws from ``generator`` in
+    the official order (per prediction: one [1, P, 2] matcher draw per image, then the
+    candidates and the random points of the importance sampling)."""
+    from scipy.optimize import linear_sum_assignment
+
+    def sample(x, coords):  # x [N, 1, H, W], coords [N, P, 2] in [0, 1] -> [N, P]
+        return F.grid_sample(x, 2 * coords[:, :, None] - 1, align_corners=False)[:, 0, :, 0]
+
+    cost_class, cost_mask, cost_dice = costs
+    num_masks = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+    slots = max(len(t["labels"]) for t in targets)
+    height, width = targets[0]["masks"].shape[-2:]
+    stacked = torch.zeros(len(targets), slots, height, width)
+    for b, t in enumerate(targets):
+        stacked[b, : len(t["labels"])] = t["masks"].float()
+    class_weight = torch.ones(num_classes + 1)
+    class_weight[-1] = eos_coef
+    losses = {}
+    for n, pred in enumerate([outputs] + outputs["aux_outputs"]):
+        logits, masks = pred["pred_logits"], pred["pred_masks"]
+        pairs = []
+        with torch.no_grad():
+            for b, t in enumerate(targets):
+                coords = torch.rand(1, num_points, 2, generator=generator)
+                out = sample(masks[b][:, None], coords.expand(masks.shape[1], -1, -1))[:, None, :]  # [Q, 1, P]
+                tgt = sample(t["masks"].float()[:, None], coords.expand(len(t["labels"]), -1, -1))[None]  # [1, T, P]
+                bce = F.binary_cross_entropy_with_logits(out.expand(-1, tgt.shape[1], -1),
+                                                         tgt.expand(out.shape[0], -1, -1), reduction="none").mean(-1)
+                prob = out.sigmoid()
+                dice = 1 - (2 * (prob * tgt).sum(-1) + 1) / (prob.sum(-1) + tgt.sum(-1) + 1)
+                cost = cost_class * -logits[b].softmax(-1)[:, t["labels"]] + cost_mask * bce + cost_dice * dice
+                rows, cols = linear_sum_assignment(cost.numpy())
+                pairs += [(b, int(q), int(j)) for q, j in zip(rows, cols)]
+        target_classes = torch.full(logits.shape[:2], num_classes, dtype=torch.int64)
+        for b, q, j in pairs:
+            target_classes[b, q] = targets[b]["labels"][j]
+        weights = class_weight[target_classes]
+        nll = -logits.log_softmax(-1).gather(-1, target_classes[..., None])[..., 0]
+        loss_ce = (weights * nll).sum() / weights.sum()
+        src = masks[[b for b, _, _ in pairs], [q for _, q, _ in pairs]][:, None]
+        tgt_masks = stacked[[b for b, _, _ in pairs], [j for _, _, j in pairs]][:, None]
+        with torch.no_grad():
+            candidates = torch.rand(len(pairs), int(num_points * oversample), 2, generator=generator)
+            uncertain = int(importance * num_points)
+            chosen = (-sample(src, candidates).abs()).topk(uncertain, dim=1).indices
+            coords = torch.cat([candidates.gather(1, chosen[..., None].expand(-1, -1, 2)),
+                                torch.rand(len(pairs), num_points - uncertain, 2, generator=generator)], 1)
+            labels = sample(tgt_masks, coords)
+        point_logits = sample(src, coords)
+        loss_mask = F.binary_cross_entropy_with_logits(point_logits, labels, reduction="none").mean(1).sum() / num_masks
+        prob = point_logits.sigmoid()
+        loss_dice = (1 - (2 * (prob * labels).sum(1) + 1) / (prob.sum(1) + labels.sum(1) + 1)).sum() / num_masks
+        suffix = "" if n == 0 else f"_{n - 1}"
+        losses.update({f"loss_ce{suffix}": loss_ce, f"loss_mask{suffix}": loss_mask, f"loss_dice{suffix}": loss_dice})
+    return losses
+
+
+@pytest.mark.parametrize("importance", [0.75, 0.0])
+def test_reference_criterion_equals_the_official_algorithm(importance):
+    """The reference criterion (matching, class and point mask losses of the final and the
+    auxiliary predictions, their gradients) equals the official algorithm written out in the
+    test, for the same generator: same points, same assignment, same numbers."""
+    num_queries, num_classes, num_points = 6, 4, 48
+    targets = random_targets(3, num_classes, 24, 20, min_targets=1, max_targets=4)
+    targets[1] = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 24, 20, dtype=torch.bool)}
+    # logits and mask logits of three predictions (final, two auxiliary)
+    leaves = [torch.randn(3, num_queries, num_classes + 1) if i % 2 == 0 else torch.randn(3, num_queries, 6, 7)
+              for i in range(6)]
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    results = []
+    for official in (True, False):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        preds = [{"pred_logits": inputs[i], "pred_masks": inputs[i + 1]} for i in (0, 2, 4)]
+        outputs = {**preds[0], "aux_outputs": preds[1:]}
+        generator = torch.Generator().manual_seed(seed)
+        if official:
+            losses = _official_criterion(outputs, targets, num_classes, 0.1, num_points, 3.0, importance,
+                                         (2.0, 5.0, 5.0), generator)
+        else:
+            losses = make_criterion(num_points=num_points, importance=importance)(outputs, targets, generator)
+        sum(losses.values()).backward()
+        results.append((losses, [t.grad for t in inputs]))
+    (want, want_grads), (got, got_grads) = results
+    assert got.keys() == want.keys() and len(got) == 9
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{k} (seed {seed})")
+    for i, (g, w) in enumerate(zip(got_grads, want_grads)):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=f"gradient of input {i} (seed {seed})")
