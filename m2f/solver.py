@@ -3,7 +3,11 @@
 - AdamW, base lr 1e-4, weight decay 0.05; parameters of modules named ``backbone`` get
   lr x 0.1 (BACKBONE_MULTIPLIER); normalisation layers and embeddings get no weight decay
   (WEIGHT_DECAY_NORM = WEIGHT_DECAY_EMBED = 0), as do Swin's position tables.
-- Poly decay ``lr * (1 - step / max_steps) ** 0.9`` (detectron2 WarmupPolyLR, no warmup).
+- The schedule of the official config of the dataset: COCO (Base-COCO-*.yaml) sets no
+  LR_SCHEDULER_NAME, so detectron2's default WarmupMultiStepLR applies: lr x 0.1 at steps
+  327778 and 355092 of 368750 (``schedule='step'``, the steps scaled to ``max_steps``);
+  ADE20K, Cityscapes and Mapillary Vistas use WarmupPolyLR, ``lr * (1 - step / max_steps) ** 0.9``
+  (``schedule='poly'``). Their warm-up (WARMUP_FACTOR 1.0) is the identity, so there is none.
 - Gradient clipping of the whole model's gradient norm at 0.01 (CLIP_TYPE 'full_model'),
   before each optimiser step.
 
@@ -19,7 +23,8 @@ floats (or fills lr tensors in place, for a CUDA-graph-captured step), the clipp
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+import bisect
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -84,6 +89,12 @@ def build_optimizer(model: nn.Module, lr: float = 1e-4, weight_decay: float = 0.
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, capturable=capturable, **options)
 
 
+SCHEDULES = ("poly", "step")
+# Base-COCO-*.yaml: SOLVER.MAX_ITER and SOLVER.STEPS (GAMMA 0.1, detectron2's default)
+OFFICIAL_MAX_ITER = 368750
+OFFICIAL_STEPS = (327778, 355092)
+
+
 class PolyLambda:
     """``(1 - step / max_steps) ** power`` (0 after max_steps); a class so it pickles."""
 
@@ -94,12 +105,30 @@ class PolyLambda:
         return max(0.0, 1.0 - step / self.max_steps) ** self.power
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int,
-                    power: float = 0.9) -> torch.optim.lr_scheduler.LambdaLR:
-    """The poly schedule. Its base lrs are the groups' float ``initial_lr``, so each step
-    computes the new lr on the host and writes it as a float, or with ``fill_`` into a
-    tensor lr (no host sync either way)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyLambda(max_steps, power))
+class StepLambda:
+    """``gamma ** (milestones reached)``: detectron2's MultiStepParamScheduler. The milestones
+    default to the official COCO steps scaled to ``max_steps`` (327778 and 355092 for
+    368750 steps); a class so it pickles."""
+
+    def __init__(self, max_steps: int, milestones: Optional[Sequence[int]] = None, gamma: float = 0.1):
+        if milestones is None:
+            milestones = [round(s * max_steps / OFFICIAL_MAX_ITER) for s in OFFICIAL_STEPS]
+        self.max_steps, self.milestones, self.gamma = max_steps, list(milestones), gamma
+
+    def __call__(self, step: int) -> float:
+        return self.gamma ** bisect.bisect_right(self.milestones, step)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, max_steps: int, power: float = 0.9,
+                    schedule: str = "poly") -> torch.optim.lr_scheduler.LambdaLR:
+    """The poly (``power``) or the step schedule (see the module docstring). Its base lrs are
+    the groups' float ``initial_lr``, so each step computes the new lr on the host and writes
+    it as a float, or with ``fill_`` into a tensor lr (no host sync either way)."""
+    if schedule == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, PolyLambda(max_steps, power))
+    if schedule == "step":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, StepLambda(max_steps))
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
 
 
 def current_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> List[float]:

@@ -65,7 +65,7 @@ from .checkpoint import (CHECKPOINT, CheckpointMismatchError, CheckpointWriter, 
 from .checkpoint import atomic_save as _atomic_save
 from .cli_args import at_least
 from .loss_dict import total_loss
-from .solver import build_optimizer, build_scheduler, clip_gradients, current_lrs
+from .solver import SCHEDULES, build_optimizer, build_scheduler, clip_gradients, current_lrs
 
 # Presets: model size and schedule. Explicit flags override them. The from-scratch presets
 # use a higher lr than the official 1e-4 (which assumes a pretrained backbone and 50 epochs).
@@ -162,6 +162,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=at_least(32), help="training crop / evaluation size in pixels")
     p.add_argument("--train-images", type=at_least(1), help="train on the first N images only (e.g. to overfit)")
     p.add_argument("--lr", type=at_least(0.0, float), help="base learning rate (official: 1e-4)")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="lr schedule: 'step' (x0.1 at 89%% and 96%% of the steps, the official COCO configs) or "
+                        "'poly' (power 0.9, the official ADE20K configs); default: step on coco_panoptic, else poly")
     p.add_argument("--num-queries", type=at_least(1))
     p.add_argument("--model", action="append", metavar="KEY=VALUE",
                    help="extra build_model override, e.g. --model dec_layers=6 (repeatable); or the architecture: "
@@ -245,7 +248,14 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "compile": bool(args.compile),
         "cuda_graph": bool(args.cuda_graph),
     })
-    return configure_arch(cfg, args)  # --model segformer: m2f.semantic
+    cfg = configure_arch(cfg, args)  # --model segformer: m2f.semantic
+    cfg["schedule"] = args.schedule or default_schedule(cfg)
+    return cfg
+
+
+def default_schedule(cfg: Dict) -> str:
+    """The official config's schedule: multi-step for COCO, poly for ADE20K (and elsewhere)."""
+    return "step" if cfg["dataset"] == "coco_panoptic" and cfg.get("arch") != "segformer" else "poly"
 
 
 def static_targets(cfg: Dict) -> bool:
@@ -659,6 +669,7 @@ def find_checkpoint(where: str, env: Env, what: str, folder: bool = False):
     if missing:
         raise SystemExit(f"{what}: {path}: incompatible: its configuration has no {', '.join(missing)} "
                          "(written by another version of m2f.train?)")
+    saved.setdefault("schedule", "poly")  # a configuration without one trained with the poly schedule
     return path, ckpt
 
 
@@ -767,7 +778,7 @@ def train(args: argparse.Namespace, env: Env, control: Optional[StopControl] = N
     dataset, dataset_val = build_datasets(cfg)
     model = build_model_from_config(cfg, dataset.info).to(env.device)
     optimizer = build_optimizer(model, lr=cfg["lr"], device=env.device, capturable=cfg["cuda_graph"])
-    scheduler = build_scheduler(optimizer, steps)
+    scheduler = build_scheduler(optimizer, steps, schedule=cfg["schedule"])
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg["amp"] == "fp16")  # bf16 needs none
     start = 0
     if ckpt is not None:

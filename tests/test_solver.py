@@ -215,3 +215,19 @@ def test_loading_keeps_tensor_lrs_and_refuses_other_layouts():
     with pytest.raises(OptimizerStateMismatchError) as info:
         load_optimizer_state(build_optimizer(model), bad, model)
     assert "parameter groups" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_step_schedule_is_the_official_coco_multi_step():
+    """Base-COCO-*.yaml: detectron2's default WarmupMultiStepLR, lr x 0.1 at 327778 and
+    355092 of 368750 steps (GAMMA 0.1; WARMUP_FACTOR 1.0 makes the warm-up the identity)."""
+    opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=1e-4)
+    sched = build_scheduler(opt, max_steps=368750, schedule="step")
+    factor = sched.lr_lambdas[0]
+    got = [factor(s) for s in (0, 10, 327777, 327778, 355091, 355092, 368749)]
+    assert got == pytest.approx([1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert build_scheduler(opt, max_steps=1000, schedule="step").lr_lambdas[0].milestones == [889, 963]
+    restored = build_scheduler(opt, max_steps=1000, schedule="step")
+    restored.load_state_dict(sched.state_dict())  # the milestones are state: a resumed run keeps them
+    assert restored.lr_lambdas[0].milestones == [327778, 355092]
+    with pytest.raises(ValueError, match="schedule"):
+        build_scheduler(opt, max_steps=10, schedule="cosine")

@@ -209,6 +209,30 @@ def test_solver_follows_the_official_recipe():
         torch.testing.assert_close(p.grad, g * (0.01 / total), rtol=1e-4, atol=0)
 
 
+def test_schedule_follows_the_datasets_official_config():
+    """COCO configs: multi-step (detectron2's default scheduler); ADE20K configs: poly."""
+    def schedule(*argv):
+        return train_mod.resolve_config(train_mod.parse_args(list(argv)))["schedule"]
+
+    assert schedule("--dataset", "coco_panoptic", "--preset", "official") == "step"
+    assert schedule("--dataset", "ade20k") == "poly"
+    assert schedule("--preset", "micro") == "poly"  # shapes
+    assert schedule("--dataset", "coco_panoptic", "--schedule", "poly") == "poly"
+    assert schedule("--dataset", "coco_panoptic", "--backbone", "mit_b0") == "poly"  # SegFormer's recipe
+
+
+def test_a_configuration_without_a_schedule_resumes_with_poly(tmp_path):
+    from m2f.checkpoint import TRAINING_KEYS
+
+    cfg = train_mod.resolve_config(train_mod.parse_args(["--dataset", "coco_panoptic", "--out", str(tmp_path)]))
+    del cfg["schedule"]
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save({**{k: {} for k in TRAINING_KEYS}, "config": cfg, "step": 1}, path)
+    env = train_mod.Env(0, 1, 0, torch.device("cpu"))
+    _, ckpt = train_mod.find_checkpoint(path, env, "--resume")
+    assert ckpt["config"]["schedule"] == "poly"
+
+
 @requires_gpu
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_gpu_fused_run_matches_reference(tmp_path, amp):
