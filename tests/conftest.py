@@ -125,14 +125,20 @@ def op_module(backend: str, family: str):
     return importlib.import_module(f"m2f_kernels.{backend}.{family}")
 
 
+def fresh_seed() -> int:
+    """A new seed (M2F_TEST_SEED=<seed> if set, to replay a failure), printed."""
+    value = int(os.environ.get("M2F_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    print(f"seed={value}")
+    return value
+
+
 @pytest.fixture
 def seed() -> int:
     """A fresh seed for torch and ``random`` per test (torch's own start-up seed is fixed),
     printed so a failure can be replayed with M2F_TEST_SEED=<seed>."""
-    value = int(os.environ.get("M2F_TEST_SEED") or random.SystemRandom().randrange(2**31))
+    value = fresh_seed()
     torch.manual_seed(value)
     random.seed(value)
-    print(f"seed={value}")
     return value
 
 

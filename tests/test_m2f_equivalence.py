@@ -22,14 +22,10 @@ from m2f import build_model
 from m2f.backbone import calibrate_frozen_bn
 from bench.m2f_testing import TINY, jitter_deformable_init, random_images, random_targets
 from ._same_points import same_points  # noqa: F401  (fixture)
-from .conftest import ON_GPU, TF32_TOLERANCE, TOLERANCE, rel_err, requires_gpu, requires_triton
+from .conftest import ON_GPU, TF32_TOLERANCE, TOLERANCE, fresh_seed, rel_err, requires_gpu, requires_triton
 
 FUSED_OPS = ("masked_attention", "ms_deform_attn", "uncertain_point_coords", "point_mask_loss", "pairwise_mask_cost",
              "linear_sum_assignment", "point_sample", "point_mask_logits")
-
-
-def fresh_seed() -> int:
-    return int(torch.randint(0, 2**31 - 1, (1,)))
 
 
 def make_case(seed, device="cpu", backbone="resnet18", size=64, batch=2, mask_loss="point", targets=(1, 4), **cfg):

@@ -12,6 +12,8 @@ import torch
 
 from m2f.metrics import MaskAP, PanopticQuality, SemanticIoU
 
+from .conftest import fresh_seed
+
 
 def row(*runs):
     """row((value, count), ...) -> int64 [1, N]: a 1-pixel-high map of runs."""
@@ -44,16 +46,12 @@ def pq_of(cases, num_classes, thing_ids, seed):
 @pytest.fixture(autouse=True)
 def fresh_torch_rng():
     """Fresh torch draws (randperm, rand) every run, whatever seeded the global RNG before."""
-    s = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"torch seed {s}")
-    torch.manual_seed(s)
+    torch.manual_seed(fresh_seed())
 
 
 @pytest.fixture
 def seed():
-    s = int(np.random.SeedSequence().entropy % 2**31)
-    print(f"seed {s}")
-    return s
+    return fresh_seed()
 
 
 def test_pq_matching_excludes_void_from_union(seed):

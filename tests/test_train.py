@@ -16,18 +16,11 @@ import torch
 import m2f.train as train_mod
 from m2f.solver import build_optimizer, build_scheduler, clip_gradients
 
-from .conftest import requires_gpu
+from .conftest import fresh_seed, requires_gpu
 from ._rng import keep_global_rng  # noqa: F401  (autouse fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO = ["--preset", "micro", "--device", "cpu", "--num-workers", "0", "--eval-images", "4"]
-
-
-def fresh_seed() -> int:
-    """A new seed per run, printed; M2F_TEST_SEED=<seed> replays a failure."""
-    seed = int(os.environ.get("M2F_TEST_SEED") or np.random.SeedSequence().entropy % 2**31)
-    print(f"seed {seed}")
-    return seed
 
 
 def read_log(run):
