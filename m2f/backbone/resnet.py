@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from m2f_kernels.nn.shape_cache import cached
+
 DEPTHS = {18: ("basic", (2, 2, 2, 2)), 50: ("bottleneck", (3, 4, 6, 3)), 101: ("bottleneck", (3, 4, 23, 3))}
 
 
@@ -44,18 +46,15 @@ class FrozenBatchNorm2d(nn.Module):
         buffers = (self.weight, self.bias, self.running_mean, self.running_var)
         if torch.compiler.is_compiling() or any(b.requires_grad for b in buffers):
             return self._compute_affine(dtype)
-        key = (dtype, self.eps, torch.is_inference_mode_enabled(), *(b._version for b in buffers))
-        cache = self.__dict__.get("_affine_cache")
-        # the cache object stamped on each buffer: a new tensor (even one reusing a freed id) has none
-        if cache is not None and cache[0] == key and all(getattr(b, "_m2f_affine", None) is cache for b in buffers):
-            return cache[1]
-        affine = self._compute_affine(dtype)
-        if not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()):
-            cache = (key, affine)  # not while capturing a CUDA graph: captured kernels run only on replay
-            self.__dict__["_affine_cache"] = cache
+        cache = self.__dict__.setdefault("_affine_cache", {})
+        # the cache is stamped on the buffers it was made from: a new tensor (even one reusing
+        # a freed id()) has no stamp, and the cache starts over
+        if not all(getattr(b, "_m2f_affine", None) is cache for b in buffers):
+            cache.clear()
             for b in buffers:
                 b._m2f_affine = cache
-        return affine
+        return cached(cache, (dtype, self.eps, *(b._version for b in buffers)), lambda: self._compute_affine(dtype),
+                      max_entries=2)
 
     def _compute_affine(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         scale = self.weight * (self.running_var + self.eps).rsqrt()

@@ -1,8 +1,9 @@
-"""Tensors that depend only on shapes and the device, made once and reused.
+"""Tensors that depend only on what a key names (shapes, device, buffer versions), made once
+and reused.
 
-Position embeddings, reference points and level indices are the same every step of a
-fixed-size training run, and making them costs a dozen small kernel launches each. A
-module keeps them in a dict through :func:`cached`.
+Position embeddings, reference points, level indices and frozen batch norm's scale and bias
+are the same every step of a fixed-size training run, and making them costs a few to a
+dozen small kernel launches each. A module keeps them in a dict through :func:`cached`.
 """
 from __future__ import annotations
 
