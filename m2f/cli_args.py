@@ -19,5 +19,4 @@ def at_least(minimum: Union[int, float], kind: type = int) -> Callable[[str], Un
             raise argparse.ArgumentTypeError(f"must be {what} >= {minimum}, got {text!r}")
         return value
 
-    parse.__name__ = kind.__name__  # argparse names the type in some messages
     return parse
