@@ -112,7 +112,8 @@ def build_model(backbone: str = "resnet50", num_classes: int = 133, num_queries:
         backbone: 'resnet18', 'resnet50', 'resnet101', 'swin_tiny', 'swin_small', 'swin_base',
             'swin_large' (or 'swin_t/s/b/l').
         num_classes: K, without the no-object class (133 for COCO panoptic).
-        num_queries: None means the official value: 200 for Swin-L, 100 otherwise.
+        num_queries: None means the official value: 200 for Swin-L, 100 otherwise (the panoptic
+            and instance configs; the semantic ones, ADE20K's included, keep 100 for Swin-L).
         kernels: 'reference' (the official code path) or 'fused' (m2f_kernels ops).
         mask_loss: 'point' (official, sampled points) or 'full' (whole masks, as MaskFormer).
         **overrides: fields of :class:`Overrides` (e.g. hidden_dim, dec_layers, enc_layers,

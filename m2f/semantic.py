@@ -15,10 +15,11 @@ What differs:
 * the loss is the per-pixel cross-entropy; the training targets are the datasets' per-image
   masks turned back into a class map (pixels in no target, e.g. COCO crowd regions, are ignored);
 * evaluation is per pixel (:func:`evaluate_semantic`: mIoU, fwIoU, mACC, pACC), no PQ / AP;
-* ``--preset official`` means the SegFormer ADE20K recipe: 512² crops, batch 16, 160k steps,
-  base lr 6e-4, so the MiT encoder trains at 6e-5 and the head at 6e-4 (the solver's backbone
-  multiplier 0.1 is the official head x10); weight decay and the poly schedule stay the
-  solver's (0.05, power 0.9, no warm-up; the paper: 0.01, power 1.0, 1500 warm-up steps);
+* ``--preset official`` means the SegFormer ADE20K recipe: 512² crops (B5: 640²), batch 16,
+  160k steps, base lr 6e-4, so the MiT encoder trains at 6e-5 and the head at 6e-4 (the
+  solver's backbone multiplier 0.1 is the official head x10); weight decay and the poly
+  schedule stay the solver's (0.05, power 0.9, no warm-up; the paper: 0.01, power 1.0, 1500
+  warm-up steps);
 * ``--kernels``, ``--mask-loss``, ``--num-queries`` and ``--cuda-graph`` are Mask2Former's;
 * the default run folder is ``runs/<dataset>_<preset>_<backbone>``;
 * under torchrun on CUDA the decoder's BatchNorm is SyncBatchNorm (as the official config).
@@ -38,6 +39,7 @@ ARCHS = ("mask2former", "segformer")
 DEFAULT_BACKBONE = "mit_b0"
 # SegFormer's own values of a preset, where they differ from Mask2Former's (explicit flags win)
 PRESETS = {"official": dict(image_size=512, batch_size=16, steps=160_000, lr=6e-4)}
+OFFICIAL_CROP = {"mit_b5": 640}  # segformer.b5.640x640.ade.160k.py; B0-B4 crop 512
 MASK2FORMER_FLAGS = ("kernels", "mask_loss", "num_queries", "cuda_graph")
 
 
@@ -77,7 +79,10 @@ def configure(cfg: Dict, args) -> Dict:
         raise SystemExit(f"--model {unknown[0]}=...: not a SegFormer option; valid: {', '.join(sorted(valid))}")
     cfg = dict(cfg, arch="segformer", backbone=backbone, model=overrides, kernels=None, mask_loss=None,
                num_queries=None)
-    for key, value in PRESETS.get(cfg["preset"], {}).items():
+    preset = dict(PRESETS.get(cfg["preset"], {}))
+    if cfg["preset"] == "official" and backbone in OFFICIAL_CROP:
+        preset["image_size"] = OFFICIAL_CROP[backbone]
+    for key, value in preset.items():
         if getattr(args, key) is None:
             cfg[key] = value
     if args.out is None:

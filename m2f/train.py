@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import build_model
-from .backbone import calibrate_frozen_bn
+from .backbone import SWINS, calibrate_frozen_bn
 from .data import DATASETS, StreamSampler, build_dataset, collate
 from .data.sample import DatasetInfo
 from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics, ignore_stop_signals, one_line_error
@@ -83,7 +83,8 @@ PRESETS = {
                   model=dict(hidden_dim=128, nheads=8, dim_feedforward=512, dec_layers=6, enc_layers=3,
                              enc_dim_feedforward=512, num_points=3136)),
     # the official Mask2Former R50 COCO panoptic recipe (50 epochs at batch 16; give --weights,
-    # the ImageNet backbone, as the official runs start from it)
+    # the ImageNet backbone, as the official runs start from it); other datasets and backbones
+    # get their official config's values (official_recipe)
     "official": dict(backbone="resnet50", image_size=1024, batch_size=16, steps=368750, lr=1e-4,
                      num_queries=100, model={}),
 }
@@ -235,6 +236,10 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     for key in PRESET_KEYS:
         value = getattr(args, key)
         cfg[key] = base[key] if value is None else value
+    if preset == "official":
+        for key, value in official_recipe(cfg["dataset"], cfg["backbone"]).items():
+            if getattr(args, key) is None:
+                cfg[key] = value
     cfg.update({
         "out": args.out or os.path.join("runs", f"{cfg['dataset']}_{preset}"),
         "eval_every": args.eval_every or 0,
@@ -251,6 +256,20 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg = configure_arch(cfg, args)  # --model segformer: m2f.semantic
     cfg["schedule"] = args.schedule or default_schedule(cfg)
     return cfg
+
+
+def official_recipe(dataset: str, backbone: str) -> Dict:
+    """The official Mask2Former config's values for ``dataset`` and ``backbone`` where they
+    differ from the 'official' preset (R50 COCO panoptic): ADE20K semantic
+    (Base-ADE20K-SemanticSegmentation.yaml) crops 512 (640 in the Swin-B/L 'res640' configs)
+    and trains 160k steps with 100 queries, Swin-L included; COCO Swin-L trains 100 epochs
+    (737,500 steps) with 200 queries."""
+    variant = SWINS.get(backbone)
+    if dataset == "ade20k":
+        return dict(image_size=640 if variant in ("base", "large") else 512, steps=160_000)
+    if dataset == "coco_panoptic" and variant == "large":
+        return dict(steps=737_500, num_queries=200)
+    return {}
 
 
 def default_schedule(cfg: Dict) -> str:

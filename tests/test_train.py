@@ -214,6 +214,29 @@ def test_schedule_follows_the_datasets_official_config():
     assert schedule("--dataset", "coco_panoptic", "--backbone", "mit_b0") == "poly"  # SegFormer's recipe
 
 
+def test_official_preset_follows_the_datasets_official_config():
+    """--preset official is the official config of the dataset and backbone: COCO panoptic (R50:
+    1024 LSJ crops, 368,750 steps; Swin-L: 200 queries, 100 epochs), ADE20K semantic
+    (Base-ADE20K-SemanticSegmentation.yaml: 512 crops, 160k steps, 100 queries; the Swin-B/L
+    'res640' configs: 640 crops), SegFormer's ADE20K configs (512 crops; B5: 640); flags win."""
+    def cfg(*argv):
+        c = train_mod.resolve_config(train_mod.parse_args(["--preset", "official", *argv]))
+        return c["image_size"], c["steps"], c["batch_size"], c["lr"], c["num_queries"]
+
+    assert cfg("--dataset", "coco_panoptic") == (1024, 368_750, 16, 1e-4, 100)
+    assert cfg("--dataset", "coco_panoptic", "--backbone", "swin_large") == (1024, 737_500, 16, 1e-4, 200)
+    assert cfg("--dataset", "coco_panoptic", "--backbone", "swin_base") == (1024, 368_750, 16, 1e-4, 100)
+    assert cfg("--dataset", "ade20k") == (512, 160_000, 16, 1e-4, 100)
+    assert cfg("--dataset", "ade20k", "--backbone", "swin_t") == (512, 160_000, 16, 1e-4, 100)
+    assert cfg("--dataset", "ade20k", "--backbone", "swin_base") == (640, 160_000, 16, 1e-4, 100)
+    assert cfg("--dataset", "ade20k", "--backbone", "swin_l") == (640, 160_000, 16, 1e-4, 100)  # semantic: 100
+    assert cfg("--dataset", "ade20k", "--image-size", "256", "--steps", "9", "--num-queries", "50") == \
+        (256, 9, 16, 1e-4, 50)
+    assert cfg("--dataset", "ade20k", "--backbone", "mit_b2") == (512, 160_000, 16, 6e-4, None)
+    assert cfg("--dataset", "ade20k", "--backbone", "mit_b5") == (640, 160_000, 16, 6e-4, None)
+    assert cfg("--dataset", "ade20k", "--backbone", "mit_b5", "--image-size", "512")[0] == 512
+
+
 def test_a_configuration_without_a_schedule_resumes_with_poly(tmp_path):
     from m2f.checkpoint import TRAINING_KEYS
 
