@@ -10,7 +10,9 @@ padding (``batch["image_sizes"]``, as detectron2's ``sem_seg_postprocess`` crops
 0.8 / 0.8, instances = top 100 (query, class) pairs of thing classes. Evaluation images are
 resized (longest side) and padded to the run's image size; predictions and ground truth are
 compared at that resized size, not at the original image resolution as the official
-evaluation does. Errors (a missing or damaged checkpoint, missing data) are one line;
+evaluation does (its test input has the shortest side at MIN_SIZE_TEST, ADE20K 512 with the
+longest at most 2048, COCO 800 / 1333: a 4:3 ADE20K image is seen here at 3/4 of the official
+scale, so mIoU is not the paper's). Errors (a missing or damaged checkpoint, missing data) are one line;
 ``--debug`` shows the traceback.
 """
 from __future__ import annotations
