@@ -20,6 +20,10 @@ What differs:
   solver's backbone multiplier 0.1 is the official head x10); weight decay and the poly
   schedule stay the solver's (0.05, power 0.9, no warm-up; the paper: 0.01, power 1.0, 1500
   warm-up steps);
+* the data are Mask2Former's ADE20K pipeline (``m2f.data.transforms.SemanticCrop``, no
+  category-area limit; evaluation as ``m2f.evaluate``); SegFormer's mmseg one rescales by
+  ratio 0.5-2.0 of (2048, 512), crops with ``cat_max_ratio=0.75``, pads with 0 after
+  normalising, and tests on (2048, 512) keep-ratio images at the original resolution;
 * ``--kernels``, ``--mask-loss``, ``--num-queries`` and ``--cuda-graph`` are Mask2Former's;
 * the default run folder is ``runs/<dataset>_<preset>_<backbone>``;
 * under torchrun on CUDA the decoder's BatchNorm is SyncBatchNorm (as the official config).
