@@ -5,6 +5,8 @@ stride in the 3x3 conv, FrozenBN, FREEZE_AT 0) is the torchvision architecture w
 frozen batch norm, so the modules carry torchvision's names (``conv1``, ``bn1``,
 ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...) and a torchvision state dict loads as is
 (see :mod:`m2f.checkpoint` for the detectron2 names of the official checkpoints).
+The norm is FrozenBN for every dataset: the official ADE20K R101 semantic config (and the
+Cityscapes ones) set ``RESNETS.NORM: SyncBN``, trainable batch norm, which is not provided.
 """
 from __future__ import annotations
 
