@@ -489,3 +489,56 @@ def test_mask_free_step_cases_run_on_cpu(provider):
     case = Case.make("model", provider, tiny, "fp32", "train", ("backbone",))
     record = harness.run_case(MODEL, case, "cpu", settings=Settings(1.0, 1, 1, 0))
     assert record["status"] == "ok", record.get("reason")
+
+
+def test_cuda_graph_step_captures_in_the_memory_call_and_times_replays_only(monkeypatch):
+    """(f): the capture lands in the estimate call that measures peak memory (a replay
+    allocates nothing, so a replay's peak would leave out the graph's pool), and every
+    timed round is a replay: neither an eager warm-up step nor the capture is timed."""
+    pytest.importorskip("m2f", reason="the model package m2f is not importable")
+    import m2f.graph_step as graph_step
+    import m2f.solver as solver
+    from bench import test_bench_model
+
+    events = []
+
+    class FakeGraphStep:  # m2f.graph_step.GraphStep's call sequence, on the CPU
+        def __init__(self, step_fn, device, warmup=graph_step.WARMUP_STEPS, generators=()):
+            self.step_fn, self.warmup, self.calls = step_fn, warmup, 0
+
+        def __call__(self, inputs, key=()):
+            self.calls += 1
+            kind = "eager" if self.calls <= self.warmup else "capture" if self.calls == self.warmup + 1 else "replay"
+            events.append(kind)
+            return self.step_fn(*inputs)
+
+    real_optimizer = solver.build_optimizer
+    monkeypatch.setattr(graph_step, "GraphStep", FakeGraphStep)
+    monkeypatch.setattr(solver, "build_optimizer", lambda *a, capturable=False, **k: real_optimizer(*a, **k))
+    monkeypatch.setattr(test_bench_model, "_require_cuda", lambda device, what: None)
+
+    def peak_memory(fn, device):
+        events.append("memory(")
+        out = fn()
+        events.append(")")
+        return out, None
+
+    class Timer:
+        def __call__(self, fn):
+            events.append("timed(")
+            fn()
+            events.append(")")
+            return 1.0
+
+    monkeypatch.setattr(measure, "peak_memory", peak_memory)
+    tiny = {"backbone": "resnet18", "queries": 4, "image": 64, "T": 2, "batch": 1,
+            "overrides": (("hidden_dim", 32), ("dim_feedforward", 64), ("dec_layers", 1), ("enc_layers", 1),
+                          ("enc_dim_feedforward", 64), ("num_points", 16), ("backbone_width", 8))}
+    case = Case.make("model", "f-mask-free-cuda-graph", tiny, "fp32", "train", ("backbone",))
+    record = harness.run_case(MODEL, case, "cpu", settings=MODEL.settings_for("default"), timer=Timer())
+    assert record["status"] == "ok"
+    text = " ".join(events)
+    memory = text[text.index("memory("):]
+    assert memory.startswith("memory( timed( capture ) )"), text
+    rounds = memory[len("memory( timed( capture ) )"):].split()
+    assert rounds == ["timed(", "replay", ")"] * record["time_ms"]["rounds"], text
