@@ -31,6 +31,16 @@ def _ok(data: dict, op: Optional[str] = None) -> list:
     return [r for r in data["cases"] if r["status"] == "ok" and (op is None or r["op"] == op)]
 
 
+def _all(data: dict, op: str) -> list:
+    """Every record of ``op``, whatever its status: the tables show a case that did not run
+    as its status (skipped / oom / error), never as a blank or a zero."""
+    return [r for r in data["cases"] if r["op"] == op]
+
+
+def _ok_median(r: Optional[dict]) -> Optional[float]:
+    return r["time_ms"]["median"] if r is not None and r["status"] == "ok" else None
+
+
 def ops_in(data: dict) -> list:
     """Ops with at least one record, in first-seen order, model last."""
     ops = list(OrderedDict.fromkeys(r["op"] for r in data["cases"]))
@@ -136,7 +146,7 @@ def op_section(data: dict, op: str) -> str:
             check = r.get("check")
             rows.append([
                 label, dtype, mode, name, _ms(r["time_ms"]["median"]),
-                _ratio(group[base]["time_ms"]["median"], r["time_ms"]["median"]) if base else "-",
+                f"{_ratio(group[base]['time_ms']['median'], r['time_ms']['median'])} vs {base}" if base else "-",
                 _mib((r.get("memory") or {}).get("extra_bytes")),
                 _mib((r.get("memory") or {}).get("work_bytes")),
                 _ms(floor.get("ms")),
@@ -148,7 +158,8 @@ def op_section(data: dict, op: str) -> str:
     note = (f"{constant_shape(records)}. Speedup: the baseline's median over this one, baseline = the "
             f"first present of {', '.join(BASELINES)}. Peak extra: peak allocated above the call's inputs, "
             f"returned tensors included; work: peak extra minus the returned tensors (outputs, or the input "
-            f"gradients in backward modes). rel err: forward output against the reference.")
+            f"gradients in backward modes). rel err: forward output against the check's baseline (reference, "
+            f"else official). Cases that did not run are under 'Not run'.")
     return f"## {op}\n\n{note}\n\n" + _table(header, rows) + "\n"
 
 
@@ -168,13 +179,16 @@ def model_groups(records: list) -> "OrderedDict":
 
 def model_rows(data: dict) -> tuple:
     """(train rows, ratio rows, inference rows) of the model cases."""
-    records = _ok(data, "model")
+    records = _all(data, "model")
     train = [r for r in records if r["mode"] == "train"]
     infer = [r for r in records if r["mode"] == "infer"]
     train_rows, ratio_rows, infer_rows = [], [], []
     for (label, dtype), group in model_groups(train).items():
         mem, step = {}, {}
         for name, r in group.items():
+            if r["status"] != "ok":
+                train_rows.append([label, dtype, name, r["status"], r["status"]])
+                continue
             batch = r["shape"].get("batch", 1)
             foot = (r.get("memory") or {}).get("footprint_bytes")
             mem[name] = foot / batch / GB if foot is not None else None
@@ -191,11 +205,14 @@ def model_rows(data: dict) -> tuple:
             _ratio(step.get(b), step.get(CUDA_GRAPH)), _ratio(step.get(d), step.get(CUDA_GRAPH)),
         ])
     for (label, dtype), group in model_groups(infer).items():
-        ref = group.get("reference")
+        ref = _ok_median(group.get("reference"))
         for name, r in group.items():
+            if r["status"] != "ok":
+                infer_rows.append([label, dtype, name, r["status"], "-"])
+                continue
             batch = r["shape"].get("batch", 1)
             infer_rows.append([label, dtype, name, _ms(r["time_ms"]["median"] / batch),
-                               _ratio(ref["time_ms"]["median"], r["time_ms"]["median"]) if ref else "-"])
+                               _ratio(ref, r["time_ms"]["median"])])
     return train_rows, ratio_rows, infer_rows
 
 
@@ -252,7 +269,7 @@ def readme_tables(data: dict) -> str:
     parts = [f"Measured on {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
              f"CUDA {env.get('cuda')}, commit {env.get('commit') or 'uncommitted'} ({data.get('created')}).\n"]
     for op in ops_in(data):
-        records = _ok(data, op)
+        records = _all(data, op)
         if op == "model" or not records:
             continue
         grouped = groups(records)
@@ -266,10 +283,17 @@ def readme_tables(data: dict) -> str:
                 if r is None:
                     cells.append("-")
                     continue
+                if r["status"] != "ok":
+                    cells.append(r["status"])
+                    continue
                 mem = (r.get("memory") or {}).get("extra_bytes")
-                cells.append(_ms(r["time_ms"]["median"]) + ("" if mem is None else f" ({_mib(mem)})"))
+                failed = r.get("check") is not None and not r["check"]["ok"]
+                cells.append(_ms(r["time_ms"]["median"]) + ("" if mem is None else f" ({_mib(mem)})")
+                             + (" FAIL" if failed else ""))
             rows.append([label, dtype, mode] + cells + [_ms(floor)])
-        parts.append(f"**{op}** ({constant_shape(records)}): median ms (peak extra MiB)\n\n"
+        parts.append(f"**{op}** ({constant_shape(records)}): median ms (peak extra MiB); FAIL: the output "
+                     f"failed the check against the baseline; skipped / oom / error: not run (the reason "
+                     f"is in the run's summary)\n\n"
                      + _table(["shape", "dtype", "mode"] + providers + ["HBM floor ms"], rows) + "\n")
     parts.append(model_section(data, heading="**{}**"))
     return "\n".join(parts)
@@ -289,8 +313,8 @@ def charts(data: dict, out_dir, prefix: str) -> list:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for op in ops_in(data):
-        records = _ok(data, op)
-        if not records:
+        records = _all(data, op)
+        if not _ok(data, op):
             continue
         grouped = groups(records)
         labels = [f"{model_label(next(iter(g.values()))['shape']) if op == 'model' else label}\n{dtype} {mode}"
@@ -306,8 +330,19 @@ def charts(data: dict, out_dir, prefix: str) -> list:
             fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels) * max(1, len(providers)) / 3), 4.5))
             width = 0.8 / max(1, len(providers))
             for i, p in enumerate(providers):
-                ys = [value(g[p]) if p in g and value(g[p]) is not None else 0.0 for g in grouped.values()]
-                ax.bar([x + i * width for x in range(len(labels))], ys, width, label=p)
+                xs = [x + i * width for x in range(len(labels))]
+                ys, notes = [], []
+                for g in grouped.values():  # no bar (not a zero one) where there is no number
+                    r = g.get(p)
+                    y = value(r) if r is not None and r["status"] == "ok" else None
+                    ys.append(math.nan if y is None else y)
+                    notes.append(None if r is None or y is not None else
+                                 r["status"] if r["status"] != "ok" else "n/a")
+                ax.bar(xs, ys, width, label=p)
+                for x, note in zip(xs, notes):
+                    if note:
+                        ax.text(x, 0.01, note, transform=ax.get_xaxis_transform(), rotation=90,
+                                ha="center", va="bottom", fontsize=6)
             ax.set_xticks([x + width * (len(providers) - 1) / 2 for x in range(len(labels))])
             ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
             ax.set_ylabel(ylabel)

@@ -542,3 +542,45 @@ def test_cuda_graph_step_captures_in_the_memory_call_and_times_replays_only(monk
     assert memory.startswith("memory( timed( capture ) )"), text
     rounds = memory[len("memory( timed( capture ) )"):].split()
     assert rounds == ["timed(", "replay", ")"] * record["time_ms"]["rounds"], text
+
+
+def test_report_shows_cases_that_did_not_run_as_such(tmp_path, cpu_records, monkeypatch):
+    """An oom / skipped / error case is its status in the README tables, the model tables and
+    the charts (no bar, a label), never a blank, a missing row or a zero bar; a failed check
+    is marked beside its time; every speedup names its baseline."""
+    data = _fake_results(cpu_records)
+    sdpa = next(i for i, r in enumerate(data["cases"]) if r["provider"] == "sdpa" and r["mode"] == "fwd+bwd")
+    oom = Case.make("masked_attention", "sdpa", TINY_ATTENTION, "fp32", "fwd+bwd", ("Q", "N"))
+    data["cases"][sdpa] = harness.base_record(oom, "oom", "out of GPU memory")
+    official = next(r for r in data["cases"] if r["provider"] == "official" and r["mode"] == "fwd")
+    official["check"] = dict(official["check"], ok=False)
+    full = next(r for r in data["cases"] if r["provider"] == report.TRAIN_CONFIGS[0])
+    data["cases"].remove(full)
+    data["cases"].append(harness.base_record(
+        Case.make("model", full["provider"], full["shape"], full["dtype"], "train", ("backbone", "batch")),
+        "oom", "out of GPU memory"))
+    assert not results.validate(data)
+
+    tables = report.readme_tables(data)
+    fwd_bwd = next(line for line in tables.splitlines() if "| fp32 | fwd+bwd |" in line)
+    assert fwd_bwd.split("|")[6].strip() == "oom", fwd_bwd  # the sdpa column
+    fwd = next(line for line in tables.splitlines() if "| fp32 | fwd |" in line)
+    assert fwd.split("|")[5].strip().endswith("FAIL"), fwd  # the official column
+    assert f"| resnet50 Q100 1024px batch 2 | bf16 | {report.TRAIN_CONFIGS[0]} | oom | oom |" in tables
+    summary = report.markdown(data)
+    assert "| 1.00x vs official |" in summary
+
+    import matplotlib.pyplot as plt
+
+    axes, real_subplots = [], plt.subplots
+
+    def subplots(*args, **kwargs):
+        fig, ax = real_subplots(*args, **kwargs)
+        axes.append(ax)
+        return fig, ax
+
+    monkeypatch.setattr(plt, "subplots", subplots)
+    report.charts(data, tmp_path, "chart")
+    for ax in axes:
+        assert all(p.get_height() != 0 for p in ax.patches), "a case without a number drawn as a zero bar"
+    assert {t.get_text() for ax in axes for t in ax.texts} == {"oom"}
