@@ -4,7 +4,8 @@
 
 Prints, for every case measured in both, the old and new median time, the speedup
 old/new (> 1: the new run is faster), the peak-memory ratio new/old, and per
-(op, provider) the geometric mean speedup. Cases in only one file are listed.
+(op, provider) the geometric mean speedup. Cases in only one file are listed, and so are
+cases in both that did not run ok in one or both (``ok -> oom``; skipped in both: not listed).
 """
 from __future__ import annotations
 
@@ -26,8 +27,11 @@ def _peak(r: dict) -> Optional[int]:
 
 
 def compare(old: dict, new: dict, op: Optional[str] = None, provider: Optional[str] = None) -> dict:
-    """{'rows': [...], 'only_old': [keys], 'only_new': [keys], 'geomean': {(op, provider): x}}."""
+    """{'rows': [...], 'only_old': [keys], 'only_new': [keys], 'status_changed': [(key, old status,
+    new status)], 'geomean': {(op, provider): x}}."""
     a, b = _index(old), _index(new)
+    old_all = {r["key"]: r for r in old["cases"]}
+    new_all = {r["key"]: r for r in new["cases"]}
 
     def wanted(r: dict) -> bool:
         return (op is None or r["op"] == op) and (provider is None or r["provider"] == provider)
@@ -51,8 +55,11 @@ def compare(old: dict, new: dict, op: Optional[str] = None, provider: Optional[s
             logs.setdefault((r_old["op"], r_old["provider"]), []).append(math.log(speedup))
     return {
         "rows": rows,
-        "only_old": [k for k, r in a.items() if k not in b and wanted(r)],
-        "only_new": [k for k, r in b.items() if k not in a and wanted(r)],
+        "only_old": [k for k, r in old_all.items() if k not in new_all and wanted(r)],
+        "only_new": [k for k, r in new_all.items() if k not in old_all and wanted(r)],
+        "status_changed": [(k, r["status"], new_all[k]["status"]) for k, r in old_all.items()
+                           if k in new_all and wanted(r)
+                           and (r["status"], new_all[k]["status"]) not in (("ok", "ok"), ("skipped", "skipped"))],
         "geomean": {k: math.exp(sum(v) / len(v)) for k, v in logs.items()},
     }
 
@@ -71,6 +78,9 @@ def format_comparison(result: dict) -> str:
         if result[name]:
             lines.append(f"\n{len(result[name])} case(s) {name.replace('_', ' in ')}:")
             lines += [f"  {k}" for k in result[name]]
+    if result.get("status_changed"):
+        lines.append(f"\n{len(result['status_changed'])} case(s) not ok in one or both runs (not compared):")
+        lines += [f"  {k}: {s_old} -> {s_new}" for k, s_old, s_new in result["status_changed"]]
     return "\n".join(lines)
 
 

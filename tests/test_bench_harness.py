@@ -584,3 +584,21 @@ def test_report_shows_cases_that_did_not_run_as_such(tmp_path, cpu_records, monk
     for ax in axes:
         assert all(p.get_height() != 0 for p in ax.patches), "a case without a number drawn as a zero bar"
     assert {t.get_text() for ax in axes for t in ax.texts} == {"oom"}
+
+
+def test_compare_reports_a_case_that_stopped_running_by_its_status(cpu_records, capsys):
+    """A case ok in the old file and oom in the new one is a status change, not 'only in old'
+    (as if it had been dropped from the suite)."""
+    old = _fake_results(cpu_records)
+    new = copy.deepcopy(old)
+    r = new["cases"][0]
+    case = Case.make(r["op"], r["provider"], r["shape"], r["dtype"], r["mode"], ("Q", "N"))
+    new["cases"][0] = harness.base_record(case, "oom", "out of GPU memory")
+    out = compare.compare(old, new)
+    assert out["only_old"] == [] and out["only_new"] == []
+    assert out["status_changed"] == [(r["key"], "ok", "oom")]
+    assert r["key"] not in {row["key"] for row in out["rows"]}
+    skipped = next(x["key"] for x in old["cases"] if x["status"] == "skipped")
+    assert skipped not in {k for k, _, _ in out["status_changed"]}  # skipped in both: nothing to say
+    printed = compare.format_comparison(out)
+    assert f"{r['key']}: ok -> oom" in printed and "only in old" not in printed
