@@ -13,13 +13,16 @@ timing functions are only called on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
 import itertools
 import json
 import math
+import random
 import traceback
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -488,13 +491,14 @@ def _run_case(spec, case, provider, device, settings, runner, timer, nvml, copy_
                  if device.type == "cuda" else measure.WallTimer())
     case_base = measure.allocated(device)
     dtype = DTYPES[case.dtype]
-    sets = []
-    for _ in range(spec.input_sets):
-        inputs = spec.make_inputs(case.params, dtype, device)
-        if case.mode in ("bwd", "fwd+bwd"):
-            _mark_grad(inputs)
-        sets.append(inputs)
-    calls = [make_call(provider, inputs, case.mode) for inputs in sets]
+    sets, calls = [], []
+    for i in range(spec.input_sets):
+        with _seeded(_input_seed(case, i), device):  # every provider of the case: the same inputs
+            inputs = spec.make_inputs(case.params, dtype, device)
+            if case.mode in ("bwd", "fwd+bwd"):
+                _mark_grad(inputs)
+            sets.append(inputs)
+            calls.append(make_call(provider, inputs, case.mode))
 
     first_output = calls[0]()  # the first call compiles / autotunes; never timed
     for call in calls[1:]:
@@ -535,6 +539,25 @@ def _run_case(spec, case, provider, device, settings, runner, timer, nvml, copy_
         "note": provider.note,
     })
     return record
+
+
+def _input_seed(case: Case, index: int) -> int:
+    """The seed of input set ``index`` of ``case``: the same for every provider and mode of an
+    (op, shape, dtype), and from run to run."""
+    return zlib.crc32(f"{case.op}|{json.dumps(case.shape_json, sort_keys=True)}|{case.dtype}|{index}".encode())
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """torch's (CPU and ``device``'s) and Python's random state seeded for the block, then restored."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 def _floor(spec: OpSpec, inputs: Inputs, mode: str, bandwidth: Optional[float], median_ms: float):

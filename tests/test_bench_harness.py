@@ -602,3 +602,31 @@ def test_compare_reports_a_case_that_stopped_running_by_its_status(cpu_records, 
     assert skipped not in {k for k, _, _ in out["status_changed"]}  # skipped in both: nothing to say
     printed = compare.format_comparison(out)
     assert f"{r['key']}: ok -> oom" in printed and "only in old" not in printed
+
+
+def test_providers_of_a_case_get_the_same_inputs_and_the_global_rng_is_left_alone():
+    """Every provider of one (op, shape, dtype) is timed on the same input sets (a block-sparse
+    kernel's work depends on the mask drawn), set i differing from set j; building them
+    leaves the global random state where it was."""
+    seen = []
+    spec = _probe_spec([])
+
+    @spec.provider("recorder")
+    def recorder(inputs):
+        seen.append(inputs["x"].detach().clone())
+        return lambda: (3 * inputs["x"] * inputs["w"]).sum()
+
+    torch.manual_seed(0)
+    for provider in ("recorder", "good"):  # another provider's case in between changes nothing
+        harness.run_case(spec, Case.make("probe", provider, {"n": 5}, "fp32", "fwd"), "cpu", settings=TINY,
+                         timer=CountingTimer(1.0))
+    after = torch.rand(3)
+    torch.manual_seed(1)
+    harness.run_case(spec, Case.make("probe", "recorder", {"n": 5}, "fp32", "fwd+bwd"), "cpu", settings=TINY,
+                     timer=CountingTimer(1.0))
+    first, second = seen[:3], seen[3:]
+    assert len(first) == len(second) == 3
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(first[0], first[1])
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(3))
