@@ -126,6 +126,7 @@ def _env_table(data: dict) -> str:
         ("created", data.get("created")),
         ("scope", data.get("scope")),
         ("copy bandwidth", f"{bw / 1e12:.2f} TB/s (device-to-device copy, read + write)" if bw else "-"),
+        ("TF32 matmul / cuDNN", f"{env.get('tf32_matmul')} / {env.get('tf32_cudnn')}"),
     ]
     nv = env.get("nvml") or {}
     if nv:
@@ -253,7 +254,8 @@ def markdown(data: dict) -> str:
         f"# Benchmark results: {data['env'].get('device')}\n",
         _env_table(data) + "\n",
         f"Times: medians of {data['env'].get('timer', 'CUDA events')} timings of one call each (L2 flushed "
-        "before every call, several input sets in rotation, warm-up and compilation excluded). Peak extra: "
+        "before every op call, not before a model step, which is far larger than L2; several input sets in "
+        "rotation; warm-up, compilation and CUDA-graph capture excluded). Peak extra: "
         "torch.cuda.max_memory_allocated during the call minus what was allocated when it "
         "started (its inputs; for bwd also the saved forward). HBM floor: bytes the op must "
         "move / measured copy bandwidth; % of floor = floor / measured time.\n",

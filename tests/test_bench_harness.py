@@ -630,3 +630,9 @@ def test_providers_of_a_case_get_the_same_inputs_and_the_global_rng_is_left_alon
     assert not torch.equal(first[0], first[1])
     torch.manual_seed(0)
     assert torch.equal(after, torch.rand(3))
+
+
+def test_summary_shows_the_precision_flags_the_numbers_depend_on(cpu_records):
+    data = _fake_results(cpu_records)
+    data["env"].update(tf32_matmul=False, tf32_cudnn=True)
+    assert "| TF32 matmul / cuDNN | False / True |" in report.markdown(data)
