@@ -16,6 +16,8 @@
 #   hf           python -m bench.hf_mask2former (HF Mask2Former, then HF EoMT, with/without the patch)
 #   train-start  start the fused and the reference `--preset small` training runs in the
 #                background (TRAIN_STEPS, TRAIN_ARGS, TRAIN_LIMIT); `train-wait` waits for them
+#   equal-steps  python -m bench.equal_steps: shapes training of EQUAL_STEPS_VARIANTS (default: reference
+#                cuda-graph) over 3 seeds at equal steps (EQUAL_STEPS_ARGS, EQUAL_STEPS_LIMIT)
 #   cuda-tests   the cuda backend's tests, then compute-sanitizer memcheck + racecheck on a subset
 #                (SANITIZER_FILTER / SANITIZER_LIMIT; RACECHECK_FILTER / RACECHECK_LIMIT override them)
 #   toolchain    what built and what loads the extension (compiler versions, libstdc++ / libgcc_s,
@@ -30,7 +32,7 @@ export PYTHONUNBUFFERED=1 M2F_BENCH_COMMIT=${M2F_BENCH_COMMIT:-$(git rev-parse H
 stages=${*:-tests bench}
 TEST_LIMIT=${TEST_LIMIT:-240} BENCH_LIMIT=${BENCH_LIMIT:-330} HF_LIMIT=${HF_LIMIT:-150}
 TRAIN_LIMIT=${TRAIN_LIMIT:-300} CUDA_TEST_LIMIT=${CUDA_TEST_LIMIT:-120} SANITIZER_LIMIT=${SANITIZER_LIMIT:-60}
-PEERS_WAIT_LIMIT=${PEERS_WAIT_LIMIT:-600}
+PEERS_WAIT_LIMIT=${PEERS_WAIT_LIMIT:-600} EQUAL_STEPS_LIMIT=${EQUAL_STEPS_LIMIT:-240}
 CUDA_TESTS="tests/test_op_*.py tests/test_cuda_extension_errors.py"
 T0=$SECONDS
 stamp() { echo "== [$((SECONDS - T0)) s] $*"; }
@@ -117,6 +119,13 @@ for stage in $stages; do
       for kernels in fused reference; do
         echo "-- $kernels"; tr '\r' '\n' < "$LOGS/train-$kernels.log" | grep -v '^\s*$' | tail -6
       done
+      ;;
+    equal-steps)
+      # SIGINT at the limit: the run in progress checkpoints, the finished ones are written
+      # shellcheck disable=SC2086
+      timeout -s INT -k 150 "$EQUAL_STEPS_LIMIT" python3 -m bench.equal_steps ${EQUAL_STEPS_VARIANTS:-reference cuda-graph} \
+        ${EQUAL_STEPS_ARGS:---steps 300 --train-args=--preset=tiny} > "$LOGS/equal-steps.log" 2>&1
+      echo "equal-steps exit: $? (1 = a run failed, 130 = time limit)"; tail -12 "$LOGS/equal-steps.log"
       ;;
     cuda-tests)
       wait_build
