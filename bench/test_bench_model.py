@@ -19,9 +19,9 @@ model and criterion path only. (e) and (f) get their targets padded once outside
 timed step; (a)-(d) pad them inside it, as the eager training loop does.
 dtype 'bf16' means torch.autocast(bfloat16) around forward + loss (parameters and
 optimizer state stay float32); 'fp32' is plain float32 under torch's default precision
-flags (cuDNN convolutions may use TF32; env.tf32_* records them). With kernels='reference' (a, b and
-the reference inference) the pixel decoder runs in float32 under autocast, as the official
-code does; the fused paths let it follow autocast. Peak memory: the step's
+flags (cuDNN convolutions may use TF32; env.tf32_* records them). With kernels='reference'
+(a, b and the reference inference) the pixel decoder runs in float32 under autocast, as
+the official code does; the fused paths let it follow autocast. Peak memory: the step's
 max_memory_allocated above what was allocated before the case (so it includes the
 model, gradients, optimizer state, inputs and activations), reported per image.
 Inference: model.eval() under torch.inference_mode on one image, 'reference' vs 'fused'.
