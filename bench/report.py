@@ -269,7 +269,8 @@ def readme_tables(data: dict) -> str:
     """Compact tables for the README: per op, providers side by side (ms; peak extra MiB)."""
     env = data["env"]
     parts = [f"Measured on {env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}, "
-             f"CUDA {env.get('cuda')}, commit {env.get('commit') or 'uncommitted'} ({data.get('created')}).\n"]
+             f"CUDA {env.get('cuda')}, commit {env.get('commit') or 'uncommitted'}"
+             f"{' + uncommitted changes' if env.get('dirty') else ''} ({data.get('created')}).\n"]
     for op in ops_in(data):
         records = _all(data, op)
         if op == "model" or not records:

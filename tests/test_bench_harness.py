@@ -634,5 +634,6 @@ def test_providers_of_a_case_get_the_same_inputs_and_the_global_rng_is_left_alon
 
 def test_summary_shows_the_precision_flags_the_numbers_depend_on(cpu_records):
     data = _fake_results(cpu_records)
-    data["env"].update(tf32_matmul=False, tf32_cudnn=True)
+    data["env"].update(tf32_matmul=False, tf32_cudnn=True, commit="abc123", dirty=True)
     assert "| TF32 matmul / cuDNN | False / True |" in report.markdown(data)
+    assert "commit abc123 + uncommitted changes (" in report.readme_tables(data)  # the README quotes this
