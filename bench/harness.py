@@ -504,6 +504,8 @@ def _run_case(spec, case, provider, device, settings, runner, timer, nvml, copy_
     for call in calls[1:]:
         call()
     check = _check(spec, case, sets[0], first_output) if case.mode == "fwd" else None
+    if case.mode == "train":
+        _require_finite_loss(first_output)
     returned = returned_bytes(first_output, sets[0])
     del first_output
 
@@ -539,6 +541,14 @@ def _run_case(spec, case, provider, device, settings, runner, timer, nvml, copy_
         "note": provider.note,
     })
     return record
+
+
+def _require_finite_loss(output) -> None:
+    """A training step whose loss is NaN / inf computes nothing worth timing: an error."""
+    bad = [t for t in flat_tensors(output) if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"the training step's loss is not finite ({bad[0].detach().flatten()[:4].tolist()}): "
+                         "its time would not be a result")
 
 
 def _input_seed(case: Case, index: int) -> int:

@@ -250,6 +250,17 @@ def test_run_case_checks_against_the_baseline():
     assert nan["check"]["rel_err"] == float("inf") and not nan["check"]["ok"]
 
 
+def test_a_training_step_with_a_non_finite_loss_is_an_error():
+    spec = _probe_spec([])
+    for name in ("good", "nan"):
+        case = Case.make("probe", name, {"n": 5}, "fp32", "train")
+        if name == "good":
+            assert harness.run_case(spec, case, "cpu", settings=TINY, timer=CountingTimer(1.0))["status"] == "ok"
+            continue
+        with pytest.raises(harness.CaseError, match="the training step's loss is not finite"):
+            harness.run_case(spec, case, "cpu", settings=TINY, timer=CountingTimer(1.0))
+
+
 @pytest.mark.parametrize("provider, status, text", [
     ("missing", "skipped", "package foo is not installed"),
     ("fp16only", "skipped", "supports fp16 only"),
