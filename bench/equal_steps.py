@@ -280,11 +280,11 @@ def finish(data: dict) -> dict:
 def markdown(data: dict) -> str:
     s, env, metric = data["settings"], data["env"], data["settings"]["metric"]
     lines = [f"# {metric} at equal steps: {', '.join(data['variants'])}", "",
-             f"{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env.get('commit')}, "
-             f"{data['created']}", "",
+             f"{env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env.get('commit')}"
+             + (" + uncommitted changes" if env.get("dirty") else "") + f", {data['created']}", "",
              f"Every run: `python -m m2f.train {shlex.join(s['train_args'])}` + the variant's flags, "
              f"seeds {', '.join(map(str, s['seeds']))}, "
-             f"{s['steps'] if s['steps'] is not None else 'the preset'}'s steps"
+             + (f"{s['steps']} steps" if s["steps"] is not None else "the preset's steps")
              + (f", evaluated every {s['eval_every']}" if s['eval_every'] else "") + ". "
              f"Baseline: `{s['baseline']}`; verdict: the variant's mean against the baseline's seed range.", "",
              f"| variant | flags | {metric} per seed | mean | min - max | vs baseline | it/s (mean) | wall s |",
@@ -340,11 +340,15 @@ def plot(data: dict, png: Path) -> None:
         final_ax.legend(loc="lower right")
     curve_ax.set(xlabel="step", ylabel=metric, title=f"{metric} during training")
     curve_ax.grid(alpha=0.3)
-    curve_ax.legend()
+    if curve_ax.get_legend_handles_labels()[0]:
+        curve_ax.legend()
     final_ax.set(xticks=range(len(data["variants"])), xticklabels=list(data["variants"]), ylabel=metric,
                  title=f"final {metric} per seed (bar: mean)")
     final_ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"{data['env']['device']}: {' '.join(data['settings']['train_args'])}", fontsize=9)
+    s = data["settings"]
+    fig.suptitle(f"{data['env']['device']}: m2f.train {' '.join(s['train_args'])}"
+                 + (f", {s['steps']} steps" if s["steps"] else "") + f", seeds {', '.join(map(str, s['seeds']))}",
+                 fontsize=9)
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

@@ -7,8 +7,9 @@
 #   peers        start building the peer MSDeformAttn kernels (python -m bench.peers) in the
 #                background from the archives in PEER_ARCHIVES (default: build/peer-archives/,
 #                ../shared/peers/); bench and bench-quick wait for them (PEERS_WAIT_LIMIT)
-#   build-cuda   start building m2f_kernels._C in the background (nice'd; later stages
-#                that need it wait for it: cuda-tests)
+#   build-cuda   start building m2f_kernels._C in the background (nice'd; every later stage
+#                but tests waits for it: the cuda backend is then built and the compile
+#                takes no CPU from what is timed)
 #   tests        the GPU test suite (pytest tests, xdist when present)
 #   bench        the benchmark suite, default scope (BENCH_FILTER narrows it: -k)
 #   bench-quick  the same at --benchmark-quick
@@ -87,19 +88,21 @@ for stage in $stages; do
       tail -25 "$LOGS/tests.log"
       ;;
     bench|bench-quick)
-      wait_peers
+      wait_build; wait_peers
       extra=(); [ "$stage" = bench-quick ] && extra=(--benchmark-quick)
       timeout "$BENCH_LIMIT" python3 -m pytest bench -q -p no:cacheprovider --benchmark "${extra[@]}" \
         -k "${BENCH_FILTER:-}" > "$LOGS/bench-$((SECONDS - T0)).log" 2>&1
       ls -t "$LOGS"/bench-*.log | head -1 | xargs tail -8
       ;;
     sweeps)
+      wait_build
       timeout 60 python3 bench/sweep_masked_attention.py --quick > "$LOGS/sweep-masked-attention.txt" 2>&1
       sed -n '/^## 1/,/^## 3/p' "$LOGS/sweep-masked-attention.txt" | head -20
       timeout 60 python3 bench/sweep_point_loss.py --quick > "$LOGS/sweep-point-loss.txt" 2>&1
       tail -20 "$LOGS/sweep-point-loss.txt"
       ;;
     hf)
+      wait_build
       for model in mask2former eomt; do
         timeout "$HF_LIMIT" python3 -m bench.hf_mask2former --model "$model" --size real --device cuda \
           --out bench/results > "$LOGS/hf-$model.log" 2>&1
@@ -107,6 +110,7 @@ for stage in $stages; do
       done
       ;;
     train-start)
+      wait_build
       for kernels in fused reference; do
         timeout "$TRAIN_LIMIT" python3 -m m2f.train --preset small --kernels "$kernels" ${TRAIN_STEPS:+--steps "$TRAIN_STEPS"} \
           --out "runs/shapes_small_$kernels" ${TRAIN_ARGS:-} > "$LOGS/train-$kernels.log" 2>&1 &
@@ -121,6 +125,7 @@ for stage in $stages; do
       done
       ;;
     equal-steps)
+      wait_build
       # SIGINT at the limit: the run in progress checkpoints, the finished ones are written
       # shellcheck disable=SC2086
       timeout -s INT -k 150 "$EQUAL_STEPS_LIMIT" python3 -m bench.equal_steps ${EQUAL_STEPS_VARIANTS:-reference cuda-graph} \
