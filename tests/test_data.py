@@ -267,6 +267,24 @@ def test_shortest_edge_size_is_detectron2s():
         assert shortest_edge_size(int(h), int(w), int(short), 2048) == official_shortest_edge(h, w, short, 2048)
 
 
+def test_official_test_resize_is_detectron2s_and_keeps_the_labels():
+    from m2f.data.transforms import ResizeShortestEdge
+
+    rng = np.random.default_rng()
+    for H, W, short, max_size in [(37, 90, 48, 80), (64, 48, 48, 80), (120, 25, 64, 256), (480, 640, 800, 1333)]:
+        image = torch.from_numpy(rng.integers(0, 256, (3, H, W), dtype=np.uint8))
+        sem, pan = torch.from_numpy(rng.integers(0, 5, (H, W))), torch.from_numpy(rng.integers(0, 9, (H, W)))
+        out = ResizeShortestEdge(short, max_size)({"image": image, "sem_seg": sem, "pan_seg": pan, "index": 0})
+        h, w = official_shortest_edge(H, W, short, max_size)
+        want = np.array(Image.fromarray(image.permute(1, 2, 0).numpy()).resize((w, h), Image.BILINEAR))
+        assert torch.equal(out["image"], torch.from_numpy(want).permute(2, 0, 1))
+        assert out["sem_seg"] is sem and out["pan_seg"] is pan  # compared at the original resolution
+        assert out["image_size"] == (h, w) and out["output_size"] == (H, W)
+        semantic = {k: v for k, v in out.items() if k != "pan_seg"}
+        batch = collate([finalize(semantic, DatasetInfo("x", ("a",) * 9, frozenset(), panoptic=False))])
+        assert batch["image_sizes"] == [(h, w)] and batch["output_sizes"] == [(H, W)]
+
+
 def official_color_aug(image, rng, brightness_delta=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue_delta=18):
     """ColorAugSSDTransform: every step returns uint8 (astype truncation after brightness and
     contrast); the HSV steps in float HSV (OpenCV's would quantize hue to 2 degrees)."""
@@ -330,16 +348,21 @@ def test_stream_sampler_shards_the_single_process_batches():
 # ----------------------------------------------------------------------------- real formats
 
 
-def write_coco_fixture(root: Path, rng, n_images=(3, 2)):
-    """COCO panoptic folders: 2 thing categories (ids 1, 7), 1 stuff (id 100), one crowd."""
+def fixture_sizes(rng, n, sizes=None):
+    """``sizes``, or ``n`` random (h, w) in 40..79."""
+    return sizes or [(int(rng.integers(40, 80)), int(rng.integers(40, 80))) for _ in range(n)]
+
+
+def write_coco_fixture(root: Path, rng, n_images=(3, 2), val_sizes=None):
+    """COCO panoptic folders: 2 thing categories (ids 1, 7), 1 stuff (id 100), one crowd;
+    ``val_sizes``: the (h, w) of each val image (default: ``n_images[1]`` random sizes)."""
     categories = [{"id": 1, "name": "person", "isthing": 1}, {"id": 7, "name": "car", "isthing": 1},
                   {"id": 100, "name": "sky", "isthing": 0}]
     for split, n in zip(("train", "val"), n_images):
         (root / f"{split}2017").mkdir(parents=True)
         (root / "annotations" / f"panoptic_{split}2017").mkdir(parents=True)
         images, annotations = [], []
-        for i in range(n):
-            h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+        for i, (h, w) in enumerate(fixture_sizes(rng, n, val_sizes if split.startswith("val") else None)):
             ids = np.zeros((h, w), np.int64)
             sky, person, car, crowd = 5_000_001 + i, 300 + i, 70_000 + i, 12
             ids[: h // 2] = sky
@@ -358,13 +381,12 @@ def write_coco_fixture(root: Path, rng, n_images=(3, 2)):
             json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
 
 
-def write_ade_fixture(root: Path, rng, n_images=(3, 2)):
-    """ADE20K folders: labels 0 (ignored) .. 4."""
+def write_ade_fixture(root: Path, rng, n_images=(3, 2), val_sizes=None):
+    """ADE20K folders: labels 0 (ignored) .. 4; ``val_sizes`` as in :func:`write_coco_fixture`."""
     for split, n in zip(("training", "validation"), n_images):
         (root / "images" / split).mkdir(parents=True)
         (root / "annotations" / split).mkdir(parents=True)
-        for i in range(n):
-            h, w = int(rng.integers(40, 80)), int(rng.integers(40, 80))
+        for i, (h, w) in enumerate(fixture_sizes(rng, n, val_sizes if split.startswith("val") else None)):
             label = np.zeros((h, w), np.uint8)
             label[: h // 2] = 1
             label[h // 2:, : w // 2] = 3

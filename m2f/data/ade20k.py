@@ -7,12 +7,12 @@ Layout under ``root``::
 
 Label ``c`` >= 1 becomes class ``c - 1``; 0 becomes 255 (ignore). ``split`` 'train' / 'val'
 select 'training' / 'validation'. Training uses the official crop recipe
-(:class:`SemanticCrop`), evaluation :class:`ResizePad`.
+(:class:`SemanticCrop`), evaluation ``test_transform`` (default :class:`ResizePad`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -26,10 +26,12 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 class ADE20K(Dataset):
-    """``dataset[(index, epoch)]`` or ``dataset[index]`` -> a semantic sample of ``image_size``^2 pixels."""
+    """``dataset[(index, epoch)]`` or ``dataset[index]`` -> a semantic sample of ``image_size``^2 pixels
+    (evaluation with a ``test_transform``: of the size it gives)."""
 
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 512, seed: int = 0,
-                 num_classes: int = 150, augment: Optional[bool] = None, max_images: Optional[int] = None):
+                 num_classes: int = 150, augment: Optional[bool] = None, max_images: Optional[int] = None,
+                 test_transform: Optional[Callable] = None):
         if split not in SPLIT_DIRS:
             raise ValueError(f"ADE20K split must be one of {sorted(SPLIT_DIRS)}, got {split!r}")
         root = Path(root)
@@ -49,7 +51,7 @@ class ADE20K(Dataset):
                                 panoptic=False)
         self.seed = seed
         augment = SPLIT_DIRS[split] == "training" if augment is None else augment
-        self.transform = SemanticCrop(image_size) if augment else ResizePad(image_size)
+        self.transform = SemanticCrop(image_size) if augment else (test_transform or ResizePad(image_size))
 
     def __len__(self) -> int:
         return len(self.records)

@@ -7,13 +7,14 @@ Layout under ``root`` (detectron2's ``datasets/coco``)::
     {split}2017/*.jpg
 
 Category ids are mapped to contiguous ids in the JSON's sorted order; ``isthing`` comes
-from the categories. Training uses the official LSJ recipe, evaluation :class:`ResizePad`.
+from the categories. Training uses the official LSJ recipe, evaluation ``test_transform`` (default
+:class:`ResizePad`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -31,10 +32,12 @@ def _first_existing(what: str, *paths: Path) -> Path:
 
 
 class COCOPanoptic(Dataset):
-    """``dataset[(index, epoch)]`` or ``dataset[index]`` -> a panoptic sample of ``image_size``^2 pixels."""
+    """``dataset[(index, epoch)]`` or ``dataset[index]`` -> a panoptic sample of ``image_size``^2 pixels
+    (evaluation with a ``test_transform``: of the size it gives)."""
 
     def __init__(self, root: Union[str, Path], split: str = "train", image_size: int = 1024, seed: int = 0,
-                 augment: Optional[bool] = None, max_images: Optional[int] = None):
+                 augment: Optional[bool] = None, max_images: Optional[int] = None,
+                 test_transform: Optional[Callable] = None):
         root = Path(root)
         json_path = _first_existing(f"{split} annotation file", root / "annotations" / f"panoptic_{split}2017.json")
         self.png_dir = _first_existing(f"{split} panoptic PNG folder", root / "annotations" / f"panoptic_{split}2017",
@@ -55,7 +58,7 @@ class COCOPanoptic(Dataset):
                         for a in data["annotations"]][:max_images]
         self.seed = seed
         augment = split == "train" if augment is None else augment
-        self.transform = LargeScaleJitter(image_size) if augment else ResizePad(image_size)
+        self.transform = LargeScaleJitter(image_size) if augment else (test_transform or ResizePad(image_size))
 
     def __len__(self) -> int:
         return len(self.records)

@@ -11,6 +11,9 @@ A sample is a dict:
   - ``index``: the dataset index.
   - ``image_size`` (evaluation samples): (h, w) of the image inside the bottom / right
     padding (absent: no padding).
+  - ``output_size`` (evaluation samples of the official protocol): (H, W) of the label maps,
+    the original resolution, at which predictions are compared (detectron2's "height" /
+    "width"; absent: ``image_size``).
 """
 from __future__ import annotations
 
@@ -87,7 +90,9 @@ def finalize(sample: Dict, info: DatasetInfo) -> Dict:
 def collate(samples: List[Dict]) -> Dict:
     """Batch same-sized samples: images uint8 [B, 3, H, W], sem_seg [B, H, W], pan_seg [B, H, W]
     (or None), and per-image lists ``targets``, ``segments`` (or None), ``index``,
-    ``image_sizes`` ((h, w) without the padding)."""
+    ``image_sizes`` ((h, w) without the padding), ``output_sizes`` ((H, W) the predictions
+    are compared at: ``output_size``, else ``image_size``)."""
+    sizes = [tuple(int(n) for n in s.get("image_size", s["image"].shape[-2:])) for s in samples]
     panoptic = "pan_seg" in samples[0]
     return {
         "images": torch.stack([s["image"] for s in samples]),
@@ -96,5 +101,7 @@ def collate(samples: List[Dict]) -> Dict:
         "segments": [s["segments"] for s in samples] if panoptic else None,
         "targets": [s["targets"] for s in samples],
         "index": [s["index"] for s in samples],
-        "image_sizes": [tuple(int(n) for n in s.get("image_size", s["image"].shape[-2:])) for s in samples],
+        "image_sizes": sizes,
+        "output_sizes": [tuple(int(n) for n in s["output_size"]) if "output_size" in s else size
+                         for s, size in zip(samples, sizes)],
     }

@@ -11,8 +11,10 @@ the same geometry applied to all three. Pads: image 128 (detectron2's FixedSizeC
 - :class:`SemanticCrop`: ADE20K (``MaskFormerSemanticDatasetMapper``): ``ResizeShortestEdge``
   to a choice of 0.5..2.0 x size, ``RandomCrop_CategoryAreaConstraint``, SSD colour
   augmentation, flip, pad.
-- :class:`ResizePad`: evaluation: longest side to ``size``, then pad to a square; the
-  sample's ``image_size`` is the size before the padding.
+- :class:`ResizePad`: evaluation (``m2f.evaluate --protocol fixed``): longest side to
+  ``size``, then pad to a square; the sample's ``image_size`` is the size before the padding.
+- :class:`ResizeShortestEdge`: evaluation (``--protocol official``): detectron2's test
+  resize of the image alone; the label maps keep the original resolution (``output_size``).
 """
 from __future__ import annotations
 
@@ -189,6 +191,23 @@ class ResizePad:
         sample = pad(resize(sample, h, w), self.size, self.size)
         sample["image_size"] = (h, w)
         return sample
+
+
+class ResizeShortestEdge:
+    """Evaluation, the official protocol (detectron2's test ``ResizeShortestEdge(short,
+    max_size)``, PIL bilinear): the image's shortest side to ``short``, the longest at most
+    ``max_size``; the label maps stay at the original resolution, where predictions are
+    compared. ``image_size`` = the resized (h, w), ``output_size`` = the original (H, W)."""
+
+    def __init__(self, short: int, max_size: int):
+        self.short, self.max_size = short, max_size
+
+    def __call__(self, sample: Dict, rng: Optional[np.random.Generator] = None) -> Dict:
+        H, W = sample["image"].shape[-2:]
+        h, w = shortest_edge_size(H, W, self.short, self.max_size)
+        out = dict(sample, image=resize({"image": sample["image"]}, h, w)["image"])
+        out["image_size"], out["output_size"] = (h, w), (H, W)
+        return out
 
 
 def color_aug_ssd(image: torch.Tensor, rng: np.random.Generator, brightness_delta: float = 32,
