@@ -28,6 +28,7 @@ FILE_ORDER = (
     "test_bench_masked_attention.py",
     "test_bench_ms_deform_attn.py",
     "test_bench_point_loss.py",
+    "test_bench_criterion.py",
     "test_bench_assignment.py",
     "test_bench_model.py",
 )

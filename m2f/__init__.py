@@ -8,7 +8,7 @@
 See :func:`build_model` for the configuration and ``m2f.inference`` for post-processing.
 SegFormer (MiT-B0..B5, semantic segmentation) beside it: :func:`build_segformer` (``m2f.segformer``).
 """
-from .build import BACKBONES, Overrides, build_model
+from .build import BACKBONES, Overrides, build_criterion, build_model
 from .checkpoint import (
     CheckpointMismatchError,
     load_backbone_weights,
@@ -21,7 +21,7 @@ from .model import Mask2Former
 from .segformer import SegFormer, build_segformer, load_segformer_weights
 
 __all__ = [
-    "build_model", "Overrides", "BACKBONES", "Mask2Former", "KERNELS", "set_kernels", "get_kernels",
+    "build_model", "build_criterion", "Overrides", "BACKBONES", "Mask2Former", "KERNELS", "set_kernels", "get_kernels",
     "load_backbone_weights", "load_official_checkpoint", "save_official_checkpoint", "to_official_state_dict",
     "CheckpointMismatchError", "build_segformer", "SegFormer", "load_segformer_weights",
 ]

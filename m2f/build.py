@@ -148,19 +148,35 @@ def build_model(backbone: str = "resnet50", num_classes: int = 133, num_queries:
         pre_norm=cfg.pre_norm, mask_dim=mask_dim, enforce_input_project=cfg.enforce_input_project,
         mask_head=cfg.mask_head if mask_loss == "point" else "logits",
     )
-    matcher = HungarianMatcher(cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.num_points, mask_loss)
-    base_weights = {"loss_ce": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
-    weight_dict = dict(base_weights)
-    if cfg.deep_supervision:  # one aux copy per decoder layer (the predictions before the last)
-        for i in range(cfg.dec_layers):
-            weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
-    criterion = SetCriterion(num_classes, matcher, weight_dict, cfg.no_object_weight, cfg.num_points,
-                             cfg.oversample_ratio, cfg.importance_sample_ratio, mask_loss)
-    model = Mask2Former(body, MaskFormerHead(pixel_decoder, predictor, num_classes), criterion,
+    model = Mask2Former(body, MaskFormerHead(pixel_decoder, predictor, num_classes),
+                        _criterion(cfg, num_classes, mask_loss),
                         num_queries=num_queries, size_divisibility=cfg.size_divisibility,
                         pixel_mean=cfg.pixel_mean, pixel_std=cfg.pixel_std,
                         deep_supervision=cfg.deep_supervision, max_targets=cfg.max_targets)
     return set_kernels(model, kernels)
 
 
-__all__ = ["build_model", "Overrides", "BACKBONES"]
+def build_criterion(num_classes: int = 133, kernels: str = "reference", mask_loss: str = "point",
+                    **overrides) -> SetCriterion:
+    """The official ``SetCriterion`` and its matcher alone (what ``build_model`` gives its
+    model), with ``build_model``'s criterion overrides (num_points, class_weight,
+    deep_supervision, dec_layers for the auxiliary weights, ...)."""
+    check_kernels(kernels)
+    if mask_loss not in MASK_LOSSES:
+        raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
+    return set_kernels(_criterion(checked_overrides(Overrides, overrides, "build_criterion"), num_classes, mask_loss),
+                       kernels)
+
+
+def _criterion(cfg: Overrides, num_classes: int, mask_loss: str) -> SetCriterion:
+    matcher = HungarianMatcher(cfg.class_weight, cfg.mask_weight, cfg.dice_weight, cfg.num_points, mask_loss)
+    base_weights = {"loss_ce": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
+    weight_dict = dict(base_weights)
+    if cfg.deep_supervision:  # one aux copy per decoder layer (the predictions before the last)
+        for i in range(cfg.dec_layers):
+            weight_dict.update({f"{k}_{i}": v for k, v in base_weights.items()})
+    return SetCriterion(num_classes, matcher, weight_dict, cfg.no_object_weight, cfg.num_points,
+                        cfg.oversample_ratio, cfg.importance_sample_ratio, mask_loss)
+
+
+__all__ = ["build_model", "build_criterion", "Overrides", "BACKBONES"]

@@ -23,12 +23,14 @@ if str(ROOT) not in sys.path:  # `bench` is a top-level package of the repositor
 
 from bench import compare, data, harness, measure, report, results  # noqa: E402
 from bench.harness import Block, Case, Inputs, OpSpec, Settings  # noqa: E402
+from bench.test_bench_assignment import TABLE as ASSIGNMENT  # noqa: E402
+from bench.test_bench_criterion import TABLE as CRITERION  # noqa: E402
 from bench.test_bench_masked_attention import TABLE as MASKED_ATTENTION  # noqa: E402
 from bench.test_bench_model import TABLE as MODEL  # noqa: E402
 from bench.test_bench_ms_deform_attn import TABLE as MS_DEFORM_ATTN  # noqa: E402
 from bench.test_bench_point_loss import TABLE as POINT_LOSS  # noqa: E402
 
-TABLES = (MASKED_ATTENTION, MS_DEFORM_ATTN, POINT_LOSS, MODEL)
+TABLES = (MASKED_ATTENTION, MS_DEFORM_ATTN, POINT_LOSS, CRITERION, ASSIGNMENT, MODEL)
 TINY = Settings(budget_ms=1.0, min_rounds=3, max_rounds=3, warmup_rounds=1)
 TINY_ATTENTION = {"B": 1, "H": 2, "D": 8, "Q": 6, "N": 49, "visible": 0.3, "empty": 0.2}
 

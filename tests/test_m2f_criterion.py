@@ -244,3 +244,17 @@ def test_reference_criterion_equals_the_official_algorithm(importance):
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=f"{k} (seed {seed})")
     for i, (g, w) in enumerate(zip(got_grads, want_grads)):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-7, msg=f"gradient of input {i} (seed {seed})")
+
+
+def test_build_criterion_is_the_models_criterion():
+    from m2f import build_criterion, build_model, get_kernels
+
+    overrides = dict(num_points=64, dec_layers=3, class_weight=3.0)
+    model = build_model("resnet18", num_classes=7, kernels="fused", backbone_width=8, hidden_dim=32,
+                        dim_feedforward=32, enc_layers=1, **overrides)
+    alone = build_criterion(7, kernels="fused", **overrides)
+    assert alone.weight_dict == model.criterion.weight_dict and len(alone.weight_dict) == 3 * 4
+    assert (alone.num_points, alone.eos_coef, alone.matcher.cost_class) == (64, 0.1, 3.0)
+    assert get_kernels(alone) == "fused" and get_kernels(build_criterion(7)) == "reference"
+    with pytest.raises(TypeError, match="build_criterion got unknown overrides"):
+        build_criterion(7, num_point=3)
