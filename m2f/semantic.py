@@ -120,9 +120,12 @@ def build_from_config(cfg: Dict, info: DatasetInfo) -> torch.nn.Module:
 def evaluate_semantic(model: torch.nn.Module, loader, info: DatasetInfo, device: torch.device, *,
                       amp: str = "off", num_examples: int = 4) -> Tuple[Dict[str, float], List[Dict]]:
     """``m2f.evaluate.evaluate`` for per-pixel models (``model.task == 'semantic'``): the
-    argmax of ``model.semantic_logits`` against ``sem_seg`` -> (mIoU, fwIoU, mACC, pACC merged
-    across ranks, this rank's first ``num_examples`` images with their predictions)."""
-    from .evaluate import autocast
+    argmax of ``model.semantic_logits`` (cropped to the image, resized to the batch's
+    ``output_sizes`` as ``sem_seg_postprocess``: both protocols of ``m2f.evaluate``) against
+    ``sem_seg`` -> (mIoU, fwIoU, mACC, pACC merged across ranks, this rank's first
+    ``num_examples`` images with their predictions)."""
+    from .evaluate import autocast, example_image
+    from .inference import sem_seg_postprocess
     from .metrics import SemanticIoU
 
     was_training = model.training
@@ -133,11 +136,16 @@ def evaluate_semantic(model: torch.nn.Module, loader, info: DatasetInfo, device:
         images = batch["images"].to(device, non_blocking=True).float()
         with autocast(device, amp):
             logits = model.semantic_logits(images)
-        preds = logits.float().argmax(1).cpu()
         for b in range(images.shape[0]):
-            metric.update(preds[b], batch["sem_seg"][b])
+            image_size = batch["image_sizes"][b] if "image_sizes" in batch else images.shape[-2:]
+            oh, ow = batch["output_sizes"][b] if "output_sizes" in batch else image_size
+            # the scores without the dataset's padding, at the size the labels are compared at
+            pred = sem_seg_postprocess(logits[b].float(), image_size, oh, ow).argmax(0).cpu()
+            sem_gt = batch["sem_seg"][b][:oh, :ow]
+            metric.update(pred, sem_gt)
             if len(examples) < num_examples:
-                examples.append({"image": batch["images"][b], "sem_seg": batch["sem_seg"][b], "pred_sem_seg": preds[b]})
+                examples.append({"image": example_image(batch["images"][b], image_size, (oh, ow)), "sem_seg": sem_gt,
+                                 "pred_sem_seg": pred})
     metric.sync()
     metrics = metric.compute()
     metrics.pop("IoU", None)
