@@ -17,6 +17,8 @@ from typing import Optional
 # Speedups are reported against the first of these present in a case's group: the
 # official code path where the table has it, else the reference backend.
 BASELINES = ("official", "original", "reference")
+# ops whose speedups are against another provider (the one their comparison is about)
+OP_BASELINES = {"criterion": ("logits-fused",), "assignment": ("scipy",)}
 # The model cases (bench/test_bench_model.py): the paper's claim is a/b.
 TRAIN_CONFIGS = ("a-full-reference", "b-point-reference", "c-point-fused")  # the 3x table's rows
 MASK_FREE, COMPILED, CUDA_GRAPH = "d-point-mask-free", "e-mask-free-compiled", "f-mask-free-cuda-graph"
@@ -78,8 +80,12 @@ def groups(records: list) -> "OrderedDict":
     return out
 
 
-def baseline_of(group: dict) -> Optional[str]:
-    return next((b for b in BASELINES if b in group), None)
+def baselines(op: str) -> tuple:
+    return OP_BASELINES.get(op, BASELINES)
+
+
+def baseline_of(group: dict, op: str = "") -> Optional[str]:
+    return next((b for b in baselines(op) if b in group), None)
 
 
 def constant_shape(records: list) -> str:
@@ -141,7 +147,7 @@ def op_section(data: dict, op: str) -> str:
         return ""
     rows = []
     for (label, dtype, mode), group in groups(records).items():
-        base = baseline_of(group)
+        base = baseline_of(group, op)
         for name, r in group.items():
             floor = r.get("floor") or {}
             check = r.get("check")
@@ -157,10 +163,11 @@ def op_section(data: dict, op: str) -> str:
     header = ["shape", "dtype", "mode", "provider", "median ms", "speedup",
               "peak extra MiB", "work MiB", "HBM floor ms", "% of floor", "rel err"]
     note = (f"{constant_shape(records)}. Speedup: the baseline's median over this one, baseline = the "
-            f"first present of {', '.join(BASELINES)}. Peak extra: peak allocated above the call's inputs, "
+            f"first present of {', '.join(baselines(op))}. Peak extra: peak allocated above the call's inputs, "
             f"returned tensors included; work: peak extra minus the returned tensors (outputs, or the input "
-            f"gradients in backward modes). rel err: forward output against the check's baseline (reference, "
-            f"else official). Cases that did not run are under 'Not run'.")
+            f"gradients in backward modes). rel err: forward output against the check's baseline "
+            f"({', '.join(sorted({r['check']['against'] for r in records if r.get('check')})) or 'none here'}). "
+            f"Cases that did not run are under 'Not run'.")
     return f"## {op}\n\n{note}\n\n" + _table(header, rows) + "\n"
 
 

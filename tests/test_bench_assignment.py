@@ -55,3 +55,13 @@ def test_a_wrong_matching_fails_the_check(monkeypatch):
     assert (total_cost(inputs["cost"], worse) > total).any()
     err = harness.rel_err((worse, total_cost(inputs["cost"], worse)), (matched, total))
     assert err > harness.CHECK_TOLERANCE["fp32"]
+
+
+def test_the_report_states_speedups_against_scipy():
+    from bench import report
+
+    shape = {"N": 4, "Q": 6, "T": 5, "ragged": 0}
+    records = [harness.run_case(TABLE, Case.make("assignment", p, shape, "fp32", "fwd", TABLE.id_keys), "cpu",
+                                settings=TINY) for p in ("scipy", "reference")]
+    section = report.op_section({"cases": records}, "assignment")
+    assert "1.00x vs scipy" in section and "first present of scipy" in section and "baseline (scipy)" in section
