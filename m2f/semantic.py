@@ -21,9 +21,11 @@ What differs:
   schedule stay the solver's (0.05, power 0.9, no warm-up; the paper: 0.01, power 1.0, 1500
   warm-up steps);
 * the data are Mask2Former's ADE20K pipeline (``m2f.data.transforms.SemanticCrop``, no
-  category-area limit; evaluation as ``m2f.evaluate``); SegFormer's mmseg one rescales by
-  ratio 0.5-2.0 of (2048, 512), crops with ``cat_max_ratio=0.75``, pads with 0 after
-  normalising, and tests on (2048, 512) keep-ratio images at the original resolution;
+  category-area limit; evaluation as ``m2f.evaluate``, either ``--protocol``); SegFormer's
+  mmseg one rescales by ratio 0.5-2.0 of (2048, 512), crops with ``cat_max_ratio=0.75``, pads
+  with 0 after normalising, and tests on (2048, 512) keep-ratio images at the original
+  resolution, the scale of ``--protocol official`` on ADE20K at 512 (which resizes with PIL,
+  as detectron2, and zero-pads to a multiple of 32);
 * ``--kernels``, ``--mask-loss``, ``--num-queries`` and ``--cuda-graph`` are Mask2Former's;
 * the default run folder is ``runs/<dataset>_<preset>_<backbone>``;
 * under torchrun on CUDA the decoder's BatchNorm is SyncBatchNorm (as the official config).
