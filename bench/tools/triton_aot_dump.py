@@ -23,12 +23,12 @@ comments); when that differs, whether the PTX is the same instructions in anothe
 (register numbers ignored) and whether the SASS (addresses and encodings dropped) is
 identical; plus the resource deltas. Unified diffs of what differs go to ``AFTER_DIR/diff/``.
 
-Built-in cases: ``masked_attention``, ``ms_deform_attn`` and ``point_loss`` (the standard
-Mask2Former shapes, every kernel of the module, fp32 and bf16, every constexpr branch the
-launch wrappers can take) and ``edge`` (odd shapes: 1-pixel maps, D = 24, fp16); all four
-by default. Add your own with ``--cases my.module:my_cases``. The launch wrappers run on CPU
-tensors, so launch choices that depend on the GPU (masked attention's SM count) take their
-CPU values. The kernels come from the checkout the tool sits in (its repo root goes first
+Built-in cases: ``masked_attention``, ``ms_deform_attn``, ``point_loss`` and
+``point_mask_logits`` (the standard Mask2Former shapes, every kernel of the module, fp32
+and bf16, every constexpr branch the launch wrappers can take) and ``edge`` (odd shapes:
+1-pixel maps, D = 24, fp16); all five by default. Add your own with ``--cases
+my.module:my_cases``. The launch wrappers run on CPU tensors, so launch choices that
+depend on the GPU (masked attention's SM count) take their CPU values. The kernels come from the checkout the tool sits in (its repo root goes first
 on sys.path; index.json records the files), so a baseline of a commit without uncommitted
 changes needs no stash (the cases call only the backend entry points, so today's tool can
 dump an older checkout):
@@ -421,6 +421,32 @@ def point_loss_cases():
             pl.pairwise_mask_cost(torch.zeros(q, hp, hp, dtype=dtype), targets["bool"][:30], coords[0])
 
 
+def point_mask_logits_cases():
+    """The mask-free criterion's call: embeddings [2, 100, 256] of 10 predictions side by
+    side ([2, 1000, 256]), features [2, 256, 256, 256] (contiguous and channels-last), 600
+    matched masks x P=12544 points; fp32 and bf16; and C=24 (a partial channel block)."""
+    from m2f_kernels.triton import point_mask_logits as pml
+
+    n, p = 600, 12544
+    coords = torch.full((n, p, 2), 0.5)
+    bidx, qidx = torch.arange(n) // 300, torch.arange(n) % 1000
+    for dtype in (torch.float32, torch.bfloat16):
+        dt = str(dtype).split(".")[-1]
+        embed = torch.zeros(2, 1000, 256, dtype=dtype)
+        for layout in ("contiguous", "channels_last"):
+            features = torch.zeros(2, 256, 256, 256, dtype=dtype)
+            if layout == "channels_last":
+                features = features.to(memory_format=torch.channels_last)
+            with tag(f"{dt}-{layout}"):
+                pml.point_mask_logits_fwd(embed, features, coords, bidx, qidx)
+                pml.point_mask_logits_bwd(torch.zeros(n, p, dtype=dtype), embed, features, coords, bidx, qidx)
+    with tag("edge-c24"):
+        embed, features = torch.zeros(2, 10, 24, dtype=torch.float16), torch.zeros(2, 24, 5, 7, dtype=torch.float16)
+        coords, index = torch.zeros(3, 53, 2), torch.tensor([0, 1, 1])
+        pml.point_mask_logits_fwd(embed, features, coords, index, index)
+        pml.point_mask_logits_bwd(torch.zeros(3, 53, dtype=torch.float16), embed, features, coords, index, index)
+
+
 def edge_cases():
     """Odd shapes: 1-pixel-wide maps (H or W == 1 is specialised to constexpr 1), D not a
     power of two, sizes not multiples of 16, half locations/weights, fp16, uint8 targets."""
@@ -458,7 +484,8 @@ def edge_cases():
                                       torch.tensor([0, 1, 1], dtype=torch.int32), torch.tensor([3, 0, 2]))
 
 
-CASES = {"masked_attention": masked_attention_cases, "ms_deform_attn": ms_deform_attn_cases, "point_loss": point_loss_cases, "edge": edge_cases}
+CASES = {"masked_attention": masked_attention_cases, "ms_deform_attn": ms_deform_attn_cases,
+         "point_loss": point_loss_cases, "point_mask_logits": point_mask_logits_cases, "edge": edge_cases}
 
 
 def _resolve(spec):
