@@ -148,8 +148,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DatasetInfo, devi
                 sem = sem_seg_postprocess(semantic_inference(mask_cls, masks[b]), image_size, oh, ow)
             sem = sem.argmax(0).cpu()
             sem_metric.update(sem, sem_gt)
-            example = {"image": example_image(batch["images"][b], image_size, (oh, ow)), "sem_seg": sem_gt,
-                       "pred_sem_seg": sem}
+            example = {"sem_seg": sem_gt, "pred_sem_seg": sem}
             pan_gt = batch["pan_seg"][b][:oh, :ow] if batch["pan_seg"] is not None else None
             if pq is not None:
                 pan, segments = panoptic_inference(mask_cls, mask_pred, thing_ids=info.thing_ids)
@@ -163,7 +162,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, info: DatasetInfo, devi
                 ap.update(inst["pred_masks"] > 0.5, inst["scores"], inst["pred_classes"], gt_masks, gt_labels,
                           gt_crowd, image_id=batch["index"][b])
             if len(examples) < num_examples:
-                examples.append(example)
+                examples.append(dict(example, image=example_image(batch["images"][b], image_size, (oh, ow))))
     metrics: Dict[str, float] = {}
     for metric in (pq, sem_metric, ap):
         if metric is not None:
