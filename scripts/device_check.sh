@@ -20,7 +20,8 @@
 #   equal-steps  python -m bench.equal_steps: shapes training of EQUAL_STEPS_VARIANTS (default: reference
 #                cuda-graph) over 3 seeds at equal steps (EQUAL_STEPS_ARGS, EQUAL_STEPS_LIMIT)
 #   cuda-tests   the cuda backend's tests, then compute-sanitizer memcheck + racecheck on a subset
-#                (SANITIZER_FILTER / SANITIZER_LIMIT; RACECHECK_FILTER / RACECHECK_LIMIT override them)
+#                (SANITIZER_FILTER / SANITIZER_LIMIT; RACECHECK_FILTER / RACECHECK_LIMIT override them;
+#                SANITIZERS="" runs none)
 #   toolchain    what built and what loads the extension (compiler versions, libstdc++ / libgcc_s,
 #                unwind tables): the record for a TORCH_CHECK that crashes instead of raising
 #   collect      pack runs/ (without checkpoints), logs and new bench results into $OUT
@@ -140,7 +141,7 @@ for stage in $stages; do
       tail -25 "$LOGS/cuda-tests.log"
       sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
       if [ -n "$sanitizer" ]; then
-        for tool in memcheck racecheck; do
+        for tool in ${SANITIZERS-memcheck racecheck}; do
           stamp "compute-sanitizer $tool"
           filter=${SANITIZER_FILTER:-float32 and not standard and not int64}; limit=$SANITIZER_LIMIT
           [ "$tool" = racecheck ] && filter=${RACECHECK_FILTER:-$filter} limit=${RACECHECK_LIMIT:-$limit}
