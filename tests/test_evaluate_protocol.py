@@ -213,7 +213,7 @@ def test_official_protocol_is_detectron2s_flow(tmp_path, name, small_coco_test_s
     assert fixed.keys() == want.keys() and not same(fixed, want)
     steps = ("resize", "normalise", "zero pad", "crop") + (() if dataset.info.panoptic else ("order",))
     for step in steps:
-        metrics, preds = detectron2_flow(model, name, root, small_coco_test_size(name), dataset.info, skip=(step,))
+        metrics, _ = detectron2_flow(model, name, root, small_coco_test_size(name), dataset.info, skip=(step,))
         assert not same(metrics, want), step
 
 
