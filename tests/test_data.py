@@ -448,3 +448,44 @@ def test_real_format_trains_one_step(tmp_path, name, writer):
     assert np.isfinite(log[0]["loss"]) and log[0]["step"] == 1
     assert "mIoU" in metrics and (("PQ" in metrics) == (name == "coco_panoptic"))
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("orientation, method", [
+    (1, None), (2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180),
+    (4, Image.Transpose.FLIP_TOP_BOTTOM), (5, Image.Transpose.TRANSPOSE), (6, Image.Transpose.ROTATE_270),
+    (7, Image.Transpose.TRANSVERSE), (8, Image.Transpose.ROTATE_90)])
+def test_files_are_read_upright_by_their_exif_orientation(tmp_path, orientation, method):
+    """detectron2's read_image applies the EXIF orientation tag (its method table, here) to
+    images and label maps alike."""
+    from m2f.data.io import read_image, read_label_png, read_panoptic_png
+
+    rng = np.random.default_rng(orientation)
+    rgb = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    labels = rng.integers(0, 150, (5, 7), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(rgb).save(tmp_path / "image.png", exif=exif)
+    Image.fromarray(labels).save(tmp_path / "labels.png", exif=exif)
+
+    def upright(array):
+        im = Image.fromarray(array)
+        return np.array(im if method is None else im.transpose(method))
+
+    want_rgb, want_labels = upright(rgb), upright(labels)
+    assert np.array_equal(read_image(tmp_path / "image.png").permute(1, 2, 0).numpy(), want_rgb)
+    assert np.array_equal(read_label_png(tmp_path / "labels.png").numpy(), want_labels)
+    r, g, b = (want_rgb[..., i].astype(np.int64) for i in range(3))
+    ids = r + 256 * g + 256 ** 2 * b
+    assert np.array_equal(read_panoptic_png(tmp_path / "image.png").numpy(), ids)
+
+
+def test_a_damaged_exif_block_is_read_as_stored(tmp_path, monkeypatch):
+    from m2f.data import io
+
+    Image.fromarray(np.zeros((2, 3, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+
+    def broken(self):
+        raise SyntaxError("not a TIFF file")
+
+    monkeypatch.setattr(Image.Image, "getexif", broken)
+    assert io.read_image(tmp_path / "image.png").shape == (3, 2, 3)
