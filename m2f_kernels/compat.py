@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from .nn.ms_deform_attn import MSDeformAttn, MSDeformAttnFunction
-from .ops.ms_deform_attn import ms_deform_attn
 
 __all__ = ["MSDeformAttn", "MSDeformAttnFunction", "ms_deform_attn_core_pytorch"]
 
@@ -40,8 +39,10 @@ def ms_deform_attn_core_pytorch(value: Tensor, value_spatial_shapes: Union[Tenso
         sampling_locations: [B, Lq, H, L, P, 2], (x, y) in [0, 1].
         attention_weights: [B, Lq, H, L, P], already normalised.
     Returns:
-        [B, Lq, H*D] in value's dtype.
+        [B, Lq, H*D] in value's dtype; under autocast value runs in its own dtype, as
+        :class:`MSDeformAttnFunction` (the official core's grid_sample casts nothing to the
+        autocast dtype).
     """
     shapes = torch.as_tensor(value_spatial_shapes, dtype=torch.int64, device=value.device)
     level_start_index = torch.cat((shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]))
-    return ms_deform_attn(value, shapes, level_start_index, sampling_locations, attention_weights)
+    return MSDeformAttnFunction.apply(value, shapes, level_start_index, sampling_locations, attention_weights, 64)

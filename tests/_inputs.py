@@ -272,6 +272,7 @@ class OfficialMSDeformAttn(torch.nn.Module):
 
     def __init__(self, d_model, n_levels, n_heads, n_points):
         super().__init__()
+        self.im2col_step = 64
         self.d_model, self.n_levels, self.n_heads, self.n_points = d_model, n_levels, n_heads, n_points
         self.sampling_offsets = torch.nn.Linear(d_model, n_heads * n_levels * n_points * 2)
         self.attention_weights = torch.nn.Linear(d_model, n_heads * n_levels * n_points)

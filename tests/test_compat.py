@@ -159,6 +159,30 @@ def test_autocast_ms_deform_attn_keeps_locations_and_weights_fp32():
         assert_close(a.grad, w.grad, 1e-6, f"grad of {name} (seed {seed})")
 
 
+def test_autocast_official_function_and_core_run_value_in_its_own_dtype():
+    """The official autograd.Function has no autocast rule and its core's grid_sample casts
+    nothing down: an fp32 call inside an autocast region stays fp32 (output and gradients)."""
+    seed = torch.seed()
+    value, shapes, starts, loc, logits = _deform_inputs()
+    weights = logits.softmax(-1)
+    calls = {"MSDeformAttnFunction.apply":
+             lambda v, l, w: compat.MSDeformAttnFunction.apply(v, shapes, starts, l, w, 64),
+             "ms_deform_attn_core_pytorch": lambda v, l, w: compat.ms_deform_attn_core_pytorch(v, shapes, l, w)}
+    for name, call in calls.items():
+        mine, theirs = _leaves(value, loc, weights), _leaves(value, loc, weights)
+        with amp():
+            out = call(*mine)
+            want = official_core(theirs[0], shapes, *theirs[1:])
+        assert out.dtype == want.dtype == torch.float32, name
+        assert_close(out, want, TOLERANCE[torch.float32], f"{name} (seed {seed})")
+        grad = torch.randn_like(want)
+        out.backward(grad)
+        want.backward(grad)
+        for arg, a, w in zip(("value", "loc", "weights"), mine, theirs):
+            assert a.grad.dtype == torch.float32, f"{name}: grad of {arg}"
+            assert_close(a.grad, w.grad, TOLERANCE[torch.float32], f"{name}: grad of {arg} (seed {seed})")
+
+
 class ArgDtypes(TorchDispatchMode):
     """Records the floating dtypes each m2f_kernels op receives below the autocast layer."""
 

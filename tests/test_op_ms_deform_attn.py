@@ -380,15 +380,20 @@ def test_module_parameters_and_init_match_official():
               ours.value_proj.bias, ours.output_proj.bias):
         assert not t.detach().any()
     assert ours.value_proj.weight.detach().std() > 0 and ours.output_proj.weight.detach().std() > 0
+    assert ours.im2col_step == theirs.im2col_step == 64
     with pytest.raises(ValueError, match="divisible"):
         MSDeformAttn(d_model=10, n_heads=4)
+    with pytest.warns(UserWarning, match="power of 2"):
+        MSDeformAttn(d_model=24, n_heads=2)  # 12 per head
     with pytest.raises(ValueError, match="2 or 4"):
         q = torch.zeros(1, 2, 16)
         ours(q, torch.zeros(1, 2, 3, 3), torch.zeros(1, 45, 16), *levels(*MODULE_LEVELS, device="cpu")[:2])
 
 
 def _module_case(ref_dim, dtype):
-    """(ours, official) with the same random weights, and random inputs incl. a padding mask."""
+    """(ours, official) with the same random weights, and random inputs incl. a padding mask:
+    [.., 2] points with Len_q = Len_in (the encoder's self-attention), [.., 4] boxes with
+    Len_q != Len_in (Deformable DETR's decoder cross-attention with box refinement)."""
     ours = MSDeformAttn(**MODULE_CFG).to(DEVICE, dtype)
     with torch.no_grad():
         for prm in ours.parameters():  # perturb the init so the zero-initialised parameters matter too
@@ -397,8 +402,9 @@ def _module_case(ref_dim, dtype):
     theirs.load_state_dict(ours.state_dict())
     shapes, starts, s = levels(*MODULE_LEVELS)
     n, c = 2, MODULE_CFG["d_model"]
-    query = torch.randn(n, s, c, device=DEVICE, dtype=dtype)
-    ref = torch.rand(n, s, MODULE_CFG["n_levels"], ref_dim, device=DEVICE, dtype=dtype)
+    lq = s if ref_dim == 2 else 7
+    query = torch.randn(n, lq, c, device=DEVICE, dtype=dtype)
+    ref = torch.rand(n, lq, MODULE_CFG["n_levels"], ref_dim, device=DEVICE, dtype=dtype)
     flat = torch.randn(n, s, c, device=DEVICE, dtype=dtype)
     mask = torch.rand(n, s, device=DEVICE) < 0.2
     return ours, theirs, (query, ref, flat, shapes, starts, mask)

@@ -33,10 +33,19 @@ class MSDeformAttnFunction:
     sampling_locations [B, Lq, H, L, P, 2], attention_weights [B, Lq, H, L, P],
     im2col_step) -> [B, Lq, H*D]``; attention_weights are already normalised (no
     softmax). ``im2col_step`` is accepted and ignored: the kernels need no batch chunking.
+
+    Under autocast every tensor runs in its own dtype (output in value's), as in the official
+    ``autograd.Function``, which has no autocast rule: an fp32 call inside an autocast region
+    stays fp32 (:func:`m2f_kernels.ms_deform_attn` itself casts value to the autocast dtype).
     """
 
     @staticmethod
     def apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step):
+        device_type = value.device.type
+        if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+            with torch.autocast(device_type, enabled=False):
+                return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                      attention_weights)
         return ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
@@ -48,6 +57,12 @@ class MSDeformAttn(nn.Module):
         n_levels: number of feature levels.
         n_heads: number of attention heads (d_model must be divisible by it).
         n_points: sampling points per attention head per feature level.
+
+    Deliberate differences from the official module: the softmax of the attention weights
+    runs inside the op (in float32, whatever the logits' dtype); a layout that does not add
+    up (sum of H_l*W_l != Len_in, a wrong level_start_index) raises ``ValueError`` from the
+    op where the official ``assert`` raises ``AssertionError``; spatial_shapes may stay on
+    the CPU; fp16 / bf16 run (the official CUDA op takes float32 and float64 only).
     """
 
     def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4):
@@ -60,7 +75,7 @@ class MSDeformAttn(nn.Module):
                 "You'd better set d_model in MSDeformAttn to make the dimension of each attention head "
                 "a power of 2 which is more efficient in our kernels."
             )
-        self.im2col_step = 128  # kept for parity with the official module; unused
+        self.im2col_step = 64  # the official module's value, kept for parity; unused
         self.d_model = d_model
         self.n_levels = n_levels
         self.n_heads = n_heads
