@@ -7,11 +7,13 @@
 
 Two protocols (``--protocol``):
 
-* ``fixed`` (the default for m2f.train runs, and m2f.train's own evaluation): images resized
+* ``fixed`` (m2f.train's ``--eval-protocol`` default but with ``--preset official``, and so
+  the default for those runs here): images resized
   (longest side) to the run's image size, padded to a square (128 before normalising) and
   batched; predictions and ground truth are compared at that resized size, so the numbers
   are not the papers' (a 4:3 ADE20K image is seen at 3/4 of the official scale).
-* ``official`` (the default for ``--official-checkpoint``): detectron2's test. The image
+* ``official`` (the default for ``--official-checkpoint`` and ``--preset official`` runs):
+  detectron2's test. The image
   alone is resized (``ResizeShortestEdge``: shortest side 800 / longest at most 1333 on COCO,
   on ADE20K the crop size / 4x it: 512 / 2048, 640 / 2560 in the Swin-B/L res640 configs;
   ``shapes`` images at their generated size), one image per forward and rank; the model
@@ -194,9 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                      help="an official Mask2Former (detectron2) checkpoint, e.g. model_final.pkl: the model is "
                      "m2f.train's --preset official for --dataset and --backbone (and --num-queries, --model)")
     p.add_argument("--protocol", choices=PROTOCOLS,
-                   help="fixed (default for --run / --checkpoint): longest side resized to the run's image size, "
-                   "padded to a square, batched, compared at that size; official (default for "
-                   "--official-checkpoint): detectron2's test (shortest side 800 / longest <= 1333 on coco_panoptic, "
+                   help="default: the run's (m2f.train --eval-protocol), official for --official-checkpoint. "
+                   "fixed: longest side resized to the run's image size, padded to a square, batched, compared at "
+                   "that size; official: detectron2's test (shortest side 800 / longest <= 1333 on coco_panoptic, "
                    "the crop size / 4x on ade20k, shapes as generated; one image per forward; predictions resized "
                    "to and compared at the original resolution). SegFormer runs follow either")
     p.add_argument("--split", default="val")
@@ -315,11 +317,7 @@ def _main(args: argparse.Namespace) -> Dict[str, float]:
     if given and not args.official_checkpoint:
         raise SystemExit(f"m2f.evaluate: {', '.join(given)}: only with --official-checkpoint (a run's checkpoint "
                          "remembers its model and dataset)")
-    protocol = args.protocol or ("official" if args.official_checkpoint else "fixed")
     env = setup_distributed(args.device)
-    if protocol == "official" and args.batch_size not in (None, env.world_size):
-        raise SystemExit(f"m2f.evaluate: --batch-size {args.batch_size}: --protocol official runs one image per "
-                         "rank (detectron2's test batch); leave it out")
     if args.official_checkpoint:
         path, ckpt = args.official_checkpoint, None
         if not os.path.isfile(path):
@@ -332,6 +330,11 @@ def _main(args: argparse.Namespace) -> Dict[str, float]:
         for key in ("data_root", "kernels", "amp"):
             if getattr(args, key) is not None:
                 cfg[key] = getattr(args, key)
+    # the run's own (m2f.train --eval-protocol), else official for official weights
+    protocol = args.protocol or cfg.get("eval_protocol") or ("official" if args.official_checkpoint else "fixed")
+    if protocol == "official" and args.batch_size not in (None, env.world_size):
+        raise SystemExit(f"m2f.evaluate: --batch-size {args.batch_size}: --protocol official runs one image per "
+                         "rank (detectron2's test batch); leave it out")
     try:
         dataset = build_dataset(cfg["dataset"], cfg["data_root"], args.split, cfg["image_size"], cfg["seed"],
                                 protocol=protocol)

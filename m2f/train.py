@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from . import build_model
 from .backbone import SWINS, calibrate_frozen_bn
-from .data import DATASETS, StreamSampler, build_dataset, collate
+from .data import DATASETS, PROTOCOLS, StreamSampler, build_dataset, collate
 from .data.sample import DatasetInfo
 from .evaluate import AMP_DTYPES, autocast, eval_loader, evaluate, format_metrics, ignore_stop_signals, one_line_error
 from .graph_step import GraphStep, no_autocast_cache
@@ -90,8 +90,8 @@ PRESETS = {
 }
 PRESET_KEYS = ("backbone", "image_size", "batch_size", "steps", "lr", "num_queries")
 # what a resumed run may change: where and how it runs and reports, never what it computes
-RUNTIME_KEYS = ("out", "num_workers", "device", "eval_every", "eval_images", "ckpt_every", "log_every", "compile",
-                "cuda_graph", "ckpt_minutes", "keep_checkpoints")
+RUNTIME_KEYS = ("out", "num_workers", "device", "eval_every", "eval_images", "eval_protocol", "ckpt_every",
+                "log_every", "compile", "cuda_graph", "ckpt_minutes", "keep_checkpoints")
 # flags that are neither the run's configuration nor runtime options
 CLI_ONLY = ("resume", "preset", "model", "debug")
 LOG = "metrics.jsonl"
@@ -177,6 +177,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=at_least(0), help="evaluate every N steps (default 0: at the end only)")
     p.add_argument("--eval-images", type=at_least(1), help="evaluate on the first N val images (default: all; "
                    "shapes has 100)")
+    p.add_argument("--eval-protocol", choices=PROTOCOLS,
+                   help="official (default with --preset official): detectron2's test, images resized by their "
+                   "shortest side, one per forward, compared at the original resolution (m2f.evaluate --protocol); "
+                   "fixed (default otherwise): resized to --image-size, batched")
     p.add_argument("--ckpt-every", type=at_least(1), help="checkpoint every N steps (default: 500), besides --ckpt-minutes, "
                    "the end and SIGINT / SIGTERM")
     p.add_argument("--ckpt-minutes", type=at_least(0.0, float), help="also checkpoint every M minutes (default: 10; 0: off)")
@@ -244,6 +248,7 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "out": args.out or os.path.join("runs", f"{cfg['dataset']}_{preset}"),
         "eval_every": args.eval_every or 0,
         "eval_images": args.eval_images,
+        "eval_protocol": args.eval_protocol or ("official" if preset == "official" else "fixed"),
         "ckpt_every": 500 if args.ckpt_every is None else args.ckpt_every,
         "ckpt_minutes": 10.0 if args.ckpt_minutes is None else args.ckpt_minutes,
         "keep_checkpoints": 3 if args.keep_checkpoints is None else args.keep_checkpoints,
@@ -532,8 +537,8 @@ def calibrate(model: torch.nn.Module, dataset, device: torch.device, n: int = 8)
 
 def run_eval(model, cfg: Dict, dataset_val, env: Env, step: int, logger: Logger) -> Dict[str, float]:
     """Evaluate on the val split, log the metrics, redraw the plots."""
-    loader = eval_loader(dataset_val, max(1, cfg["batch_size"] // env.world_size), env.rank, env.world_size,
-                         cfg["num_workers"], cfg["eval_images"])
+    per_rank = 1 if cfg["eval_protocol"] == "official" else max(1, cfg["batch_size"] // env.world_size)
+    loader = eval_loader(dataset_val, per_rank, env.rank, env.world_size, cfg["num_workers"], cfg["eval_images"])
     metrics, examples = evaluate(unwrap(model), loader, dataset_val.info, env.device, amp=cfg["amp"])
     if env.main:
         logger.write({"step": step, "eval": metrics})
@@ -689,6 +694,7 @@ def find_checkpoint(where: str, env: Env, what: str, folder: bool = False):
         raise SystemExit(f"{what}: {path}: incompatible: its configuration has no {', '.join(missing)} "
                          "(written by another version of m2f.train?)")
     saved.setdefault("schedule", "poly")  # a configuration without one trained with the poly schedule
+    saved.setdefault("eval_protocol", "fixed")  # and was evaluated at its image size
     return path, ckpt
 
 
@@ -732,7 +738,8 @@ def build_datasets(cfg: Dict):
     try:
         dataset = build_dataset(cfg["dataset"], cfg["data_root"], "train", cfg["image_size"], cfg["seed"],
                                 cfg.get("train_images"))
-        dataset_val = build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["image_size"], cfg["seed"])
+        dataset_val = build_dataset(cfg["dataset"], cfg["data_root"], "val", cfg["image_size"], cfg["seed"],
+                                    protocol=cfg["eval_protocol"])
     except (OSError, ValueError) as e:
         raise SystemExit(f"m2f.train: {e}") from e
     for split, ds in (("train", dataset), ("val", dataset_val)):

@@ -249,6 +249,51 @@ def test_a_configuration_without_a_schedule_resumes_with_poly(tmp_path):
     assert ckpt["config"]["schedule"] == "poly"
 
 
+def test_eval_protocol_is_official_with_the_official_preset_and_a_runtime_option(tmp_path):
+    def protocol(*argv):
+        return train_mod.resolve_config(train_mod.parse_args(list(argv)))["eval_protocol"]
+
+    assert protocol("--preset", "official", "--dataset", "coco_panoptic") == "official"
+    assert protocol("--preset", "tiny") == "fixed"
+    assert protocol("--preset", "tiny", "--eval-protocol", "official") == "official"
+    assert "eval_protocol" in train_mod.RUNTIME_KEYS  # a resumed run may evaluate either way
+    cfg = train_mod.resolve_config(train_mod.parse_args(["--out", str(tmp_path)]))
+    del cfg["eval_protocol"]  # a run from before the option was evaluated with the fixed protocol
+    from m2f.checkpoint import TRAINING_KEYS
+
+    torch.save({**{k: {} for k in TRAINING_KEYS}, "config": cfg, "step": 1}, str(tmp_path / "checkpoint.pt"))
+    _, ckpt = train_mod.find_checkpoint(str(tmp_path / "checkpoint.pt"), train_mod.Env(0, 1, 0, torch.device("cpu")),
+                                        "--resume")
+    assert ckpt["config"]["eval_protocol"] == "fixed"
+
+
+def test_a_run_evaluates_with_its_protocol_and_m2f_evaluate_follows_it(tmp_path, monkeypatch):
+    """--eval-protocol official: the run's evaluation takes one image per forward (detectron2's
+    test batch) from the official-protocol val split; m2f.evaluate --run takes the run's protocol."""
+    from m2f import evaluate as evaluate_mod
+
+    batches, protocols = [], []
+    real_loader, real_build = train_mod.eval_loader, train_mod.build_dataset
+
+    def eval_loader(dataset, batch_size, *args, **kwargs):
+        batches.append(batch_size)
+        return real_loader(dataset, batch_size, *args, **kwargs)
+
+    def build_dataset(*args, **kwargs):
+        protocols.append(kwargs.get("protocol", "fixed"))
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "eval_loader", eval_loader)
+    monkeypatch.setattr(train_mod, "build_dataset", build_dataset)
+    run = str(tmp_path / "run")
+    metrics = train_mod.main(["--preset", "micro", "--eval-images", "3", "--eval-protocol", "official", "--out", run])
+    assert protocols == ["fixed", "official"] and batches == [1] and "PQ" in metrics
+    out = evaluate_mod.main(["--run", run, "--eval-images", "3", "--out", str(tmp_path / "eval")])
+    with open(tmp_path / "eval" / "eval.json") as f:
+        assert json.load(f)["protocol"] == "official"
+    assert out == pytest.approx(metrics)
+
+
 @requires_gpu
 @pytest.mark.parametrize("amp", ["off", "bf16"])
 def test_gpu_fused_run_matches_reference(tmp_path, amp):
