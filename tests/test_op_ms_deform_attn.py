@@ -388,6 +388,9 @@ def test_module_parameters_and_init_match_official():
     with pytest.raises(ValueError, match="2 or 4"):
         q = torch.zeros(1, 2, 16)
         ours(q, torch.zeros(1, 2, 3, 3), torch.zeros(1, 45, 16), *levels(*MODULE_LEVELS, device="cpu")[:2])
+    # the official `assert sum(H_l*W_l) == Len_in` (AssertionError): a ValueError from the op here
+    with pytest.raises(ValueError, match="sum of H_l"):
+        ours(q, torch.zeros(1, 2, 3, 2), torch.zeros(1, 46, 16), *levels(*MODULE_LEVELS, device="cpu")[:2])
 
 
 def _module_case(ref_dim, dtype):
