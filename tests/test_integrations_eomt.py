@@ -181,6 +181,20 @@ def test_revert_restores_hf_classes(restore_module):
     assert [type(m) for m in built.modules()] == [type(m) for m in fresh.modules()]
 
 
+def test_patched_model_pickles():
+    """torch.save(model) / torch.load of a patched EoMT, as of HF's: the fused classes come back."""
+    import io
+
+    model = patch.apply_m2f_kernels_to_eomt(model=tiny_model(0))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in model.modules()]
+    state = model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in loaded.state_dict().items())
+
+
 def test_unsupported_version_is_a_clear_error(restore_module, monkeypatch):
     criterion = hf.EomtLoss(make_eomt_config(), weight_dict={})
     monkeypatch.setattr(hf.EomtLoss, "loss_masks", lambda self, masks_queries_logits, mask_labels, indices: None)

@@ -27,7 +27,7 @@ pytest.importorskip("scipy", reason="HF's Mask2FormerLoss needs scipy")
 from m2f_kernels.compat import ms_deform_attn_core_pytorch  # noqa: E402
 from m2f_kernels.integrations import transformers as patch  # noqa: E402
 from bench.hf_testing import (  # noqa: E402
-    generic_points, make_batch, make_config, module_restored, random_boxes, timed_fp32_steps, train_step,
+    OpLog, generic_points, make_batch, make_config, module_restored, random_boxes, timed_fp32_steps, train_step,
 )
 
 SWITCH_CASES = [
@@ -181,8 +181,10 @@ def test_matcher_matches_hf():
         assert torch.equal(i, wi) and torch.equal(j, wj), f"assignment differs (seed {seed})"
 
 
-def test_loss_masks_matches_hf():
-    """The criterion's mask losses and their gradient, on given matches."""
+@pytest.mark.parametrize("num_masks", [torch.tensor(7.0), 7], ids=["tensor", "int"])
+def test_loss_masks_matches_hf(num_masks):
+    """The criterion's mask losses and their gradient, on given matches; num_masks as HF's
+    forward passes it (a 0-dim tensor) or as its signature allows (a number)."""
     seed = torch.seed()
     hf_loss = hf.Mask2FormerLoss(make_config(), weight_dict={})
     fused = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(hf_loss), ms_deform_attn=False,
@@ -193,7 +195,7 @@ def test_loss_masks_matches_hf():
     for criterion in (hf_loss, fused):
         leaf = masks.clone().requires_grad_()
         torch.manual_seed(seed)
-        losses = criterion.loss_masks(leaf, labels, indices, torch.tensor(7.0))
+        losses = criterion.loss_masks(leaf, labels, indices, num_masks)
         (2 * losses["loss_mask"] + 3 * losses["loss_dice"]).backward()
         results.append((losses["loss_mask"], losses["loss_dice"], leaf.grad))
     for name, got, want in zip(("loss_mask", "loss_dice", "grad"), results[1], results[0]):
@@ -243,6 +245,61 @@ def test_class_level_patch_and_revert(restore_module):
     assert not any(isinstance(m, (patch._Fused, patch.FusedMultiheadAttention)) for m in fresh.modules())
     patch.revert_m2f_kernels_to_mask2former(model=model)  # the one built while patched
     assert [type(m) for m in model.modules()] == [type(m) for m in fresh.modules()]
+
+
+def test_attention_dropout_runs_hf_path():
+    """config.dropout > 0: in training the cross-attention runs nn.MultiheadAttention's own
+    forward (the op has no attention dropout), so a seeded step is HF's, dropout draws
+    included; in eval it runs fused."""
+    config = make_config()
+    config.dropout = 0.1
+    torch.manual_seed(0)
+    reference = transformers.Mask2FormerForUniversalSegmentation(config).train()
+    generic_points(reference)
+    model = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(reference))
+    batch = make_batch(config, 2, 64, "cpu")
+
+    def step(seed):
+        return train_step(model, batch, seed, log=True), train_step(reference, batch, seed)
+
+    ran = assert_same_step_retrying_ties(step, 1e-5, 1e-4, "attention dropout")[3]
+    assert ran["m2f_kernels::masked_attention"] == 0 and ran["m2f_kernels::ms_deform_attn"] > 0, dict(ran)
+    model.eval(), reference.eval()
+    x = batch["pixel_values"]
+    with torch.no_grad(), OpLog() as log:
+        got = model(pixel_values=x)
+    assert log.ops["m2f_kernels::masked_attention"] > 0
+    with torch.no_grad():
+        want = reference(pixel_values=x)
+    assert rel_err(got.masks_queries_logits, want.masks_queries_logits) <= 1e-5
+
+
+def test_patched_modules_pickle():
+    """torch.save / torch.load of a patched module (as of HF's): the fused classes are found by
+    name, also in a process that has not made them yet."""
+    import io
+
+    criterion = patch.apply_m2f_kernels_to_mask2former(
+        model=hf.Mask2FormerLoss(make_config(), weight_dict={}), ms_deform_attn=False, masked_attention=False)
+    buf = io.BytesIO()
+    torch.save(criterion, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded) is type(criterion) and type(loaded.matcher) is type(criterion.matcher)
+    assert torch.equal(loaded.empty_weight, criterion.empty_weight)
+    fused = type(criterion)
+    assert getattr(patch, fused.__name__) is fused
+    saved = dict(patch._FUSED_CLASSES)
+    try:
+        patch._FUSED_CLASSES.clear()  # a fresh process: the class is made on lookup
+        made = getattr(patch, fused.__name__)
+        assert made is not fused and made.__name__ == fused.__name__ and made._m2f_base is hf.Mask2FormerLoss
+        assert issubclass(made, patch._FusedLoss)
+    finally:
+        patch._FUSED_CLASSES.clear()
+        patch._FUSED_CLASSES.update(saved)
+    with pytest.raises(AttributeError):
+        getattr(patch, "M2FKernelsNoSuchClass")
 
 
 def test_module_function_matches_hf():

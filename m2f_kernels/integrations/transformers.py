@@ -49,7 +49,13 @@ buffers, state_dict keys and ``isinstance`` checks are unchanged. Random points 
 drawn as HF draws them (same calls, same order), so a seeded step samples the same
 points with and without the patch. Differences: with ``output_attentions=True`` the
 deformable attention runs HF's own path (it returns the attention weights, which the
-fused op never forms) and the cross-attention weights are None.
+fused op never forms) and the cross-attention weights are None. With ``config.dropout > 0``
+the cross-attention runs ``nn.MultiheadAttention``'s own forward in training (the op has no
+attention dropout; same dropout draws as HF) and the fused op in eval. Under
+``torch.autocast`` the matcher's mask costs are float32 where HF's matmuls run in the
+autocast dtype (a seeded step can match differently from HF's: as HF matches in float32),
+and the values of the point losses carry the logits' precision (computed in float32,
+rounded to the autocast dtype, returned as float32; HF's are float32 throughout).
 
 Only modules whose class is exactly the HF class are patched (a user subclass is left
 alone). Tested with transformers 5.17.0 and 5.24.0; another version whose Mask2Former
@@ -130,8 +136,24 @@ class FusedMultiheadAttention(nn.MultiheadAttention):
                 average_attn_weights=True, is_causal=False):
         if is_causal:
             raise NotImplementedError("the fused masked attention takes an explicit attn_mask, not is_causal")
+        if self.training and self.dropout > 0:  # the op has no attention dropout: nn.MultiheadAttention's own
+            return super().forward(query, key, value, key_padding_mask, need_weights,
+                                   self._per_head_mask(attn_mask, query.shape[1]), average_attn_weights)
         return MaskedMultiheadAttention.forward(self, query, key, value, attn_mask=attn_mask,
                                                 key_padding_mask=key_padding_mask)
+
+    def _per_head_mask(self, attn_mask: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
+        """``attn_mask`` (any form this class takes) as nn.MultiheadAttention takes a bool mask
+        ([Q, N] or [B*heads, Q, N], True = blocked), with the op's rule: a row that blocks
+        every key blocks none."""
+        if attn_mask is None:
+            return None
+        blocked = attn_mask < 0 if attn_mask.is_floating_point() else attn_mask.bool()
+        if blocked.dim() == 4:
+            blocked = blocked.flatten(0, 1)
+        elif blocked.dim() == 3 and blocked.shape[0] != batch * self.num_heads:
+            blocked = blocked.repeat_interleave(self.num_heads, dim=0)
+        return blocked & ~blocked.all(-1, keepdim=True)
 
     @staticmethod
     def unsupported(mha: nn.MultiheadAttention) -> Optional[str]:
@@ -229,9 +251,9 @@ class _FusedLoss(_Fused):
         with torch.no_grad():
             coords = uncertain_point_coords(masks_queries_logits, self.num_points, self.oversample_ratio,
                                             self.importance_sample_ratio, pred_index=src_idx)
-        # num_masks: HF's 0-dim tensor stays on the device
-        loss_mask, loss_dice = point_mask_loss(masks_queries_logits, target_masks, coords,
-                                               num_masks.to(device=device, dtype=torch.float32).reshape(()),
+        if isinstance(num_masks, torch.Tensor):  # HF's 0-dim tensor stays on the device; a number stays one
+            num_masks = num_masks.to(device=device, dtype=torch.float32).reshape(())
+        loss_mask, loss_dice = point_mask_loss(masks_queries_logits, target_masks, coords, num_masks,
                                                pred_index=src_idx)
         return {"loss_mask": loss_mask, "loss_dice": loss_dice}
 
@@ -327,6 +349,17 @@ def _fused_class(base: type, mixin: type) -> type:
                    {"_m2f_base": base, "__module__": __name__, "__doc__": mixin.__doc__})
         _FUSED_CLASSES[base] = cls
     return cls
+
+
+def __getattr__(name: str):
+    """The fused classes by name (``M2FKernels<HF class>``), made on first use: pickle finds
+    a patched module's class here, in this process or in a fresh one."""
+    for family in (MASK2FORMER, EOMT):
+        for classes in family.classes.values():
+            for base_name, mixin in classes.items():
+                if name == f"M2FKernels{base_name}":
+                    return _fused_class(_base_of(getattr(family.modeling(), base_name)), mixin)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- version check
