@@ -124,6 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.eval_every = max(1, args.steps // 5)
         if args.device is None:
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            raise ArgumentError(f"--device {args.device}: no CUDA GPU here (torch.cuda.is_available() is False)")
+        args.runs = os.path.abspath(args.runs)
     except ArgumentError as e:
         p.exit(2, f"{p.prog}: error: {e}\n")
     return args
@@ -211,7 +214,7 @@ def train_once(cmd: List[str], out: str) -> dict:
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(cmd)}\n")
         log.flush()
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, start_new_session=True)
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = child.wait()
         except KeyboardInterrupt:

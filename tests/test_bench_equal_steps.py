@@ -33,6 +33,8 @@ def test_variants_by_name_and_by_flags():
     (["fused", "--seeds", "1", "1"], "--seeds: distinct"),
     (["fused", "--steps", "0"], "--steps: at least 1"),
     (["fused", "--train-args", "--out x"], "--train-args: --out is set by"),
+    pytest.param(["fused", "--device", "cuda"], "--device cuda: no CUDA GPU here",
+                 marks=pytest.mark.skipif(equal_steps.torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_arguments_are_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
