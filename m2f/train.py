@@ -419,6 +419,19 @@ class Logger:
 # ----------------------------------------------------------------------------- training
 
 
+def wrap_ddp(model: torch.nn.Module, env: Env) -> DistributedDataParallel:
+    """DDP as detectron2's ``create_ddp_model(model, broadcast_buffers=False)``: gradients
+    averaged over the ranks in backward, buffers not broadcast at each forward. Rank 0's
+    buffers (the frozen-BN statistics that ``calibrate`` computes on each rank) are
+    broadcast once here: with ``broadcast_buffers=False`` recent torch versions no longer
+    sync buffers at construction, and ranks whose statistics differ in the last bits
+    (another GPU, another kernel) would train and evaluate other models."""
+    for buffer in model.buffers():
+        dist.broadcast(buffer.detach(), 0)
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -852,8 +865,7 @@ def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional
     a checkpoint is written and Stopped is raised."""
     steps, seed, local_batch = cfg["steps"], cfg["seed"], cfg["batch_size"] // env.world_size
     if env.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+        model = wrap_ddp(model, env)
     sampler = StreamSampler(len(dataset), seed=seed, rank=env.rank, world_size=env.world_size,
                             start=start * local_batch)
     loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, num_workers=cfg["num_workers"],
@@ -867,7 +879,8 @@ def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional
             print(f"m2f.train: the checkpoint has {len(states)} ranks' RNG states, this run "
                   f"{env.world_size}: the random streams will differ from the original run")
         try:
-            set_rng_state(states[env.rank % len(states)], generator)
+            if env.rank < len(states):  # a rank the saved run lacked keeps its own seeds: another
+                set_rng_state(states[env.rank], generator)  # rank's streams would repeat its draws
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise SystemExit(f"--resume: the checkpoint's RNG states do not fit ({e!r})") from e
 

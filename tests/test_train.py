@@ -160,6 +160,79 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     assert ddp_eval["pACC"] == pytest.approx(single_eval["pACC"], abs=0.5)  # metrics merged over both ranks
 
 
+# each rank of torchrun_patched runs m2f.train with these patches; RANK_FILE gets what it saw
+PATCHED_RANK = """
+import os, sys, torch
+import m2f.train as t
+from m2f.backbone.resnet import FrozenBatchNorm2d
+
+rank, out = int(os.environ["RANK"]), os.environ["RANK_FILE"] % int(os.environ["RANK"])
+seen = {}
+calibrate = t.calibrate_frozen_bn
+
+def rank_dependent_calibration(module, *args, **kwargs):  # ranks whose statistics differ in the last bits
+    calibrate(module, *args, **kwargs)
+    for m in module.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.running_var.mul_(1 + 1e-4 * rank)
+
+train_step = t.train_step
+
+def first_generator_state(*args, **kwargs):
+    seen.setdefault("sampler", args[7].get_state().clone())  # the loss's points generator at the first step
+    return train_step(*args, **kwargs)
+
+evaluate = t.evaluate
+
+def buffers_at_evaluation(model, *args, **kwargs):
+    seen["buffers"] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    torch.save(seen, out)
+    return evaluate(model, *args, **kwargs)
+
+t.calibrate_frozen_bn, t.train_step, t.evaluate = rank_dependent_calibration, first_generator_state, buffers_at_evaluation
+t.main(sys.argv[1:])
+"""
+
+
+def torchrun_patched(tmp_path, args, nproc=2):
+    """m2f.train under torchrun (gloo) with PATCHED_RANK -> what each rank saw."""
+    script = tmp_path / "patched_rank.py"
+    script.write_text(PATCHED_RANK)
+    rank_file = str(tmp_path / f"rank%d_{len(list(tmp_path.glob('rank*')))}.pt")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK_FILE=rank_file,
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           str(script)] + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [torch.load(rank_file % r, weights_only=False) for r in range(nproc)]
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_share_rank_0s_frozen_bn_statistics(tmp_path):
+    """The frozen-BN statistics are calibrated on every rank; DDP with broadcast_buffers=False
+    (detectron2's) does not sync buffers at construction: rank 0's must reach every rank, or
+    ranks whose statistics differ slightly train and evaluate other models."""
+    ranks = torchrun_patched(tmp_path, MICRO + ["--steps", "1", "--out", str(tmp_path / "run")])
+    assert ranks[0]["buffers"].keys() == ranks[1]["buffers"].keys() and ranks[0]["buffers"]
+    for k, v in ranks[0]["buffers"].items():
+        assert torch.equal(v, ranks[1]["buffers"][k]), k
+
+
+@pytest.mark.slow
+def test_torchrun_resume_with_more_ranks_gives_each_rank_its_own_random_points(tmp_path):
+    """A 1-process checkpoint resumed by 2 ranks: rank 0 continues the saved streams, rank 1
+    keeps its own (a copy of rank 0's would sample the same random points)."""
+    run = str(tmp_path / "run")
+    train_mod.main(MICRO + ["--steps", "2", "--ckpt-every", "1", "--keep-checkpoints", "2", "--out", run])
+    step1 = os.path.join(run, "checkpoint_0000001.pt")
+    saved = torch.load(step1, weights_only=False)["rng"]
+    assert len(saved) == 1
+    ranks = torchrun_patched(tmp_path, ["--resume", step1, "--out", str(tmp_path / "resumed"), "--device", "cpu",
+                                        "--num-workers", "0"])
+    assert torch.equal(ranks[0]["sampler"], saved[0]["sampler"])
+    assert not torch.equal(ranks[1]["sampler"], saved[0]["sampler"])
+
+
 def test_solver_follows_the_official_recipe():
     from m2f import build_model
 
