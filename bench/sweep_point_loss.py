@@ -3,7 +3,7 @@
     python bench/sweep_point_loss.py            # all parts, fp32 (+ bf16 for the matcher)
     python bench/sweep_point_loss.py --parts matcher --dtypes fp32,bf16,fp16
 
-One prediction of the standard shape (DESIGN.md): B=2, Q=100, pred 256x256, T=30 bool
+One prediction of the standard shape (docs/ops.md): B=2, Q=100, pred 256x256, T=30 bool
 targets per image at 1024x1024, P=12544; the matcher runs once per image (2 calls), the
 importance sampling and the loss on the 60 matched masks. Each row times one candidate
 config of m2f_kernels.triton.point_loss (the backend functions, no op layer), plus the
