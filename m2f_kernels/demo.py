@@ -1,5 +1,6 @@
-"""``python -m m2f_kernels.demo``: run every op once at a small Mask2Former-like size and say
-what ran where. A first check that an install works; the training CLI is ``m2f.train``."""
+"""``python -m m2f_kernels.demo``: run masked attention, MSDeformAttn and the matcher's costs
++ point loss once (forward and backward) at a small Mask2Former-like size and say what ran
+where. A first check that an install works; the training CLI is ``m2f.train``."""
 from __future__ import annotations
 
 import time
