@@ -40,7 +40,7 @@ def _reference_module() -> types.ModuleType:
 @pytest.fixture(scope="module")
 def toy_op():
     """Declares the toy op once (torch.library registrations live as long as the process)
-    and takes it out of the package's registries afterwards, so other tests see six ops."""
+    and takes it out of the package's registries afterwards, so other tests see the package's ops only."""
     sys.modules[f"m2f_kernels.reference.{MODULE}"] = _reference_module()
 
     # --- the guide's m2f_kernels/ops/scaled_square_toy.py ---

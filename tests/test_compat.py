@@ -1,5 +1,5 @@
 """Drop-in compatibility: ``m2f_kernels.compat`` against the official deformable-attention
-code, and the autocast rules of the six ops (``m2f_kernels.ops._autocast``).
+code, and the ops' autocast rules (``m2f_kernels.ops._autocast``).
 
 The official module and its pure-PyTorch core are the verbatim-logic copies in
 tests/_inputs.py. Autocast runs on DEVICE (CPU bf16 here; CUDA on a GPU).
