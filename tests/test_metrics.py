@@ -257,3 +257,92 @@ def test_mask_ap_matches_pycocotools_on_random_images(seed):
     want = {"AP": mean(precision), "AP50": mean(precision[0]), "AP75": mean(precision[5])}
     got = ours.compute()
     assert got == pytest.approx(want, nan_ok=True), (got, want)
+
+
+# ----------------------------------------------------------------------------- several ranks
+
+
+def _random_panoptic_image(rng, num_classes, h, w):
+    """(pred_pan, pred_segments, scores, gt_pan, gt_segments) of one image: ground truth
+    rectangles (some crowd), predicted as shifted copies (some mislabelled) plus spurious ones."""
+    gt_masks, gt_labels = _random_instances(rng, rng.integers(1, 5), h, w, num_classes)
+    spurious, spurious_labels = _random_instances(rng, rng.integers(0, 3), h, w, num_classes)
+    shifted = np.roll(gt_masks, rng.integers(-1, 2, 2), axis=(1, 2))
+    labels = np.where(rng.random(len(gt_labels)) < 0.2, (gt_labels + 1) % num_classes, gt_labels)
+
+    def paint(masks, labels, crowd):
+        pan = np.zeros((h, w), np.int64)
+        for i, m in enumerate(masks):
+            pan[m] = i + 1
+        return torch.from_numpy(pan), [seg(i + 1, int(c), int(k)) for i, (c, k) in enumerate(zip(labels, crowd))
+                                       if (pan == i + 1).any()]
+
+    gt_pan, gt_segs = paint(gt_masks, gt_labels, rng.random(len(gt_labels)) < 0.2)
+    pred_pan, pred_segs = paint(np.concatenate([shifted, spurious]), np.concatenate([labels, spurious_labels]),
+                                np.zeros(len(labels) + len(spurious_labels)))
+    return pred_pan, pred_segs, rng.random(len(pred_segs)), gt_pan, gt_segs
+
+
+def _score(seed, images, num_classes=3, h=12, w=16):
+    """PQ, mIoU and mask AP over ``images`` (indices into a seeded list), synced over the ranks."""
+    rng = np.random.default_rng(seed)
+    cases = [_random_panoptic_image(rng, num_classes, h, w) for _ in range(max(images, default=-1) + 1)]
+    things = {0, 1}
+    pq, sem, ap = PanopticQuality(num_classes, things), SemanticIoU(num_classes), MaskAP(num_classes)
+
+    def category_map(pan, segments):
+        out = torch.full_like(pan, 255)
+        for s in segments:
+            out[pan == s["id"]] = s["category_id"]
+        return out
+
+    for i in images:
+        pred_pan, pred_segs, scores, gt_pan, gt_segs = cases[i]
+        pq.update(pred_pan, pred_segs, gt_pan, gt_segs)
+        sem.update(category_map(pred_pan, pred_segs).clamp(max=num_classes - 1), category_map(gt_pan, gt_segs))
+        dt = [(s, x) for s, x in zip(pred_segs, scores) if s["category_id"] in things]
+        gt = [s for s in gt_segs if s["category_id"] in things]
+        ap.update(torch.stack([pred_pan == s["id"] for s, _ in dt]) if dt else torch.zeros(0, h, w, dtype=torch.bool),
+                  torch.tensor([x for _, x in dt]), torch.tensor([s["category_id"] for s, _ in dt]),
+                  torch.stack([gt_pan == s["id"] for s in gt]) if gt else torch.zeros(0, h, w, dtype=torch.bool),
+                  torch.tensor([s["category_id"] for s in gt]), torch.tensor([bool(s["iscrowd"]) for s in gt]),
+                  image_id=i)
+    out = {}
+    for metric in (pq, sem, ap):
+        metric.sync()
+        out.update(metric.compute())
+    return out
+
+
+def _score_on_rank(rank, world, init_file, seed, size, out):
+    import torch.distributed as dist
+
+    from m2f.data.sampler import ShardSampler
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_score(seed, list(ShardSampler(size, rank=rank, world_size=world))), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_ranks_score_each_image_once_and_merge_exactly(tmp_path, seed):
+    """2 gloo ranks, 7 images (4 + 3, m2f.evaluate's ShardSampler): every image once, PQ's
+    per-category sums, the IoU confusion matrix and AP's per-image detections merged, so
+    both ranks report the single process's metrics (no padding image counted twice, as a
+    DistributedSampler would)."""
+    from m2f.data.sampler import ShardSampler
+
+    size, world = 7, 2
+    shards = [list(ShardSampler(size, rank=r, world_size=world)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(size)) and [len(s) for s in shards] == [4, 3]
+    single = _score(seed, range(size))
+    assert single["PQ"] > 0 and single["AP"] > 0, "the random images must exercise the matching"
+    torch.multiprocessing.start_processes(_score_on_rank, (world, str(tmp_path / "pg"), seed, size,
+                                                           str(tmp_path / "metrics")), nprocs=world,
+                                          start_method="spawn")
+    for rank in range(world):
+        merged = torch.load(f"{tmp_path / 'metrics'}.{rank}", weights_only=False)
+        assert merged.pop("IoU") == pytest.approx(single["IoU"], rel=1e-12, nan_ok=True), rank
+        assert merged == pytest.approx({k: v for k, v in single.items() if k != "IoU"}, rel=1e-12, nan_ok=True), rank
