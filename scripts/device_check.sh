@@ -7,9 +7,9 @@
 #   peers        start building the peer MSDeformAttn kernels (python -m bench.peers) in the
 #                background from the archives in PEER_ARCHIVES (default: build/peer-archives/,
 #                ../shared/peers/); bench and bench-quick wait for them (PEERS_WAIT_LIMIT)
-#   build-cuda   start building m2f_kernels._C in the background (nice'd; every later stage
-#                but tests waits for it: the cuda backend is then built and the compile
-#                takes no CPU from what is timed)
+#   build-cuda   start building m2f_kernels._C in the background (nice'd; bench, sweeps, hf,
+#                train-start, equal-steps, cuda-tests and toolchain wait for it: the cuda backend
+#                is then built and the compile takes no CPU from what is timed)
 #   tests        the GPU test suite (pytest tests, xdist when present)
 #   bench        the benchmark suite, default scope (BENCH_FILTER narrows it: -k)
 #   bench-quick  the same at --benchmark-quick
