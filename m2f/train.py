@@ -426,8 +426,13 @@ def wrap_ddp(model: torch.nn.Module, env: Env) -> DistributedDataParallel:
     broadcast once here: with ``broadcast_buffers=False`` recent torch versions no longer
     sync buffers at construction, and ranks whose statistics differ in the last bits
     (another GPU, another kernel) would train and evaluate other models."""
-    for buffer in model.buffers():
-        dist.broadcast(buffer.detach(), 0)
+    with torch.no_grad():
+        for buffer in model.buffers():
+            received = buffer.detach().clone()
+            dist.broadcast(received, 0)
+            # written by copy_: a collective's write does not bump the version counter, which
+            # the caches of values made from buffers (FrozenBatchNorm2d's scale / bias) key on
+            buffer.copy_(received)
     return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                    broadcast_buffers=False)
 

@@ -175,6 +175,8 @@ def rank_dependent_calibration(module, *args, **kwargs):  # ranks whose statisti
     for m in module.modules():
         if isinstance(m, FrozenBatchNorm2d):
             m.running_var.mul_(1 + 1e-4 * rank)
+    with torch.no_grad():
+        module(*args, **kwargs)  # as calibration's own forward: the layers' scale / bias caches hold these
 
 train_step = t.train_step
 
@@ -186,6 +188,8 @@ evaluate = t.evaluate
 
 def buffers_at_evaluation(model, *args, **kwargs):
     seen["buffers"] = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    seen["affine"] = {name: torch.cat([t.flatten() for t in m._affine(torch.float32)])  # what forward multiplies by
+                      for name, m in model.named_modules() if isinstance(m, FrozenBatchNorm2d)}
     torch.save(seen, out)
     return evaluate(model, *args, **kwargs)
 
@@ -213,9 +217,10 @@ def test_torchrun_ranks_share_rank_0s_frozen_bn_statistics(tmp_path):
     (detectron2's) does not sync buffers at construction: rank 0's must reach every rank, or
     ranks whose statistics differ slightly train and evaluate other models."""
     ranks = torchrun_patched(tmp_path, MICRO + ["--steps", "1", "--out", str(tmp_path / "run")])
-    assert ranks[0]["buffers"].keys() == ranks[1]["buffers"].keys() and ranks[0]["buffers"]
-    for k, v in ranks[0]["buffers"].items():
-        assert torch.equal(v, ranks[1]["buffers"][k]), k
+    for what in ("buffers", "affine"):  # the statistics, and the scale / bias forward computes from them
+        assert ranks[0][what].keys() == ranks[1][what].keys() and ranks[0][what], what
+        for k, v in ranks[0][what].items():
+            assert torch.equal(v, ranks[1][what][k]), (what, k)
 
 
 @pytest.mark.slow
