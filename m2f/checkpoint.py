@@ -398,9 +398,14 @@ def recorded_sha256(path: str) -> Optional[str]:
     return digest
 
 
+# what unpickling a numpy array needs (the function ndarray.__reduce__ names, the array and dtype classes)
+_NUMPY_ARRAY_GLOBALS = [np.zeros(1, np.uint32).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def load_checkpoint(path: str, required: Iterable[str] = TRAINING_KEYS) -> Dict:
     """A training checkpoint, checked: its recorded sha256 (where the record describes the
-    file), ``torch.load``, and the ``required`` entries. Raises InvalidCheckpointError (one
+    file), ``torch.load(weights_only=True)`` (tensors, numbers, strings and containers: a
+    file that would run code is refused), and the ``required`` entries. Raises InvalidCheckpointError (one
     line, without the path) otherwise."""
     if not os.path.exists(path):
         raise InvalidCheckpointError("no such file")
@@ -413,8 +418,11 @@ def load_checkpoint(path: str, required: Iterable[str] = TRAINING_KEYS) -> Dict:
             raise InvalidCheckpointError(f"damaged: its sha256 {actual[:12]}... differs from the one recorded when "
                                          f"it was written ({recorded[:12]}...)")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated zip, a pickle error, a foreign file
+        # weights only: a checkpoint cannot run code when loaded (numpy arrays allowed: the RNG
+        # state of checkpoints from before it was stored as tensors)
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, a pickle error, a foreign file, code in the pickle
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]  # torch's first sentence
         raise InvalidCheckpointError(f"cannot be read ({reason}): truncated, damaged or not a checkpoint") from None
     if not isinstance(ckpt, Mapping):

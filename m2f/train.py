@@ -361,9 +361,12 @@ def build_model_from_config(cfg: Dict, info: DatasetInfo) -> torch.nn.Module:
 
 
 def rng_state(generator: torch.Generator) -> Dict:
+    """This process's random streams, in types ``torch.load(weights_only=True)`` reads
+    (numpy's MT19937 keys as an int64 tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "sampler": generator.get_state(),
@@ -372,7 +375,8 @@ def rng_state(generator: torch.Generator) -> Dict:
 
 def set_rng_state(state: Dict, generator: torch.Generator) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]  # keys: a tensor, or an ndarray in older checkpoints
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

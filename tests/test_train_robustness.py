@@ -332,6 +332,33 @@ def test_model_override_of_the_wrong_type_is_one_line_and_creates_nothing(tmp_pa
     assert "\n" not in str(info.value) and not run.exists()
 
 
+class _RunsCode:
+    """Unpickling this calls os.mkdir(path): what a weights-only load must refuse."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_checkpoints_load_weights_only_and_older_ones_still_resume(tmp_path):
+    run = str(tmp_path / "run")
+    train_mod.main(MICRO + ["--steps", "2", "--ckpt-every", "1", "--keep-checkpoints", "2", "--out", run])
+    ckpt = torch.load(os.path.join(run, "checkpoint.pt"), map_location="cpu", weights_only=True)  # no allowlist
+    assert isinstance(ckpt["rng"][0]["numpy"][1], torch.Tensor)
+    # a checkpoint from before: numpy's RNG keys as an ndarray; it loads and resumes the same run
+    step1 = torch.load(os.path.join(run, "checkpoint_0000001.pt"), map_location="cpu", weights_only=True)
+    name, keys, *rest = step1["rng"][0]["numpy"]
+    old = tmp_path / "old.pt"
+    torch.save(dict(step1, rng=[dict(step1["rng"][0], numpy=(name, keys.numpy().astype(np.uint32), *rest))]), old)
+    resumed = str(tmp_path / "resumed")
+    train_mod.main(["--resume", str(old), "--out", resumed, "--device", "cpu"])
+    final = torch.load(os.path.join(resumed, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    for key, value in ckpt["model"].items():
+        assert torch.equal(value, final["model"][key]), key
+
+
 def test_bad_checkpoints_are_one_line_errors_that_create_nothing(tmp_path):
     run = str(tmp_path / "run")
     train_mod.main(MICRO + ["--steps", "1", "--out", run])
@@ -377,6 +404,12 @@ def test_bad_checkpoints_are_one_line_errors_that_create_nothing(tmp_path):
     assert f"shape mismatches (1): {key}: file (5, 32) vs model ({ckpt['model'][key].shape[0]}, 32)" in message
 
     assert "lr (saved 0.001, given 0.5)" in refused(os.path.join(run, "checkpoint.pt"), "--lr", "0.5")
+
+    marker = tmp_path / "code_ran"
+    code = tmp_path / "code.pt"
+    torch.save(dict(ckpt, step=_RunsCode(str(marker))), code)  # a pickle that would create a folder
+    assert refused(code).startswith(f"--resume: {code}: cannot be read (")
+    assert not marker.exists()
 
     coco = tmp_path / "coco.pt"
     torch.save(dict(ckpt, config=dict(ckpt["config"], dataset="coco_panoptic", data_root=str(missing))), coco)
