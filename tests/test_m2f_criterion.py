@@ -106,6 +106,27 @@ def test_reference_and_fused_criterion_agree_with_an_empty_image(same_points):
     assert not ref_grad[1].any(), "an image without targets must get no mask gradient"
 
 
+def test_fused_criterion_under_fp16_autocast_keeps_float32_losses_and_loss_scaled_gradients(same_points):
+    """Under float16 autocast the fused criterion's mask losses (point_mask_loss on the fp16
+    mask logits) are the reference path's float32 values, not float16-rounded ones, and a
+    loss scale times a weight above float16's range (GradScaler's 65536 times 5) still gives
+    the reference path's finite gradient."""
+    num_queries, num_classes = 5, 4
+    targets = random_targets(2, num_classes, 32, 32, min_targets=1, max_targets=3)
+    logits, masks = torch.randn(2, num_queries, num_classes + 1), torch.randn(2, num_queries, 8, 8)
+    results = {}
+    for kernels in KERNELS:
+        pred = masks.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = make_criterion(kernels=kernels)({"pred_logits": logits, "pred_masks": pred.half()}, targets)
+        (65536.0 * 5.0 * (losses["loss_mask"] + losses["loss_dice"])).backward()
+        results[kernels] = losses, pred.grad
+    (ref, ref_grad), (fused, fused_grad) = results["reference"], results["fused"]
+    for k in ("loss_mask", "loss_dice"):
+        assert fused[k].dtype == torch.float32 and rel_error(fused[k], ref[k]) < 1e-5, (k, fused[k].item(), ref[k].item())
+    assert torch.isfinite(ref_grad).all() and rel_error(fused_grad, ref_grad) < 1e-3
+
+
 def test_no_targets_at_all_gives_zero_mask_losses():
     targets = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 16, 16, dtype=torch.bool)}] * 2
     outputs = {"pred_logits": torch.randn(2, 4, 5), "pred_masks": torch.randn(2, 4, 4, 4)}

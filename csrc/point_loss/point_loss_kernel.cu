@@ -518,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor> point_mask_loss_fwd(const at::Tensor& pred, c
                                                        static_cast<float>(num_masks), out_bce.data_ptr<float>(),
                                                        out_dice.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {out_bce.to(pred.scalar_type()), out_dice.to(pred.scalar_type())};
+  return {out_bce, out_dice};  // fp32 whatever pred's dtype (the op's contract)
 }
 
 at::Tensor point_mask_loss_bwd(const at::Tensor& grad_bce, const at::Tensor& grad_dice, const at::Tensor& pred,

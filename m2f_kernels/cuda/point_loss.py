@@ -85,7 +85,7 @@ def point_mask_loss_fwd(pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
                         query_index: Optional[torch.Tensor] = None,
                         weight: Optional[torch.Tensor] = None):
-    """(loss_bce, loss_dice): 0-dim tensors in pred.dtype.
+    """(loss_bce, loss_dice): 0-dim fp32 tensors.
 
     pred [N, Hp, Wp], or [B, Q, Hp, Wp] with batch_index / query_index [N]; target
     [N, Ht, Wt] bool/uint8/floating; coords [N, P, 2]. Deterministic.

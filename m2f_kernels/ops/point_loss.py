@@ -3,9 +3,11 @@ pairwise_mask_cost (declarations, checks, public functions).
 
 Under autocast the coordinates run in float32 (a bf16 coordinate is off by up to half a
 pixel at 256 px) and pred / logits / target are never cast: the kernels read pred in its
-own dtype and accumulate in float32, and casting pred would copy the whole [B, Q, H, W]
-prediction once per call for values the float32 widening of the two losses reproduces.
-point_sample's input runs in its own dtype too.
+own dtype and accumulate in float32 (casting pred would copy the whole [B, Q, H, W]
+prediction once per call). point_mask_loss returns its losses in float32 whatever pred's
+dtype, so a 16-bit pred's losses keep float32 precision and their gradients arrive in
+float32 (a float16 loss would round the value, and turn a loss scale times a weight above
+65504 into an inf gradient). point_sample's input runs in its own dtype too.
 """
 from __future__ import annotations
 
@@ -171,16 +173,18 @@ def _rand_outside_graph(shape, device, dtype, generator):
 def _point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: float,
                      batch_index: Optional[Tensor], query_index: Optional[Tensor], weight: Optional[Tensor],
                      backend: str) -> tuple[Tensor, Tensor]:
-    """(loss_bce, loss_dice), 0-dim in pred's dtype."""
+    """(loss_bce, loss_dice), 0-dim in float32 (float64 for float64 pred)."""
     if target.shape[0] == 0:
-        return pred.new_zeros(()), pred.new_zeros(())
+        dtype = accumulate_dtype(pred)
+        return pred.new_zeros((), dtype=dtype), pred.new_zeros((), dtype=dtype)
     return implementation(backend, "point_mask_loss", "fwd")(
         pred, target, coords, num_masks, batch_index, query_index, weight
     )
 
 
 def _point_mask_loss_fake(pred, target, coords, num_masks, batch_index, query_index, weight, backend):
-    return pred.new_empty(()), pred.new_empty(())
+    dtype = accumulate_dtype(pred)
+    return pred.new_empty((), dtype=dtype), pred.new_empty((), dtype=dtype)
 
 
 def _point_mask_loss_bwd(grad_bce: Tensor, grad_dice: Tensor, pred: Tensor, target: Tensor, coords: Tensor,
@@ -233,8 +237,8 @@ def point_mask_loss(pred: Tensor, target: Tensor, coords: Tensor, num_masks: Uni
         mask_weight: [N] floating, a factor per mask on both of its terms (0 drops a
             padded slot of a static-shape batch); None: ones. Not differentiable.
     Returns:
-        (loss_bce, loss_dice), 0-dim tensors in pred's dtype (float32 under autocast),
-        differentiable in pred.
+        (loss_bce, loss_dice), 0-dim float32 tensors whatever pred's dtype (float64 for
+        float64 pred), differentiable in pred (its gradient comes in pred's dtype).
     """
     check_tensor("pred", pred, (3, 4), "[N, Hp, Wp] or [B, Q, Hp, Wp] with pred_index")
     check_float("pred", pred)

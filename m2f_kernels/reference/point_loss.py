@@ -66,7 +66,7 @@ def point_mask_loss_fwd(pred, target, coords, num_masks: float,
                         batch_index: Optional[torch.Tensor] = None,
                         query_index: Optional[torch.Tensor] = None,
                         weight: Optional[torch.Tensor] = None):
-    """(loss_bce, loss_dice): 0-dim tensors in pred.dtype.
+    """(loss_bce, loss_dice): 0-dim tensors in float32 (float64 for float64 pred).
 
     BCE-with-logits averaged over points, summed over masks, over ``num_masks``;
     dice 1 - (2 sum(s t) + 1) / (sum(s) + sum(t) + 1) with s = sigmoid(logit),
@@ -80,7 +80,7 @@ def point_mask_loss_fwd(pred, target, coords, num_masks: float,
     dice = 1 - (2 * (s * t).sum(-1) + 1) / (s.sum(-1) + t.sum(-1) + 1)
     if weight is not None:
         bce, dice = bce * weight.to(ct), dice * weight.to(ct)
-    return (bce.sum() / num_masks).to(pred.dtype), (dice.sum() / num_masks).to(pred.dtype)
+    return bce.sum() / num_masks, dice.sum() / num_masks
 
 
 def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: float,

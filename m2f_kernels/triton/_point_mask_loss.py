@@ -74,7 +74,7 @@ def _mask_loss_finish_kernel(
     partial, weight, out_bce, out_dice, N, NBLK, inv_p, inv_num_masks,
     HAS_WEIGHT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One program: the two loss scalars (pred dtype) from the stats partials; with
+    """One program: the two loss scalars (fp32) from the stats partials; with
     HAS_WEIGHT each mask's two terms are scaled by weight [N] fp32."""
     bce_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     dice_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -189,14 +189,14 @@ def point_mask_loss_fwd(pred, target, coords, num_masks: float,
                         query_index: Optional[torch.Tensor] = None,
                         weight: Optional[torch.Tensor] = None, *,
                         config: "PointConfig | None" = None):
-    """(loss_bce, loss_dice): 0-dim tensors in pred.dtype (see the reference for the formulas;
+    """(loss_bce, loss_dice): 0-dim fp32 tensors (see the reference for the formulas;
     ``weight`` [N] fp32 scales each mask's terms). ``config``: the launch configuration
     (None: :func:`point_mask_loss_config`)."""
     config = chosen(config, PointConfig, point_mask_loss_config, pred)
     partial, _ = _mask_loss_launch(pred, target, coords, batch_index, query_index, config)
     _, n, nblk = partial.shape
-    loss_bce = torch.empty((), dtype=pred.dtype, device=pred.device)
-    loss_dice = torch.empty((), dtype=pred.dtype, device=pred.device)
+    loss_bce = torch.empty((), dtype=torch.float32, device=pred.device)
+    loss_dice = torch.empty((), dtype=torch.float32, device=pred.device)
     _mask_loss_finish_kernel[(1,)](
         partial, partial if weight is None else weight, loss_bce, loss_dice, n, nblk, 1.0 / coords.shape[1],
         1.0 / float(num_masks), HAS_WEIGHT=weight is not None, BLOCK_N=_BLOCK_N, BLOCK_K=_block_k(nblk),
