@@ -48,6 +48,11 @@ class SetCriterion(KernelSwitch, nn.Module):
         super().__init__()
         if mask_loss not in MASK_LOSSES:
             raise ValueError(f"mask_loss must be one of {MASK_LOSSES}, got {mask_loss!r}")
+        # the point sampling's own checks (official: asserts) run per step, and the mask-free
+        # path has none: a bad ratio fails here, once, whichever path runs
+        if not 1 <= oversample_ratio < float("inf") or not 0 <= importance_sample_ratio <= 1:
+            raise ValueError("oversample_ratio must be a finite number >= 1 and importance_sample_ratio in [0, 1], "
+                             f"got {oversample_ratio!r} and {importance_sample_ratio!r}")
         self.num_classes = num_classes
         self.matcher = matcher
         self.weight_dict = weight_dict

@@ -127,6 +127,16 @@ def test_fused_criterion_under_fp16_autocast_keeps_float32_losses_and_loss_scale
     assert torch.isfinite(ref_grad).all() and rel_error(fused_grad, ref_grad) < 1e-3
 
 
+@pytest.mark.parametrize("oversample, importance", [(0.0, 0.0), (0.5, 0.75), (3.0, 1.5), (float("inf"), 0.75)])
+def test_criterion_refuses_bad_sampling_ratios(oversample, importance):
+    """The official sampling asserts oversample_ratio >= 1 and importance_sample_ratio in
+    [0, 1]; the mask-free path ran (0, 0) silently and failed in topk otherwise: every path
+    refuses them when the criterion is built."""
+    matcher = HungarianMatcher(2.0, 5.0, 5.0, 16)
+    with pytest.raises(ValueError, match="oversample_ratio must be a finite number >= 1 and importance_sample_ratio"):
+        SetCriterion(4, matcher, {}, 0.1, 16, oversample, importance)
+
+
 def test_no_targets_at_all_gives_zero_mask_losses():
     targets = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 16, 16, dtype=torch.bool)}] * 2
     outputs = {"pred_logits": torch.randn(2, 4, 5), "pred_masks": torch.randn(2, 4, 4, 4)}
