@@ -7,6 +7,7 @@ time: no host sync, one torch.compile graph, one CUDA graph capture.
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
@@ -14,7 +15,7 @@ import torch
 
 class PaddedTargets(NamedTuple):
     """labels [B, T] int64 (0 in padding slots); masks [B, T, H, W] bool (or the targets'
-    floating dtype; 0 in padding);
+    dtype, promoted over the images that hold targets; 0 in padding);
     num_targets [B] int64: image b's targets are slots 0 .. num_targets[b] - 1."""
 
     labels: torch.Tensor
@@ -53,7 +54,10 @@ def pad_targets(targets: Sequence[Dict], padded_size: Sequence[int], max_targets
     if device is None:
         device = targets[0]["masks"].device if targets else torch.device("cpu")
     labels = torch.zeros((len(targets), slots), dtype=torch.int64, device=device)
-    dtype = targets[0]["masks"].dtype if targets else torch.bool
+    # one dtype holding every image's values (bool + soft float masks: float); an image
+    # without targets (often a float zeros((0, h, w))) does not widen the others' bool masks
+    dtypes = [t["masks"].dtype for t, n in zip(targets, counts) if n] or [t["masks"].dtype for t in targets[:1]]
+    dtype = functools.reduce(torch.promote_types, dtypes, dtypes[0]) if dtypes else torch.bool
     masks = torch.zeros((len(targets), slots, h_pad, w_pad), dtype=dtype, device=device)
     for b, t in enumerate(targets):
         m = t["masks"]

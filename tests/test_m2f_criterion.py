@@ -137,6 +137,23 @@ def test_criterion_refuses_bad_sampling_ratios(oversample, importance):
         SetCriterion(4, matcher, {}, 0.1, 16, oversample, importance)
 
 
+def test_pad_targets_keeps_every_images_mask_values():
+    """The padded masks' dtype holds every image's values: soft float masks after a bool
+    image stay soft (not cast to True), and an image without targets given as a float
+    zeros((0, h, w)) (as detectron2's mappers make them) leaves the others' masks bool."""
+    from m2f.targets import pad_targets
+
+    bool_image = {"labels": torch.tensor([1]), "masks": torch.ones(1, 4, 4, dtype=torch.bool)}
+    soft_image = {"labels": torch.tensor([2]), "masks": torch.full((1, 4, 4), 0.25)}
+    empty_float = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 4, 4)}
+    padded = pad_targets([bool_image, soft_image], (6, 6), max_targets=2)
+    assert padded.masks.dtype == torch.float32 and padded.masks[1, 0, :4, :4].eq(0.25).all()
+    assert padded.masks[0, 0, :4, :4].eq(1).all() and not padded.masks[:, 1].any()
+    assert pad_targets([empty_float, bool_image], (4, 4)).masks.dtype == torch.bool
+    with pytest.raises(ValueError, match="max_targets=0"):
+        pad_targets([empty_float, bool_image], (4, 4), max_targets=0)
+
+
 def test_no_targets_at_all_gives_zero_mask_losses():
     targets = [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 16, 16, dtype=torch.bool)}] * 2
     outputs = {"pred_logits": torch.randn(2, 4, 5), "pred_masks": torch.randn(2, 4, 4, 4)}
