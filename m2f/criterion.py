@@ -40,7 +40,13 @@ from .targets import PaddedTargets, pad_targets
 
 class SetCriterion(KernelSwitch, nn.Module):
     """forward(outputs, targets, generator=None) -> unweighted losses, a :class:`~m2f.loss_dict.LossDict`
-    {"loss_ce", "loss_mask", "loss_dice", and "<name>_<i>" for each aux prediction i}."""
+    {"loss_ce", "loss_mask", "loss_dice", and "<name>_<i>" for each aux prediction i}.
+
+    List targets' masks are expected at the padded image size, as the official
+    ``prepare_targets`` (``Mask2Former.prepare_targets`` / ``pad_targets``) makes them. Masks
+    of different sizes are zero-padded to the largest by the static criterion; the reference
+    one, as the official code, matches each image's masks as given and pads them only for
+    the losses, so the two paths differ for such input (neither knows the padded size)."""
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: Dict[str, float], eos_coef: float,
                  num_points: int = 12544, oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75,
