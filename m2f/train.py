@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -905,6 +905,7 @@ def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional
 
     def save(at: int) -> None:
         nonlocal saved
+        meter.check(at, env)  # never a checkpoint of a non-finite loss's update
         save_checkpoint(model, optimizer, scheduler, scaler, generator, cfg, at, env, writer)
         saved = at
         control.saved()
@@ -917,11 +918,16 @@ def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional
     control.immediate, control.started = False, True
     try:
         for step in range(start + 1, steps + 1):
-            meter.add(train_step(model, next(batches), optimizer, scheduler, scaler, env.device, cfg["amp"],
-                                 generator, forward=forward, pad=static_targets(cfg), graph=graph))
+            try:
+                stats = train_step(model, next(batches), optimizer, scheduler, scaler, env.device, cfg["amp"],
+                                   generator, forward=forward, pad=static_targets(cfg), graph=graph)
+            except Exception:
+                meter.check(step - 1)  # a step that fails after a non-finite loss (the matcher's NaN costs)
+                raise
+            meter.add(stats)
             last = step == steps
             if step % cfg["log_every"] == 0 or last:
-                record = meter.flush(env)
+                record = meter.flush(env, step)
                 record.update(step=step, lr=max(current_lrs(scheduler)), max_mem_gb=_memory_gb(env.device))
                 logger.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
@@ -952,21 +958,43 @@ def run_steps(model, cfg: Dict, env: Env, control: StopControl, writer: Optional
 
 
 class Meter:
-    """Averages a log interval's losses (the last grad norm), reduced over ranks, with it/s."""
+    """Averages a log interval's losses (the last grad norm), reduced over ranks, with it/s.
+
+    A non-finite loss is a FloatingPointError naming its step (detectron2's check, which stops
+    the official run at that step), checked at each log and before each checkpoint rather than
+    at each step (no host sync per step): no checkpoint holds the update of a non-finite loss.
+    """
 
     def __init__(self):
         self.sums: Dict[str, torch.Tensor] = {}
+        self.losses: List[torch.Tensor] = []  # each step's loss since the last flush
         self.count, self.t0 = 0, time.perf_counter()
 
     def add(self, stats: Dict[str, torch.Tensor]) -> None:
         for k, v in stats.items():
             self.sums[k] = v if k == "grad_norm" else self.sums.get(k, 0.0) + v
+        self.losses.append(stats["loss"])
         self.count += 1
 
-    def flush(self, env: Env) -> Dict:
+    def check(self, step: int, env: Optional[Env] = None) -> None:
+        """FloatingPointError if the loss of a step since the last flush is not finite (``step``:
+        the last one added). With ``env`` the ranks' losses are summed first (a collective:
+        every rank raises); without it only this rank's are read."""
+        if not self.losses:
+            return
+        losses = torch.stack(self.losses)
+        if env is not None and env.world_size > 1:
+            dist.all_reduce(losses)
+        bad = torch.nonzero(~torch.isfinite(losses)).flatten().tolist()
+        if bad:
+            at = step - len(self.losses) + 1 + bad[0]
+            raise FloatingPointError(f"the training loss is {losses[bad[0]].item()} at step {at}")
+
+    def flush(self, env: Env, step: int) -> Dict:
         means = reduce_mean({k: v if k == "grad_norm" else v / self.count for k, v in self.sums.items()}, env)
         if not math.isfinite(means["loss"]):
-            raise FloatingPointError(f"the training loss is {means['loss']}")
+            self.check(step, env)  # every rank sees the mean: the collective runs on all of them
+            raise FloatingPointError(f"the training loss is {means['loss']} (steps {step - self.count + 1}-{step})")
         if not math.isfinite(means["grad_norm"]):  # an fp16 step the scaler skipped
             means["grad_norm"] = None
         means["it_s"] = self.count / (time.perf_counter() - self.t0)

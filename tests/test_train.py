@@ -55,10 +55,11 @@ class Killed(BaseException):
     """Stands in for SIGKILL: nothing in the CLI catches it."""
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("amp", ["off", "fp16"])  # fp16: the loss scaler's scale and growth tracker too
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch, amp):
     seed = fresh_seed()
     args = MICRO + ["--steps", "6", "--batch-size", "2", "--ckpt-every", "2", "--log-every", "1",
-                    "--seed", str(seed)]
+                    "--seed", str(seed), "--amp", amp]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     train_mod.main(args + ["--out", straight])
 
@@ -83,9 +84,85 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, monkeypatch):
     assert b["step"] == 6
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), f"parameter {k} differs after resuming"
+    assert a["scaler"] == b["scaler"]
     log_a, log_b = read_log(straight), read_log(killed)
     assert [r["step"] for r in log_b] == [r["step"] for r in log_a]  # no duplicated or missing records
     assert [r.get("loss") for r in log_b] == [r.get("loss") for r in log_a]
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_a_nonfinite_loss_ends_the_run_naming_its_step_and_no_checkpoint_holds_it(tmp_path, monkeypatch, amp):
+    """detectron2 raises FloatingPointError at the step whose loss is not finite. m2f.train
+    checks at each log and before each checkpoint (no host sync per step): the run ends with
+    one line naming the step, the last checkpoint is the step before (not one whose weights
+    took the NaN update, from which a resume would fail at once), and the next step's failure
+    on the NaN weights (the matcher's NaN costs) is reported as the non-finite loss."""
+    run = str(tmp_path / "run")
+    real, calls = train_mod.total_loss, []
+
+    def nan_at_step_2(losses):
+        calls.append(1)
+        loss = real(losses)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(train_mod, "total_loss", nan_at_step_2)
+    with pytest.raises(SystemExit, match=r"^m2f.train: FloatingPointError: the training loss is nan at step 2 "):
+        train_mod.main(MICRO + ["--steps", "4", "--ckpt-every", "1", "--log-every", "10", "--amp", amp,
+                                "--out", run])
+    state = final_state(run)
+    assert state["step"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_fp16_step_clips_unscaled_gradients_and_skips_nonfinite_ones():
+    """detectron2's AMPTrainer with the official full-model clipping, which runs inside the
+    optimizer's step (after GradScaler.step unscales): the clipping sees the true gradients
+    (clipping scaled ones would clip at 0.01 x scale), and a step with an inf gradient changes
+    no parameter nor AdamW's step count (the fused AdamW takes the scaler's found_inf) and
+    halves the scale; the schedule still steps (detectron2's LRScheduler hook does)."""
+    from bench.m2f_testing import TINY, random_images, random_targets
+    from m2f import build_model
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    model = build_model("resnet18", kernels="fused", **TINY).train()
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = build_optimizer(model, lr=1e-3, device=cpu)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 4)  # no overflow of its own in the first step
+    images, targets = random_images(2, 64, 64), random_targets(2, TINY["num_classes"], 64, 64)
+    seen = {}
+
+    def grad_norm_at_step(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        seen["norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
+
+    optimizer.register_step_pre_hook(grad_norm_at_step)
+    scheduler = build_scheduler(optimizer, 10)
+
+    def train_step(amp="fp16", optimizer=optimizer, scheduler=scheduler, scaler=scaler):
+        batch = {"images": images, "targets": targets}
+        return train_mod.train_step(model, batch, optimizer, scheduler, scaler, cpu, amp,
+                                    torch.Generator().manual_seed(0))
+
+    fp32 = build_optimizer(model, lr=1e-3, device=cpu)
+    no_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    fp32_norm = train_step("off", fp32, build_scheduler(fp32, 10), no_scaler)["grad_norm"].item()
+    model.load_state_dict(initial)
+    stats = train_step()
+    assert stats["grad_norm"].item() == pytest.approx(fp32_norm, rel=2e-2) and fp32_norm > 1.0
+    assert seen["norm"] == pytest.approx(0.01, rel=1e-3)
+    assert scaler.get_scale() == 2.0 ** 4 and {int(s["step"]) for s in optimizer.state.values()} == {1}
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    first = next(p for p in model.parameters() if p.requires_grad)
+    hook = first.register_hook(lambda g: g * float("inf"))
+    lr = optimizer.param_groups[0]["lr"]
+    stats = train_step()
+    hook.remove()
+    assert not math.isfinite(stats["grad_norm"].item()) and math.isfinite(stats["loss"].item())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {int(s["step"]) for s in optimizer.state.values()} == {1} and scaler.get_scale() == 2.0 ** 3
+    assert optimizer.param_groups[0]["lr"] < lr
 
 
 def test_resume_refuses_changes_and_evaluate_reproduces_the_final_eval(tmp_path):
@@ -313,6 +390,7 @@ def test_official_preset_follows_the_datasets_official_config():
     assert cfg("--dataset", "ade20k", "--backbone", "mit_b2") == (512, 160_000, 16, 6e-4, None)
     assert cfg("--dataset", "ade20k", "--backbone", "mit_b5") == (640, 160_000, 16, 6e-4, None)
     assert cfg("--dataset", "ade20k", "--backbone", "mit_b5", "--image-size", "512")[0] == 512
+
 
 
 def test_a_configuration_without_a_schedule_resumes_with_poly(tmp_path):
