@@ -53,9 +53,7 @@ fused op never forms) and the cross-attention weights are None. With ``config.dr
 the cross-attention runs ``nn.MultiheadAttention``'s own forward in training (the op has no
 attention dropout; same dropout draws as HF) and the fused op in eval. Under
 ``torch.autocast`` the matcher's mask costs are float32 where HF's matmuls run in the
-autocast dtype (a seeded step can match differently from HF's: as HF matches in float32),
-and the values of the point losses carry the logits' precision (computed in float32,
-rounded to the autocast dtype, returned as float32; HF's are float32 throughout).
+autocast dtype (a seeded step can match differently from HF's: as HF matches in float32).
 
 Only modules whose class is exactly the HF class are patched (a user subclass is left
 alone). Tested with transformers 5.17.0 and 5.24.0; another version whose Mask2Former
