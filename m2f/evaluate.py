@@ -207,7 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=at_least(1),
                    help="global batch size of --protocol fixed (default: 8); official runs one image per rank")
     p.add_argument("--kernels", choices=("reference", "fused"), help="override the run's kernels")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="override the run's autocast mode")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype of the evaluation (default: off, "
+                   "float32 as detectron2 tests, whatever the run trained with)")
     official = p.add_argument_group("the model of --official-checkpoint (as m2f.train's flags)")
     official.add_argument("--dataset", choices=DATASETS, help="the checkpoint's dataset (required)")
     official.add_argument("--backbone", help="resnet50 (default), resnet101, swin_tiny/small/base/large")
@@ -358,7 +359,7 @@ def _main(args: argparse.Namespace) -> Dict[str, float]:
             print(notice)
     per_rank = 1 if protocol == "official" else max(1, (args.batch_size or 8) // env.world_size)
     loader = eval_loader(dataset, per_rank, env.rank, env.world_size, args.num_workers, args.eval_images)
-    metrics, examples = evaluate(model, loader, dataset.info, env.device, amp=cfg["amp"])
+    metrics, examples = evaluate(model, loader, dataset.info, env.device, amp=args.amp or "off")
     if env.rank == 0:
         step = ckpt["step"] if ckpt is not None else None
         out = args.out or os.path.dirname(os.path.abspath(path))

@@ -170,7 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", action="append", metavar="KEY=VALUE",
                    help="extra build_model override, e.g. --model dec_layers=6 (repeatable); or the architecture: "
                    "--model segformer (with --backbone mit_b0..mit_b5; see m2f.semantic)")
-    p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype (default: off)")
+    p.add_argument("--amp", choices=tuple(AMP_DTYPES), help="autocast dtype of the training step (default: fp16 "
+                   "with --preset official, as the official configs; off otherwise); evaluation runs in float32")
     p.add_argument("--out", help="run folder (default: runs/<dataset>_<preset>)")
     p.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT",
                    help="continue the run in --out (or from CHECKPOINT)")
@@ -232,7 +233,7 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "weights": args.weights,
         "dataset": args.dataset or "shapes",
         "data_root": args.data_root,
-        "amp": args.amp or "off",
+        "amp": args.amp,
         "train_images": args.train_images,
         "seed": 0 if args.seed is None else args.seed,
         "model": {**base["model"], **_parse_overrides(args.model)},
@@ -259,6 +260,9 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         "cuda_graph": bool(args.cuda_graph),
     })
     cfg = configure_arch(cfg, args)  # --model segformer: m2f.semantic
+    if cfg["amp"] is None:  # the official Mask2Former configs train in fp16 (SOLVER.AMP.ENABLED), SegFormer's in fp32
+        official_amp = preset == "official" and cfg.get("arch", "mask2former") == "mask2former"
+        cfg["amp"] = "fp16" if official_amp else "off"
     cfg["schedule"] = args.schedule or default_schedule(cfg)
     return cfg
 
@@ -561,7 +565,8 @@ def run_eval(model, cfg: Dict, dataset_val, env: Env, step: int, logger: Logger)
     """Evaluate on the val split, log the metrics, redraw the plots."""
     per_rank = 1 if cfg["eval_protocol"] == "official" else max(1, cfg["batch_size"] // env.world_size)
     loader = eval_loader(dataset_val, per_rank, env.rank, env.world_size, cfg["num_workers"], cfg["eval_images"])
-    metrics, examples = evaluate(unwrap(model), loader, dataset_val.info, env.device, amp=cfg["amp"])
+    # in float32 whatever the training precision, as detectron2 tests (m2f.evaluate --amp for another)
+    metrics, examples = evaluate(unwrap(model), loader, dataset_val.info, env.device)
     if env.main:
         logger.write({"step": step, "eval": metrics})
         save_predictions(examples, dataset_val.info, os.path.join(cfg["out"], "plots", f"predictions_{step:07d}.png"),

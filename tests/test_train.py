@@ -405,6 +405,35 @@ def test_a_configuration_without_a_schedule_resumes_with_poly(tmp_path):
     assert ckpt["config"]["schedule"] == "poly"
 
 
+def test_official_preset_trains_in_fp16_and_every_evaluation_runs_in_float32(tmp_path, monkeypatch):
+    """The official Mask2Former configs train with fp16 AMP (SegFormer's in fp32) and
+    detectron2 tests in float32: m2f.train's evaluations and m2f.evaluate (unless --amp)
+    run without autocast whatever the run trained with."""
+    from m2f import evaluate as evaluate_mod
+
+    def amp(*argv):
+        return train_mod.resolve_config(train_mod.parse_args(list(argv)))["amp"]
+
+    assert amp("--preset", "official", "--dataset", "coco_panoptic") == "fp16"
+    assert amp("--preset", "official", "--dataset", "ade20k", "--backbone", "mit_b2") == "off"
+    assert amp("--preset", "official", "--dataset", "coco_panoptic", "--amp", "bf16") == "bf16"
+    assert amp("--preset", "tiny") == "off"
+    seen = []
+    real = evaluate_mod.evaluate
+
+    def evaluate(*args, amp="off", **kwargs):
+        seen.append(amp)
+        return real(*args, amp=amp, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", evaluate)
+    monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
+    run = str(tmp_path / "run")
+    train_mod.main(["--preset", "micro", "--amp", "bf16", "--eval-images", "2", "--out", run])
+    evaluate_mod.main(["--run", run, "--eval-images", "2"])
+    evaluate_mod.main(["--run", run, "--eval-images", "2", "--amp", "bf16"])
+    assert seen == ["off", "off", "bf16"]
+
+
 def test_eval_protocol_is_official_with_the_official_preset_and_a_runtime_option(tmp_path):
     def protocol(*argv):
         return train_mod.resolve_config(train_mod.parse_args(list(argv)))["eval_protocol"]
