@@ -32,7 +32,8 @@ def semantic_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch
 
 def instance_inference(mask_cls: torch.Tensor, mask_pred: torch.Tensor, *, topk: int = 100,
                        thing_ids: Collection[int] = None) -> Dict[str, torch.Tensor]:
-    """Top-``topk`` (query, class) pairs by class probability.
+    """Top-``topk`` (query, class) pairs by class probability (all Q * K of them when fewer;
+    the official ``topk`` raises there).
 
     Returns {"pred_masks": [n, H, W] float 0/1 (logit > 0), "scores": [n] class probability
     times the mean mask probability inside the mask, "pred_classes": [n] int64}. With

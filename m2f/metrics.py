@@ -120,12 +120,13 @@ class PanopticQuality:
             pq += iou / (tp + 0.5 * fp + 0.5 * fn)
             sq += iou / tp if tp else 0.0
             rq += tp / (tp + 0.5 * fp + 0.5 * fn)
-        if n == 0:
-            return {"PQ": 0.0, "SQ": 0.0, "RQ": 0.0, "n": 0}
+        if n == 0:  # no category with tp + fp + fn > 0: undefined (panopticapi divides by zero)
+            return {"PQ": float("nan"), "SQ": float("nan"), "RQ": float("nan"), "n": 0}
         return {"PQ": 100 * pq / n, "SQ": 100 * sq / n, "RQ": 100 * rq / n, "n": n}
 
     def compute(self) -> Dict[str, float]:
-        """{PQ, SQ, RQ, PQ_th, SQ_th, RQ_th, PQ_st, SQ_st, RQ_st} in percent."""
+        """{PQ, SQ, RQ, PQ_th, SQ_th, RQ_th, PQ_st, SQ_st, RQ_st} in percent; nan for a group
+        without any category seen (in the ground truth or predicted)."""
         out = {}
         everything = range(self.num_classes)
         for suffix, classes in (("", everything), ("_th", self.thing_ids),
@@ -152,7 +153,8 @@ class SemanticIoU:
         self.conf = _all_reduce_sum(self.conf)
 
     def compute(self) -> Dict[str, float]:
-        """{mIoU, fwIoU, mACC, pACC} in percent, and per-class ``IoU`` (nan where absent)."""
+        """{mIoU, fwIoU, mACC, pACC} in percent, and per-class ``IoU`` (nan where absent);
+        without any labelled pixel mIoU, mACC and pACC are nan (detectron2's 0 / 0)."""
         conf = self.conf[:-1, :-1].astype(np.float64)
         tp = conf.diagonal()
         pos_gt, pos_pred = conf.sum(0), conf.sum(1)
@@ -161,17 +163,16 @@ class SemanticIoU:
         iou_valid = acc_valid & (union > 0)
         iou = np.full(self.num_classes, np.nan)
         iou[iou_valid] = tp[iou_valid] / union[iou_valid]
-        if not acc_valid.any():
-            return {"mIoU": 0.0, "fwIoU": 0.0, "mACC": 0.0, "pACC": 0.0, "IoU": (100 * iou).tolist()}
         acc = tp[acc_valid] / pos_gt[acc_valid]
-        weights = pos_gt / pos_gt.sum()
-        return {
-            "mIoU": 100 * iou[iou_valid].sum() / iou_valid.sum(),
-            "fwIoU": 100 * (iou[iou_valid] * weights[iou_valid]).sum(),
-            "mACC": 100 * acc.mean(),
-            "pACC": 100 * tp.sum() / pos_gt.sum(),
-            "IoU": (100 * iou).tolist(),
-        }
+        with np.errstate(divide="ignore", invalid="ignore"):  # no labelled pixel: nan as detectron2 (fwIoU 0)
+            weights = pos_gt / pos_gt.sum()
+            return {
+                "mIoU": float(100 * iou[iou_valid].sum() / iou_valid.sum()),
+                "fwIoU": float(100 * (iou[iou_valid] * weights[iou_valid]).sum()),
+                "mACC": float(100 * acc.sum() / acc_valid.sum()),
+                "pACC": float(100 * tp.sum() / pos_gt.sum()),
+                "IoU": (100 * iou).tolist(),
+            }
 
 
 class MaskAP:

@@ -218,7 +218,8 @@ def test_instance_inference_matches_oracle_on_random_predictions():
         mask_cls = torch.randn(8, 6, generator=gen) * 2
         mask_pred = torch.randint(-6, 7, (8, 5, 7), generator=gen).float() * 0.5  # logit 0 included
         mask_pred[trial % 8] = -5.0  # an empty mask: score 0
-        for topk, thing_ids in ((10, None), (10, {0, 2, 3}), (40, {4})):
+        # topk 100 > Q * K = 40: every pair (the official topk raises there)
+        for topk, thing_ids in ((10, None), (10, {0, 2, 3}), (40, {4}), (100, None), (100, {1, 3})):
             result = instance_inference(mask_cls, mask_pred, topk=topk, thing_ids=thing_ids)
             got = sorted(zip(result["pred_classes"].tolist(), result["scores"].tolist(),
                              result["pred_masks"].numpy().astype(bool)), key=key)

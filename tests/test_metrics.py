@@ -116,6 +116,129 @@ def test_pq_accumulates_over_images(seed):
     assert res["SQ_th"] == pytest.approx(85.0)
 
 
+# ----------------------------------------------------------------------------- PQ: panopticapi oracle
+
+
+def panopticapi_pq(images, categories):
+    """panopticapi's pq_compute_single_core and pq_average written out (ground-truth 'area' is
+    the segment's pixel count, as in the COCO panoptic JSON): images = [(gt_pan, gt_segments,
+    pred_pan, pred_segments)] numpy maps; categories = {id: isthing}. -> (results with nan where
+    pq_average divides by n = 0, {category: [iou, tp, fp, fn]})."""
+    offset, void = 256 * 256 * 256, 0
+    stat = {c: [0.0, 0, 0, 0] for c in categories}
+    for pan_gt, gt_info, pan_pred, pred_info in images:
+        gt_segms = {el["id"]: dict(el, area=int((pan_gt == el["id"]).sum())) for el in gt_info}
+        pred_segms = {el["id"]: dict(el) for el in pred_info}
+        labels, counts = np.unique(pan_pred, return_counts=True)
+        for label, count in zip(labels, counts):
+            if label not in pred_segms:
+                assert label == void
+                continue
+            pred_segms[label]["area"] = count
+        assert all("area" in s for s in pred_segms.values())  # panopticapi: every JSON segment is in the PNG
+        gt_pred_map = {}
+        labels, counts = np.unique(pan_gt.astype(np.uint64) * offset + pan_pred.astype(np.uint64), return_counts=True)
+        for label, intersection in zip(labels, counts):
+            gt_pred_map[(int(label // offset), int(label % offset))] = intersection
+        gt_matched, pred_matched = set(), set()
+        for (gt_label, pred_label), intersection in gt_pred_map.items():
+            if gt_label not in gt_segms or pred_label not in pred_segms or gt_segms[gt_label]["iscrowd"] == 1:
+                continue
+            if gt_segms[gt_label]["category_id"] != pred_segms[pred_label]["category_id"]:
+                continue
+            union = (pred_segms[pred_label]["area"] + gt_segms[gt_label]["area"] - intersection
+                     - gt_pred_map.get((void, pred_label), 0))
+            iou = intersection / union
+            if iou > 0.5:
+                stat[gt_segms[gt_label]["category_id"]][0] += iou
+                stat[gt_segms[gt_label]["category_id"]][1] += 1
+                gt_matched.add(gt_label)
+                pred_matched.add(pred_label)
+        crowd_labels_dict = {}
+        for gt_label, gt_info_ in gt_segms.items():
+            if gt_label in gt_matched:
+                continue
+            if gt_info_["iscrowd"] == 1:
+                crowd_labels_dict[gt_info_["category_id"]] = gt_label
+                continue
+            stat[gt_info_["category_id"]][3] += 1
+        for pred_label, pred_info_ in pred_segms.items():
+            if pred_label in pred_matched:
+                continue
+            intersection = gt_pred_map.get((void, pred_label), 0)
+            if pred_info_["category_id"] in crowd_labels_dict:
+                intersection += gt_pred_map.get((crowd_labels_dict[pred_info_["category_id"]], pred_label), 0)
+            if intersection / pred_info_["area"] > 0.5:
+                continue
+            stat[pred_info_["category_id"]][2] += 1
+    results = {}
+    for suffix, isthing in (("", None), ("_th", True), ("_st", False)):
+        pq = sq = rq = n = 0
+        for label, cat_isthing in categories.items():
+            if isthing is not None and isthing != cat_isthing:
+                continue
+            iou, tp, fp, fn = stat[label]
+            if tp + fp + fn == 0:
+                continue
+            n += 1
+            pq += iou / (tp + 0.5 * fp + 0.5 * fn)
+            sq += iou / tp if tp != 0 else 0
+            rq += tp / (tp + 0.5 * fp + 0.5 * fn)
+        for key, total in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
+            results[key + suffix] = 100 * total / n if n else float("nan")  # panopticapi: ZeroDivisionError
+    return results, stat
+
+
+def _random_rectangles(rng, n, h, w, void_fraction):
+    """An [h, w] map of n overlapping rectangles with random distinct ids (0 = void), some
+    pixels voided at random."""
+    pan = np.zeros((h, w), np.int64)
+    ids = rng.choice(np.arange(1, 5000), n, replace=False)
+    for i in ids:
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        pan[y0: rng.integers(y0 + 1, h + 1), x0: rng.integers(x0 + 1, w + 1)] = i
+    pan[rng.random((h, w)) < void_fraction] = 0
+    return pan, [int(i) for i in ids if (pan == i).any()]
+
+
+def _random_pq_case(rng, num_classes, h=6, w=7):
+    """(gt_pan, gt_segments, pred_pan, pred_segments): ground truth with crowd regions and void
+    (or none at all); predictions that copy it with holes and relabelled segments, plus
+    spurious ones, or are unrelated."""
+    gt, gt_ids = _random_rectangles(rng, rng.integers(0, 6), h, w, rng.choice([0.0, 0.2]))
+    gt_segs = [seg(i, int(rng.integers(num_classes)), int(rng.random() < 0.3)) for i in gt_ids]
+    if rng.random() < 0.6:
+        pred = np.where(rng.random((h, w)) < 0.15, 0, gt)
+        category = {s["id"]: s["category_id"] if rng.random() < 0.8 else int(rng.integers(num_classes))
+                    for s in gt_segs}
+        extra, extra_ids = _random_rectangles(rng, rng.integers(0, 3), h, w, 0.0)
+        pred = np.where(extra > 0, extra + 10_000, pred)
+        category.update({i + 10_000: int(rng.integers(num_classes)) for i in extra_ids})
+    else:
+        pred, pred_ids = _random_rectangles(rng, rng.integers(0, 6), h, w, 0.0)
+        category = {i: int(rng.integers(num_classes)) for i in pred_ids}
+    pred_segs = [{"id": i, "category_id": c} for i, c in category.items() if (pred == i).any()]
+    return gt, gt_segs, pred, pred_segs
+
+
+def test_pq_matches_panopticapi_oracle_on_random_images(seed):
+    """Per-category tp / fp / fn / IoU sums and the averages equal panopticapi's algorithm on
+    random images: crowd regions (of the prediction's category or another), void, predictions
+    of another category, images without ground truth, categories absent everywhere, thing or
+    stuff groups without any category (panopticapi divides by zero: nan)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        num_classes = int(rng.integers(1, 6))
+        things = set(rng.choice(num_classes, rng.integers(0, num_classes + 1), replace=False).tolist())
+        cases = [_random_pq_case(rng, num_classes) for _ in range(rng.integers(1, 4))]
+        want, stat = panopticapi_pq(cases, {c: c in things for c in range(num_classes)})
+        metric = PanopticQuality(num_classes, things)
+        for gt, gt_segs, pred, pred_segs in cases:
+            metric.update(torch.from_numpy(pred), pred_segs, torch.from_numpy(gt), gt_segs)
+        np.testing.assert_allclose(metric.stats, [[tp, fp, fn, iou] for iou, tp, fp, fn in stat.values()])
+        assert metric.compute() == pytest.approx(want, nan_ok=True)
+
+
 def test_miou_follows_detectron2():
     gt = torch.tensor([0, 0, 1, 1, 2, 255, 1])
     pred = torch.tensor([0, 1, 1, 1, 0, 2, 3])
@@ -131,6 +254,54 @@ def test_miou_follows_detectron2():
     assert res["mACC"] == pytest.approx(100 * (1 / 2 + 2 / 3 + 0) / 3)
     assert res["fwIoU"] == pytest.approx(100 * (1 / 3 * 2 + 1 / 2 * 3) / 6)
     assert res["IoU"][:3] == pytest.approx([100 / 3, 50.0, 0.0]) and np.isnan(res["IoU"][3])
+
+
+def detectron2_sem_seg(pairs, num_classes, ignore_label=255):
+    """detectron2's SemSegEvaluator.process / evaluate written out (numpy's 0 / 0 = nan
+    included) over (pred, gt) pairs -> {mIoU, fwIoU, mACC, pACC, IoU}."""
+    conf = np.zeros((num_classes + 1, num_classes + 1), dtype=np.int64)
+    for pred, gt in pairs:
+        gt = gt.copy()
+        gt[gt == ignore_label] = num_classes
+        conf += np.bincount((num_classes + 1) * pred.reshape(-1) + gt.reshape(-1),
+                            minlength=conf.size).reshape(conf.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        acc, iou = np.full(num_classes, np.nan), np.full(num_classes, np.nan)
+        tp = conf.diagonal()[:-1].astype(float)
+        pos_gt = np.sum(conf[:-1, :-1], axis=0).astype(float)
+        class_weights = pos_gt / np.sum(pos_gt)
+        pos_pred = np.sum(conf[:-1, :-1], axis=1).astype(float)
+        acc_valid = pos_gt > 0
+        acc[acc_valid] = tp[acc_valid] / pos_gt[acc_valid]
+        union = pos_gt + pos_pred - tp
+        iou_valid = np.logical_and(acc_valid, union > 0)
+        iou[iou_valid] = tp[iou_valid] / union[iou_valid]
+        macc = np.sum(acc[acc_valid]) / np.sum(acc_valid)
+        miou = np.sum(iou[iou_valid]) / np.sum(iou_valid)
+        fiou = np.sum(iou[iou_valid] * class_weights[iou_valid])
+        pacc = np.sum(tp) / np.sum(pos_gt)
+    return {"mIoU": 100 * miou, "fwIoU": 100 * fiou, "mACC": 100 * macc, "pACC": 100 * pacc, "IoU": list(100 * iou)}
+
+
+def test_miou_matches_detectron2_oracle(seed):
+    """SemanticIoU equals detectron2's SemSegEvaluator on random maps: classes never in the
+    ground truth (left out; nan IoU), some only predicted, ignore pixels, and a run whose
+    pixels are all ignored (detectron2: nan, fwIoU 0)."""
+    rng = np.random.default_rng(seed)
+    for trial in range(40):
+        num_classes = int(rng.integers(1, 7))
+        pairs = []
+        for _ in range(rng.integers(1, 4)):
+            n = int(rng.integers(1, 30))
+            gt = rng.integers(0, max(1, num_classes - 2), n)  # the last classes never in the ground truth
+            gt[rng.random(n) < (1.0 if trial % 10 == 0 else 0.3)] = 255
+            pairs.append((rng.integers(0, num_classes, n), gt))
+        metric = SemanticIoU(num_classes)
+        for pred, gt in pairs:
+            metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        got, want = metric.compute(), detectron2_sem_seg(pairs, num_classes)
+        assert got.pop("IoU") == pytest.approx(want.pop("IoU"), nan_ok=True)
+        assert got == pytest.approx(want, nan_ok=True)
 
 
 def masks(length, *spans):
