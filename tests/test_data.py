@@ -17,6 +17,7 @@ from m2f.data import StreamSampler, build_dataset, collate
 from m2f.data.io import id2rgb
 from m2f.data.sample import DatasetInfo, finalize, semantic_from_panoptic
 from m2f.data.shapes import INFO as SHAPES_INFO
+from m2f.data import transforms
 from m2f.data.transforms import LargeScaleJitter, ResizePad, SemanticCrop
 
 from ._rng import keep_global_rng  # noqa: F401  (autouse: the CLI seeds the global RNGs)
@@ -353,9 +354,11 @@ def fixture_sizes(rng, n, sizes=None):
     return sizes or [(int(rng.integers(40, 80)), int(rng.integers(40, 80))) for _ in range(n)]
 
 
-def write_coco_fixture(root: Path, rng, n_images=(3, 2), val_sizes=None):
+def write_coco_fixture(root: Path, rng, n_images=(3, 2), val_sizes=None, extra_things=0):
     """COCO panoptic folders: 2 thing categories (ids 1, 7), 1 stuff (id 100), one crowd;
-    ``val_sizes``: the (h, w) of each val image (default: ``n_images[1]`` random sizes)."""
+    ``val_sizes``: the (h, w) of each val image (default: ``n_images[1]`` random sizes);
+    ``extra_things``: that many more thing segments per image, random rectangles painted on top
+    (a realistic segment count for ``bench.data_speed``)."""
     categories = [{"id": 1, "name": "person", "isthing": 1}, {"id": 7, "name": "car", "isthing": 1},
                   {"id": 100, "name": "sky", "isthing": 0}]
     for split, n in zip(("train", "val"), n_images):
@@ -370,13 +373,18 @@ def write_coco_fixture(root: Path, rng, n_images=(3, 2), val_sizes=None):
             ids[h // 2:, w // 3: 2 * w // 3] = car
             ids[h // 2:, 2 * w // 3:] = crowd  # the rest of the bottom: a crowd of persons
             ids[-3:] = 0  # a void strip
+            extra = []
+            for k in range(extra_things):
+                seg_id, y, x = 1_000_000 + 1000 * i + k, int(rng.integers(h)), int(rng.integers(w))
+                ids[y:y + int(rng.integers(1, h // 3 + 2)), x:x + int(rng.integers(1, w // 3 + 2))] = seg_id
+                extra.append({"id": seg_id, "category_id": (1, 7)[k % 2], "iscrowd": 0})
             name = f"{i:012d}"
             Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(root / f"{split}2017" / f"{name}.jpg")
             Image.fromarray(id2rgb(ids)).save(root / "annotations" / f"panoptic_{split}2017" / f"{name}.png")
             images.append({"id": i, "file_name": f"{name}.jpg", "height": h, "width": w})
             annotations.append({"image_id": i, "file_name": f"{name}.png", "segments_info": [
                 {"id": sky, "category_id": 100, "iscrowd": 0}, {"id": person, "category_id": 1, "iscrowd": 0},
-                {"id": car, "category_id": 7, "iscrowd": 0}, {"id": crowd, "category_id": 1, "iscrowd": 1}]})
+                {"id": car, "category_id": 7, "iscrowd": 0}, {"id": crowd, "category_id": 1, "iscrowd": 1}] + extra})
         with open(root / "annotations" / f"panoptic_{split}2017.json", "w") as f:
             json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
 
@@ -489,3 +497,88 @@ def test_a_damaged_exif_block_is_read_as_stored(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "getexif", broken)
     assert io.read_image(tmp_path / "image.png").shape == (3, 2, 3)
+
+
+# ----------------------------------------------------------------------------- the fast path
+# The implementations before the speed-up (bench.data_speed: ~3x faster COCO LSJ samples),
+# kept as oracles: the panoptic label maps resized through RGB channels, and the targets,
+# class map and present segments built with one comparison of the id map per segment.
+
+
+def old_resize_nearest(label, h, w):
+    ids = label.numpy()
+    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], axis=-1).astype(np.uint8)
+    rgb = np.array(Image.fromarray(rgb).resize((w, h), Image.NEAREST)).astype(np.int64)
+    return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]).to(label.dtype)
+
+
+def old_finalize(sample, info):
+    pan, segments = sample["pan_seg"], sample["segments"]
+    kept = [s for s in segments if not s["iscrowd"]]
+    ids = torch.tensor([s["id"] for s in kept], dtype=pan.dtype)
+    masks = pan[None] == ids[:, None, None] if kept else pan.new_zeros((0, *pan.shape), dtype=torch.bool)
+    sample["targets"] = {"labels": torch.tensor([s["category_id"] for s in kept], dtype=torch.int64), "masks": masks}
+    present = set(torch.unique(pan).tolist())
+    sample["segments"] = [s for s in segments if s["id"] in present]
+    sem = torch.full_like(pan, info.ignore_label)
+    for s in sample["segments"]:
+        sem[pan == s["id"]] = s["category_id"]
+    sample["sem_seg"] = sem
+    return sample
+
+
+def assert_samples_equal(got, want):
+    assert got.keys() == want.keys()
+    for key in ("image", "pan_seg", "sem_seg"):
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert got["segments"] == want["segments"]
+    for key in ("labels", "masks"):
+        t, w = got["targets"][key], want["targets"][key]
+        assert t.dtype == w.dtype and t.shape == w.shape and torch.equal(t, w), key
+
+
+def test_label_resize_is_the_rgb_pngs():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        _, pan, _ = random_panoptic(rng)
+        if trial % 3 == 0:
+            pan = pan % 256  # the uint8 path
+        h, w = int(rng.integers(1, 200)), int(rng.integers(1, 200))
+        assert torch.equal(transforms._resize_nearest(pan, h, w, "pil"), old_resize_nearest(pan, h, w)), trial
+
+
+@pytest.mark.parametrize("pan,segments", [
+    (torch.tensor([[0, 5, 5], [7, 7, 2 ** 24 + 3]]), [(5, 0), (2 ** 24 + 3, 1), (7, 0)]),  # an id past 2**24
+    (torch.tensor([[-4, 5], [0, 9]]), [(-4, 0), (5, 1), (11, 0)]),  # negative, absent
+    (torch.tensor([[3, 3], [4, 0]]), [(3, 0), (4, 1), (3, 1), (1_000, 0)]),  # one id twice: the later class
+    (torch.tensor([[3, 3], [4, 0]]), []),
+    (torch.zeros(0, 4, dtype=torch.int64), [(3, 0)]),
+    (torch.arange(600).reshape(20, 30), [(i, i % 2) for i in range(0, 700, 2)]),  # > 255 segments
+])
+def test_finalize_is_the_per_segment_comparison(pan, segments):
+    info = DatasetInfo("rand", tuple("ab"), frozenset(), panoptic=True)
+    segments = [{"id": i, "category_id": c, "isthing": False, "iscrowd": int(k % 3 == 2)}
+                for k, (i, c) in enumerate(segments)]
+    got = finalize({"image": torch.zeros(3, *pan.shape, dtype=torch.uint8), "pan_seg": pan.clone(),
+                    "segments": list(segments)}, info)
+    want = old_finalize({"image": torch.zeros(3, *pan.shape, dtype=torch.uint8), "pan_seg": pan.clone(),
+                         "segments": list(segments)}, info)
+    assert_samples_equal(got, want)
+
+
+def test_coco_samples_are_the_old_paths_bit_for_bit(tmp_path, monkeypatch):
+    """COCO LSJ samples (many segments, 2**24 ids, crowd, void) for several seeds and epochs:
+    equal to the old implementation's."""
+    import m2f.data.coco_panoptic as coco
+
+    write_coco_fixture(tmp_path, np.random.default_rng(0), n_images=(0, 3), val_sizes=[(90, 120), (120, 70), (64, 64)],
+                       extra_things=25)
+    for seed in range(3):
+        ds = coco.COCOPanoptic(tmp_path, split="val", image_size=96, seed=seed, augment=True)
+        for key in itertools.product(range(len(ds)), range(3)):
+            got = ds[key]
+            with monkeypatch.context() as m:
+                m.setattr(transforms, "_resize_nearest", lambda label, h, w, method: old_resize_nearest(label, h, w))
+                m.setattr(coco, "finalize", old_finalize)
+                want = ds[key]
+            assert_samples_equal(got, want)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Tuple
 
+import numpy as np
 import torch
 
 IGNORE_LABEL = 255
@@ -45,14 +46,39 @@ class DatasetInfo:
         return frozenset(range(self.num_classes)) - self.thing_ids
 
 
-def targets_from_panoptic(pan_seg: torch.Tensor, segments: List[Dict]) -> Dict[str, torch.Tensor]:
+def segment_index(pan_seg: torch.Tensor, segments: List[Dict]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(slots, index)``: ``index`` [H, W] holds ``k + 1`` where ``pan_seg`` is the k-th distinct
+    segment id of ``segments``, 0 elsewhere (void, ids no segment has); ``slots[i]`` is the
+    value of ``segments[i]``'s pixels. One pass over the map for every segment (a lookup
+    table when the ids lie in [0, 2**24), as the PNG's RGB ids do), where a comparison per
+    segment would read it once for each."""
+    pan = pan_seg.numpy()
+    ids = np.array([s["id"] for s in segments], dtype=np.int64)
+    distinct, slots = np.unique(ids, return_inverse=True)
+    slots = slots.reshape(-1) + 1
+    dtype = np.min_scalar_type(len(distinct))
+    if pan.size and 0 <= pan.min() and pan.max() < 256 ** 3:
+        lut = np.zeros(int(pan.max()) + 1, dtype)  # zero pages: only the ones written are allocated
+        inside = (distinct >= 0) & (distinct <= pan.max())
+        lut[distinct[inside]] = np.arange(1, len(distinct) + 1)[inside]
+        return slots, np.take(lut, pan)
+    if not len(distinct):
+        return slots, np.zeros(pan.shape, dtype)
+    pos = np.searchsorted(distinct, pan).clip(max=len(distinct) - 1)
+    return slots, np.where(distinct[pos] == pan, pos + 1, 0).astype(dtype)
+
+
+def targets_from_panoptic(pan_seg: torch.Tensor, segments: List[Dict], index=None) -> Dict[str, torch.Tensor]:
     """One target per non-crowd segment of ``segments``, in order, empty masks included (the
-    official panoptic mapper): labels [T], masks bool [T, H, W]."""
-    kept = [s for s in segments if not s["iscrowd"]]
-    labels = torch.tensor([s["category_id"] for s in kept], dtype=torch.int64)
-    ids = torch.tensor([s["id"] for s in kept], dtype=pan_seg.dtype)
-    masks = pan_seg[None] == ids[:, None, None] if kept else pan_seg.new_zeros((0, *pan_seg.shape), dtype=torch.bool)
-    return {"labels": labels, "masks": masks}
+    official panoptic mapper): labels [T], masks bool [T, H, W]. ``index``: the
+    :func:`segment_index` of ``pan_seg`` and ``segments``, where the caller has it."""
+    slots, index = segment_index(pan_seg, segments) if index is None else index
+    kept = [i for i, s in enumerate(segments) if not s["iscrowd"]]
+    labels = torch.tensor([segments[i]["category_id"] for i in kept], dtype=torch.int64)
+    masks = np.empty((len(kept), *index.shape), dtype=bool)
+    for mask, i in zip(masks, kept):
+        np.equal(index, slots[i], out=mask)
+    return {"labels": labels, "masks": torch.from_numpy(masks)}
 
 
 def targets_from_semantic(sem_seg: torch.Tensor, ignore_label: int = IGNORE_LABEL) -> Dict[str, torch.Tensor]:
@@ -63,12 +89,14 @@ def targets_from_semantic(sem_seg: torch.Tensor, ignore_label: int = IGNORE_LABE
 
 
 def semantic_from_panoptic(pan_seg: torch.Tensor, segments: List[Dict],
-                           ignore_label: int = IGNORE_LABEL) -> torch.Tensor:
-    """int64 [H, W] class map of every segment (crowd included); void -> ``ignore_label``."""
-    sem = torch.full_like(pan_seg, ignore_label)
-    for s in segments:
-        sem[pan_seg == s["id"]] = s["category_id"]
-    return sem
+                           ignore_label: int = IGNORE_LABEL, index=None) -> torch.Tensor:
+    """int64 [H, W] class map of every segment (crowd included; of two segments with one id,
+    the later); void -> ``ignore_label``. ``index`` as in :func:`targets_from_panoptic`."""
+    slots, index = segment_index(pan_seg, segments) if index is None else index
+    classes = np.full(len(slots) + 1, ignore_label, dtype=pan_seg.numpy().dtype)  # by slot, at most len + 1
+    for slot, s in zip(slots, segments):
+        classes[slot] = s["category_id"]
+    return torch.from_numpy(np.take(classes, index))
 
 
 def finalize(sample: Dict, info: DatasetInfo) -> Dict:
@@ -78,10 +106,12 @@ def finalize(sample: Dict, info: DatasetInfo) -> Dict:
     included (an empty mask), as the official panoptic mapper builds them; ``segments``
     keeps the ones present in ``pan_seg``."""
     if info.panoptic:
-        sample["targets"] = targets_from_panoptic(sample["pan_seg"], sample["segments"])
-        present = set(torch.unique(sample["pan_seg"]).tolist())
-        sample["segments"] = [s for s in sample["segments"] if s["id"] in present]
-        sample["sem_seg"] = semantic_from_panoptic(sample["pan_seg"], sample["segments"], info.ignore_label)
+        segments = sample["segments"]
+        index = segment_index(sample["pan_seg"], segments)
+        sample["targets"] = targets_from_panoptic(sample["pan_seg"], segments, index)
+        sample["sem_seg"] = semantic_from_panoptic(sample["pan_seg"], segments, info.ignore_label, index)
+        counts = np.bincount(index[1].reshape(-1), minlength=len(index[0]) + 1)
+        sample["segments"] = [s for s, slot in zip(segments, index[0]) if counts[slot]]
     else:
         sample["targets"] = targets_from_semantic(sample["sem_seg"], info.ignore_label)
     return sample

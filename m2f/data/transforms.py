@@ -60,13 +60,10 @@ def _resize_nearest(label: torch.Tensor, h: int, w: int, method: str) -> torch.T
     lo, hi = int(label.min()), int(label.max())
     if lo < 0 or hi >= 256 ** 3:
         raise ValueError(f"label values must lie in [0, 2**24) for PIL resizing, got [{lo}, {hi}]")
-    ids = label.numpy()
-    if hi < 256:
-        small = Image.fromarray(ids.astype(np.uint8)).resize((w, h), Image.NEAREST)
-        return torch.from_numpy(np.array(small)).to(label.dtype)
-    rgb = np.stack([ids % 256, ids // 256 % 256, ids // 256 ** 2], axis=-1).astype(np.uint8)
-    rgb = np.array(Image.fromarray(rgb).resize((w, h), Image.NEAREST)).astype(np.int64)
-    return torch.from_numpy(rgb[..., 0] + 256 * rgb[..., 1] + 256 ** 2 * rgb[..., 2]).to(label.dtype)
+    # NEAREST picks the same source pixel in every mode: a 32-bit "I" image of the ids
+    # resizes as the RGB PNG does, without packing the ids into channels and back
+    ids = label.numpy().astype(np.uint8 if hi < 256 else np.int32)
+    return torch.from_numpy(np.array(Image.fromarray(ids).resize((w, h), Image.NEAREST))).to(label.dtype)
 
 
 def crop(sample: Dict, top: int, left: int, h: int, w: int) -> Dict:
