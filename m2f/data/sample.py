@@ -49,7 +49,7 @@ class DatasetInfo:
 def segment_index(pan_seg: torch.Tensor, segments: List[Dict]) -> Tuple[np.ndarray, np.ndarray]:
     """``(slots, index)``: ``index`` [H, W] holds ``k + 1`` where ``pan_seg`` is the k-th distinct
     segment id of ``segments``, 0 elsewhere (void, ids no segment has); ``slots[i]`` is the
-    value of ``segments[i]``'s pixels. One pass over the map for every segment (a lookup
+    value of ``segments[i]``'s pixels. One pass over the map for all the segments (a lookup
     table when the ids lie in [0, 2**24), as the PNG's RGB ids do), where a comparison per
     segment would read it once for each."""
     pan = pan_seg.numpy()
