@@ -1,7 +1,7 @@
 """Training variants compared at equal steps over seeds: does a change keep the model's quality?
 
-    python -m bench.equal_steps mask-logits mask-free                   # issue 16: the mask-free head
-    python -m bench.equal_steps reference cuda-graph --train-args="--preset small --amp bf16"   # issue 15, GPU
+    python -m bench.equal_steps mask-logits mask-free                   # the mask-free head
+    python -m bench.equal_steps reference cuda-graph --train-args="--preset small --amp bf16"   # the CUDA graph (GPU)
     python -m bench.equal_steps reference mine="--kernels fused --model dec_layers=6" --seeds 0 1
 
 Each variant (a name of :data:`VARIANTS` or ``NAME="m2f.train flags"``) trains once per

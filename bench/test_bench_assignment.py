@@ -2,7 +2,7 @@
 ``m2f_kernels.linear_sum_assignment`` on the device.
 
 One call solves every cost matrix of a step: cost [N, Q, T] float32 on the GPU (N = the
-predictions x the batch; issue 15's case: 10 predictions x batch 16, Q 100, T 50) with
+predictions x the batch; the standard case: 10 predictions x batch 16, Q 100, T 50) with
 ``num_targets`` [N] valid columns each (padding columns ignored). Every provider returns
 the matched query per target [N, T] (int64 on the GPU, -1 for padding) and the total cost
 of each matrix [N] (computed on the GPU from the matching, the same way for every

@@ -19,8 +19,8 @@ the criterion under autocast, as in the model's step.
 The mask-free path draws its random points in another order than the logits path, so
 their losses differ by the sampling noise: the harness's fwd check against
 ``logits-fused`` allows 5% (a gross-error check; tests/test_mask_free.py shows the two
-equal to 1e-5 on the same points). The official path is not checked (fwd+bwd only). Issue 16's
-comparison is ``mask-free`` against ``logits-fused``: peak memory (the [B, Q, 256, 256]
+equal to 1e-5 on the same points). The official path is not checked (fwd+bwd only). The
+table's comparison is ``mask-free`` against ``logits-fused``: peak memory (the [B, Q, 256, 256]
 logits of every prediction and their dense gradients are what it removes) and time.
 """
 from __future__ import annotations

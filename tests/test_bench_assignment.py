@@ -20,7 +20,7 @@ pytest.importorskip("scipy.optimize", reason="the scipy provider is the table's 
 TINY = harness.Settings(budget_ms=1.0, min_rounds=1, max_rounds=2, warmup_rounds=0)
 
 
-def test_cases_cover_issue_15s_shape_and_the_large_ones():
+def test_cases_cover_the_standard_step_and_the_large_ones():
     cases = TABLE.cases("default")
     shapes = {(c.provider, c.params["N"], c.params["Q"], c.params["T"], c.params["ragged"]) for c in cases}
     assert ("cuda", 160, 100, 50, 0) in shapes and ("scipy", 160, 100, 50, 0) in shapes  # 10 x 16, Q 100, T 50

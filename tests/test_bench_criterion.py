@@ -21,7 +21,7 @@ SMALL = {"B": 2, "Q": 8, "C": 16, "mask": 16, "T": 3, "target": 64, "P": 256, "l
 TINY = harness.Settings(budget_ms=1.0, min_rounds=1, max_rounds=1, warmup_rounds=0)
 
 
-def test_cases_are_issue_16s_comparison():
+def test_cases_compare_mask_logits_with_mask_free():
     cases = TABLE.cases("default")
     assert {c.params["layers"] for c in cases} == {10} and STANDARD["mask"] == 256 and STANDARD["P"] == 12544
     assert {(c.provider, c.mode) for c in cases} == {
