@@ -237,7 +237,7 @@ def official_config(args: argparse.Namespace) -> Dict:
         raise SystemExit("m2f.evaluate: --official-checkpoint needs --dataset (the checkpoint's: coco_panoptic or "
                          "ade20k)")
     argv = ["--preset", "official"]
-    for key in OFFICIAL_MODEL_FLAGS[:-1] + ("data_root", "kernels", "amp"):
+    for key in OFFICIAL_MODEL_FLAGS[:-1] + ("data_root", "kernels"):
         if getattr(args, key) is not None:
             argv += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     for item in args.model or ():
@@ -328,7 +328,7 @@ def _main(args: argparse.Namespace) -> Dict[str, float]:
     else:
         path, ckpt = load_for_evaluation(args, env.rank)
         cfg = dict(ckpt["config"])
-        for key in ("data_root", "kernels", "amp"):
+        for key in ("data_root", "kernels"):
             if getattr(args, key) is not None:
                 cfg[key] = getattr(args, key)
     # the run's own (m2f.train --eval-protocol), else official for official weights
