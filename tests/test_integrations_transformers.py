@@ -255,6 +255,10 @@ def test_attention_dropout_runs_hf_path():
     config.dropout = 0.1
     torch.manual_seed(0)
     reference = transformers.Mask2FormerForUniversalSegmentation(config).train()
+    # HF reads config.dropout as the decoder's layer drop too, and a dropped layer other than
+    # the last leaves the next one the previous level's mask: HF's own model raises then
+    # (patched or not), in ~1 step of 5 here. The draws still happen, in both models alike.
+    reference.model.transformer_module.decoder.layerdrop = 0.0
     generic_points(reference)
     model = patch.apply_m2f_kernels_to_mask2former(model=copy.deepcopy(reference))
     batch = make_batch(config, 2, 64, "cpu")

@@ -51,7 +51,9 @@ points with and without the patch. Differences: with ``output_attentions=True`` 
 deformable attention runs HF's own path (it returns the attention weights, which the
 fused op never forms) and the cross-attention weights are None. With ``config.dropout > 0``
 the cross-attention runs ``nn.MultiheadAttention``'s own forward in training (the op has no
-attention dropout; same dropout draws as HF) and the fused op in eval. Under
+attention dropout; same dropout draws as HF) and the fused op in eval (HF also takes
+``config.dropout`` as the decoder's layer drop, and a dropped layer other than the last
+leaves the next one the previous level's mask: HF's model raises then, patched or not). Under
 ``torch.autocast`` the matcher's mask costs are float32 where HF's matmuls run in the
 autocast dtype (a seeded step can match differently from HF's: as HF matches in float32).
 
