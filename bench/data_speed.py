@@ -3,7 +3,7 @@
     python -m bench.data_speed                 # ms per sample, COCO LSJ 1024 and ADE20K 512
     python -m bench.data_speed --profile coco  # plus cProfile's top entries
 
-The folders are the test fixtures (tests/test_data.py) at realistic sizes: COCO 480x640 JPEGs
+The folders are the test fixtures (bench/data_testing.py) at realistic sizes: COCO 480x640 JPEGs
 with ~20-40 segments, ADE20K 512x683. Each sample index is drawn with its own seed, as the
 loader does; the timing is the median of ``--rounds`` passes over the samples.
 """
@@ -22,7 +22,7 @@ import torch
 
 from m2f.data.ade20k import ADE20K
 from m2f.data.coco_panoptic import COCOPanoptic
-from tests.test_data import write_ade_fixture, write_coco_fixture
+from bench.data_testing import write_ade_fixture, write_coco_fixture
 
 
 def make_datasets(root: Path, n: int):

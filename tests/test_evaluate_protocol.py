@@ -22,8 +22,9 @@ from m2f.inference import instance_inference, panoptic_inference, semantic_infer
 from m2f.layers import PixelNormalizer
 from m2f.metrics import MaskAP, PanopticQuality, SemanticIoU
 
+from bench.data_testing import write_ade_fixture, write_coco_fixture
 from ._rng import keep_global_rng  # noqa: F401  (autouse: the CLI seeds the global RNGs)
-from .test_data import official_shortest_edge, write_ade_fixture, write_coco_fixture
+from .test_data import official_shortest_edge
 
 TINY = dict(backbone_width=8, hidden_dim=32, nheads=2, dim_feedforward=32, dec_layers=2, enc_layers=1,
             enc_dim_feedforward=32)
