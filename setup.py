@@ -79,7 +79,7 @@ setup(
     ],
     extras_require={
         # the ONNX stack pinned for the tests (the versions they ran with), loose for users
-        "test": ["pytest", "pytest-benchmark", "scipy", "matplotlib", "pillow", "tqdm", "nvidia-ml-py",
+        "test": ["pytest", "pytest-xdist", "pytest-benchmark", "scipy", "matplotlib", "pillow", "tqdm", "nvidia-ml-py",
                  "transformers==5.17.0", "onnx==1.23.2", "onnxscript==0.7.2", "onnxruntime==1.32.0",
                  "pycocotools"],
         "export": ["onnx", "onnxscript", "onnxruntime"],

@@ -15,6 +15,13 @@ import torch
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 TF32_TOLERANCE = 1e-3  # float32 through tensor-core (tf32) dots
 
+# Under pytest-xdist (the README's `-n auto`) the workers share the cores: one thread each, and
+# for the processes the tests start (torch's intra-op pool over small CPU tensors mostly spins:
+# two workers of two threads took 1.6x the time of two of one on the 2-core CI machine).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 ON_GPU = torch.cuda.is_available()
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cuda" if ON_GPU else "cpu"
