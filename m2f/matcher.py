@@ -21,7 +21,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 import m2f_kernels
 
@@ -50,6 +49,8 @@ class HungarianMatcher(KernelSwitch, nn.Module):
                 generator: Optional[torch.Generator] = None) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """outputs: pred_logits [B, Q, K+1], pred_masks [B, Q, Hp, Wp]; targets: labels [T],
         masks [T, Ht, Wt]. Returns per image (query indices, target indices), int64 on the CPU."""
+        from scipy.optimize import linear_sum_assignment  # ~0.3 s, paid here by the first call
+
         num_queries = outputs["pred_logits"].shape[1]
         indices = []
         for b, target in enumerate(targets):

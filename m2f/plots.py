@@ -7,8 +7,8 @@ from typing import Dict, List, Optional
 
 import matplotlib
 
+# pyplot (~0.4 s) is imported by the functions that draw; it takes this backend then
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .data.sample import DatasetInfo  # noqa: E402
@@ -25,6 +25,8 @@ def read_log(path: str) -> List[Dict]:
 
 def save_loss_curve(log_path: str, png_path: str) -> None:
     """Training losses (log scale) and, when the log has evaluations, PQ / mIoU / AP vs step."""
+    import matplotlib.pyplot as plt
+
     records = read_log(log_path)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval" in r]
@@ -53,6 +55,8 @@ def save_loss_curve(log_path: str, png_path: str) -> None:
 def save_run_comparison(log_paths: Dict[str, str], png_path: str) -> None:
     """Total training loss (log scale) and speed (it/s) against step for several runs, e.g.
     ``{"fused": "runs/a/metrics.jsonl", "reference": "runs/b/metrics.jsonl"}``."""
+    import matplotlib.pyplot as plt
+
     fig, (loss_ax, speed_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for label, path in log_paths.items():
         train = [r for r in read_log(path) if "loss" in r]
@@ -68,6 +72,8 @@ def save_run_comparison(log_paths: Dict[str, str], png_path: str) -> None:
 
 
 def _palette(n: int) -> np.ndarray:
+    import matplotlib.pyplot as plt
+
     name, size = ("tab10", 10) if n <= 10 else ("tab20", 20)
     return plt.get_cmap(name)(np.arange(size))[:, :3][np.arange(n) % size]
 
@@ -113,6 +119,8 @@ def save_predictions(examples: List[Dict], info: DatasetInfo, png_path: str, tit
     class colours, instances shaded apart) then semantic for panoptic datasets."""
     if not examples:
         return
+    import matplotlib.pyplot as plt
+
     palette = _palette(info.num_classes)
     class_colors = {c: palette[c] for c in range(info.num_classes)}
     panoptic = "pan_seg" in examples[0]
@@ -141,6 +149,8 @@ def save_predictions(examples: List[Dict], info: DatasetInfo, png_path: str, tit
 
 
 def _save(fig, png_path: str) -> None:
+    import matplotlib.pyplot as plt
+
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=110)
     plt.close(fig)

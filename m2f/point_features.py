@@ -25,7 +25,9 @@ def uniform(*shape: int, device=None, generator: Optional[torch.Generator] = Non
     return torch.rand(*shape, device=device, generator=generator)
 
 
-@torch.compiler.disable
+# torch.compiler.disable imports torch._dynamo (~1 s) at decoration; this, torch's own lazy
+# form of it, imports it at the first call, which only happens under compilation.
+@torch._disable_dynamo
 def _rand_outside_graph(shape, device, generator):
     return torch.rand(*shape, device=device, generator=generator)
 

@@ -172,7 +172,6 @@ def implementation(backend: str, op: str, kind: str):
 
 # --- backend choice ---------------------------------------------------------------------------
 
-@torch._dynamo.assume_constant_result
 def _choose(op: str, backend: Optional[str], device: str, dtype: str) -> tuple:
     chosen = _dispatch.candidates(op, torch.device(device), getattr(torch, dtype), backend)
     limits = OPS[op].limits
@@ -180,6 +179,11 @@ def _choose(op: str, backend: Optional[str], device: str, dtype: str) -> tuple:
         if candidate not in limits:
             limits[candidate] = _dispatch.limits(candidate, op)
     return chosen
+
+
+# What torch._dynamo.assume_constant_result does (dynamo marks its own functions so too),
+# without importing torch._dynamo here: that import is ~1 s, most of `import m2f_kernels`.
+_choose._dynamo_marked_constant = True
 
 
 # --- the eager fast path ----------------------------------------------------------------------

@@ -162,7 +162,9 @@ def _rand(shape, device, dtype, generator):
     return torch.rand(shape, device=device, dtype=dtype, generator=generator)
 
 
-@torch.compiler.disable
+# torch.compiler.disable imports torch._dynamo (~1 s) at decoration; this, torch's own lazy
+# form of it, imports it at the first call, which only happens under compilation.
+@torch._disable_dynamo
 def _rand_outside_graph(shape, device, dtype, generator):
     return torch.rand(shape, device=device, dtype=dtype, generator=generator)
 
