@@ -156,13 +156,16 @@ def test_image_without_targets_matches_hf():
     assert_same_step_retrying_ties(step, 1e-5, 1e-4, "an image without targets")
 
 
-def _loss_inputs(batch=3, queries=20, size=16):
-    """Random mask/class logits and box targets for calling the criterion directly."""
-    counts = torch.randint(2, 7, (batch,)).tolist()
+def _loss_inputs(batch=3, queries=20, size=16, num_classes=6):
+    """Random mask/class logits and box targets for calling the criterion directly. The targets
+    of an image have distinct classes: two of one class whose boxes no matcher point falls in
+    have equal cost columns, an exact tie that scipy and the fused solver may break differently
+    (both optimal)."""
+    counts = torch.randint(2, num_classes + 1, (batch,)).tolist()
     masks = torch.randn(batch, queries, size, size) * 3
-    classes = torch.randn(batch, queries, 5)
+    classes = torch.randn(batch, queries, num_classes + 1)
     labels = [random_boxes(t, 4 * size, "cpu") for t in counts]  # targets at a finer resolution
-    class_labels = [torch.randint(0, 4, (t,)) for t in counts]
+    class_labels = [torch.randperm(num_classes)[:t] for t in counts]
     return masks, classes, labels, class_labels
 
 
