@@ -194,6 +194,21 @@ def _outputs_and_grads(fn, leaves):
     return outs, torch.autograd.grad(total, leaves), [o.grad_fn.name() for o in outs]
 
 
+def test_backend_choice_is_marked_constant_as_dynamo_marks_it():
+    """The op layer marks its backend choice constant for dynamo by hand (importing
+    torch._dynamo for its decorator costs ~1 s of ``import m2f_kernels``): the marker must be
+    the one torch._dynamo.assume_constant_result sets in this torch."""
+    from m2f_kernels.ops import _define
+
+    def probe():
+        return None
+
+    torch._dynamo.assume_constant_result(probe)
+    assert vars(probe), "assume_constant_result no longer marks the function: update _define._choose"
+    for name, value in vars(probe).items():
+        assert getattr(_define._choose, name, None) == value, name
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["plain", "autocast_bf16"])
 @pytest.mark.parametrize("name", list(_differentiable_calls()))
 def test_eager_fast_path_equals_custom_op(name, autocast, monkeypatch):
