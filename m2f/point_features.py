@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import m2f_kernels
+from m2f_kernels.ops.point_loss import _rand
 
 
 def uniform(*shape: int, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -20,16 +21,7 @@ def uniform(*shape: int, device=None, generator: Optional[torch.Generator] = Non
     torch.compile cannot trace a generator argument: a compiled step with a generator draws
     outside the graph (a graph break, the same numbers as eager); without one the draw is
     traced, so a whole step compiles with ``fullgraph=True``."""
-    if generator is not None and torch.compiler.is_compiling():
-        return _rand_outside_graph(shape, device, generator)
-    return torch.rand(*shape, device=device, generator=generator)
-
-
-# torch.compiler.disable imports torch._dynamo (~1 s) at decoration; this, torch's own lazy
-# form of it, imports it at the first call, which only happens under compilation.
-@torch._disable_dynamo
-def _rand_outside_graph(shape, device, generator):
-    return torch.rand(*shape, device=device, generator=generator)
+    return _rand(shape, device, None, generator)
 
 
 def point_sample(input: torch.Tensor, point_coords: torch.Tensor, **kwargs) -> torch.Tensor:

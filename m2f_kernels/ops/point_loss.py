@@ -157,6 +157,8 @@ def uncertain_point_coords(logits: Tensor, num_points: int, oversample_ratio: fl
 
 
 def _rand(shape, device, dtype, generator):
+    """``torch.rand(shape)`` from ``generator``; under torch.compile with a generator, drawn
+    outside the graph (a generator cannot be traced: a graph break, the eager numbers)."""
     if generator is not None and torch.compiler.is_compiling():
         return _rand_outside_graph(shape, device, dtype, generator)
     return torch.rand(shape, device=device, dtype=dtype, generator=generator)
