@@ -7,6 +7,8 @@ import contextlib
 import importlib
 import os
 import random
+import shutil
+import sys
 
 import pytest
 import torch
@@ -106,6 +108,21 @@ requires_triton = pytest.mark.skipif(
            f"(triton installed: {TRITON_INSTALLED})",
 )
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (full-size check)")
+# tests/cuda_emulation: the CUDA C++ kernels built with g++ against the CPU torch, on fibers.
+CUDA_EMULATION_POSSIBLE = sys.platform == "linux" and shutil.which("g++") is not None
+requires_cuda_emulation = pytest.mark.skipif(
+    not CUDA_EMULATION_POSSIBLE, reason="the CUDA emulation needs Linux (ucontext fibers) and g++")
+EMULATION_ORDERS = ("ascending", "descending", "shuffled")
+
+
+@pytest.fixture(params=EMULATION_ORDERS)
+def emulation_order(request, seed):
+    """Runs the test once per order of the emulated launches' threads and blocks (a kernel
+    whose result changes with the order has a race on a GPU)."""
+    from . import cuda_emulation
+
+    with cuda_emulation.order(request.param, seed):
+        yield request.param
 
 # --- the backends under test -------------------------------------------------------------------
 # Per-op tests run each non-reference backend against backend='reference', the spec.

@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .conftest import ON_GPU, op_module, requires_cuda_backend, requires_gpu
+from . import cuda_emulation
+from .conftest import ON_GPU, op_module, requires_cuda_backend, requires_cuda_emulation, requires_gpu
 
 scipy_optimize = pytest.importorskip("scipy.optimize", reason="scipy is the reference optimum of these tests")
 
@@ -25,6 +26,7 @@ SOLVERS = [
     pytest.param("reference-early", id="reference-early"),
     pytest.param("reference-masked", id="reference-masked"),
     pytest.param("cuda", id="cuda", marks=requires_cuda_backend),
+    pytest.param("cuda-emulated", id="cuda-emulated", marks=requires_cuda_emulation),
 ]
 REL_TOL = 1e-6
 
@@ -34,6 +36,9 @@ def solve(solver: str, cost: torch.Tensor, num_targets: torch.Tensor) -> torch.T
     if solver == "cuda":
         device = torch.device("cuda")
         out = op_module("cuda", "assignment").linear_sum_assignment(cost.to(device), num_targets.to(device))
+    elif solver == "cuda-emulated":  # the kernel on the CPU, called as the cuda backend calls it
+        device = torch.device("cpu")
+        out = cuda_emulation.load().linear_sum_assignment(cost.contiguous(), num_targets.to(torch.int64).contiguous())
     else:
         early = solver == "reference-early"
         device = torch.device("cpu" if early else ("cuda" if ON_GPU else "cpu"))
@@ -241,6 +246,24 @@ def test_cuda_matches_reference(case, seed):
     difference here with test_optimum passing is a divergence to explain, not a wrong result."""
     cost, nt = CASES[case]()
     assert torch.equal(solve("cuda", cost, nt), solve("reference-early", cost, nt))
+
+
+@requires_cuda_emulation
+@pytest.mark.parametrize("case", ["random", "random_wide", "random_all_wide", "integer_ties", "binary", "constant",
+                                  "padding_garbage", "plus_inf", "both_inf", "infeasible", "fp16", "fp64"])
+def test_cuda_emulated_matches_reference(case, emulation_order, seed):
+    """The kernel on the CPU (tests/cuda_emulation) gives the reference's indices in every
+    order of its threads and blocks: its one-barrier-per-step design has no race."""
+    cost, nt = CASES[case]()
+    assert torch.equal(solve("cuda-emulated", cost, nt), solve("reference-early", cost, nt))
+
+
+@requires_cuda_emulation
+@pytest.mark.parametrize("shape", [(1, 270, 30), (1, 30, 270), (2, 40, 300)], ids=lambda s: "x".join(map(str, s)))
+def test_cuda_emulated_more_columns_than_threads(shape, seed):
+    """Matrices of more than 256 columns (the block's most threads): threads own several columns."""
+    cost, nt = _random(*shape, padded=False)
+    assert torch.equal(solve("cuda-emulated", cost, nt), solve("reference-early", cost, nt))
 
 
 @requires_cuda_backend

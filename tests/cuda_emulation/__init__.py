@@ -1,0 +1,148 @@
+"""The CUDA C++ kernels of ``csrc/`` built for the CPU, to run them where no GPU is.
+
+``load()`` compiles every ``csrc`` translation unit with g++ against the installed (CPU)
+torch, with ``include/m2f_cuda_emulation.h`` force-included (CUDA's keywords, thread
+indices, ``__syncthreads``, warp collectives and atomics on fibers: its header comment says
+what is emulated and what is not) and ``include/c10/cuda/`` standing in for torch's CUDA
+headers, then loads the library. The operators register as ``torch.ops.m2f_kernels_emu.*``
+(the ``m2f_kernels_C`` schemas, CPU tensors), so they never shadow a real extension.
+
+The sources are rewritten on the way (in the build folder, never in ``csrc``):
+``kernel<<<grid, block, shared, stream>>>(args)`` becomes a call of ``m2f_emu::launch``,
+``extern __shared__ T name[];`` a pointer to the launch's dynamic shared memory, and the
+CUDA registration a CPU one under the emulation namespace. The build is cached in
+``build/cuda_emulation/<hash of sources, flags and torch>`` (~1-2 min on two cores the
+first time) and guarded by a file lock, so parallel test workers build it once.
+
+``python -m tests.cuda_emulation`` builds it and prints the library's path.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import fcntl
+import functools
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+CSRC = ROOT / "csrc"
+HERE = Path(__file__).resolve().parent
+INCLUDE = HERE / "include"
+BUILD_ROOT = ROOT / "build" / "cuda_emulation"
+NAMESPACE = "m2f_kernels_emu"
+# The orders a block's threads (between synchronisation points) and a grid's blocks run in.
+ORDERS = {"ascending": 0, "descending": 1, "shuffled": 2}
+
+_LAUNCH = re.compile(
+    r"(?P<kernel>[A-Za-z_]\w*(?:<(?:[^;<>]|<[^;<>]*>)*>)?)\s*<<<(?P<config>.*?)>>>\s*\(\s*(?P<close>\))?",
+    re.DOTALL)
+_DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w:]+(?:\s+[\w:]+)*?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
+
+
+def _launch(m: re.Match) -> str:
+    head = f"::m2f_emu::launch(::m2f_emu::LaunchConfig({m['config']}), &{m['kernel']}"
+    return head + (")" if m["close"] else ", ")
+
+
+def rewrite(text: str) -> str:
+    """One csrc file as the emulation compiles it (launches, dynamic shared memory, registration)."""
+    text = _LAUNCH.sub(_launch, text)
+    text = _DYNAMIC_SHARED.sub(
+        lambda m: f"{m['type']}* {m['name']} = reinterpret_cast<{m['type']}*>(::m2f_emu::dynamic_shared());", text)
+    text = text.replace("m2f_kernels_C", NAMESPACE)
+    return re.sub(rf"TORCH_LIBRARY_IMPL\(\s*{NAMESPACE}\s*,\s*CUDA\s*,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", text)
+
+
+def _sources() -> list[Path]:
+    return sorted(p for p in CSRC.rglob("*") if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+
+
+def _flags() -> list[str]:
+    from torch.utils import cpp_extension
+
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-std=c++17", "-O2", "-fPIC", "-g0", "-Wno-unknown-pragmas", "-Wno-c++20-extensions", f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+             "-include", "m2f_cuda_emulation.h", f"-I{INCLUDE}"]
+    return flags + [f"-I{p}" for p in cpp_extension.include_paths()]
+
+
+def _key(flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for path in _sources() + sorted(HERE.rglob("*.h")) + [HERE / "emulation_ops.cpp", Path(__file__)]:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(torch.__version__.encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuda emulation: compiling failed:\n{' '.join(cmd)}\n{proc.stderr[-6000:]}")
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile (or find in the cache) the emulated library; returns the .so path."""
+    from torch.utils import cpp_extension
+
+    flags = _flags()
+    out_dir = BUILD_ROOT / _key(flags)
+    library = out_dir / "libm2f_kernels_emu.so"
+    BUILD_ROOT.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():
+            return library
+        work = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(work, ignore_errors=True)
+        src_dir = work / "csrc"
+        units = []
+        for path in _sources():
+            rel = path.relative_to(CSRC)
+            dest = src_dir / (rel.with_suffix(".cpp") if path.suffix == ".cu" else rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(rewrite(path.read_text()))
+            if dest.suffix == ".cpp":
+                units.append(dest)
+        controls = work / "emulation_ops.cpp"
+        controls.write_text(rewrite((HERE / "emulation_ops.cpp").read_text()))
+        units.append(controls)
+        commands = [["g++", *flags, f"-I{src_dir}", "-c", str(u), "-o", str(work / f"{u.stem}.o")] for u in units]
+        if verbose:
+            print(f"cuda emulation: compiling {len(units)} files into {out_dir}", flush=True)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
+            list(pool.map(_compile, commands))
+        libs = cpp_extension.library_paths()
+        _compile(["g++", "-shared", "-o", str(work / library.name), *[str(work / f"{u.stem}.o") for u in units],
+                  *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"])
+        shutil.rmtree(out_dir, ignore_errors=True)
+        work.rename(out_dir)
+        return library
+
+
+@functools.cache
+def load(verbose: bool = False):
+    """Build if needed, load (once per process), and return ``torch.ops.m2f_kernels_emu``."""
+    torch.ops.load_library(str(build(verbose)))
+    return getattr(torch.ops, NAMESPACE)
+
+
+@contextlib.contextmanager
+def order(name: str, seed: int = 0):
+    """Inside: launches run their threads and blocks in order ``name`` (a key of ORDERS;
+    'shuffled' draws from ``seed``); ascending again afterwards."""
+    ops = load()
+    ops.emulation_set_order(ORDERS[name], seed)
+    try:
+        yield
+    finally:
+        ops.emulation_set_order(ORDERS["ascending"], 0)
