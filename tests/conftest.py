@@ -92,7 +92,7 @@ def poison_cuda_cache() -> None:
 def poisoned(backend: str):
     """Poisoned allocations for a call into ``backend``: torch.empty always, and the CUDA
     caching allocator's free blocks for the cuda backend."""
-    if backend == "cuda":
+    if backend == "cuda" and ON_GPU:  # (emulated, at::empty comes NaN-filled already)
         poison_cuda_cache()
     with poisoned_empty():
         yield
@@ -108,10 +108,11 @@ requires_triton = pytest.mark.skipif(
            f"(triton installed: {TRITON_INSTALLED})",
 )
 requires_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU (full-size check)")
-# tests/cuda_emulation: the CUDA C++ kernels built with g++ against the CPU torch, on fibers.
-CUDA_EMULATION_POSSIBLE = sys.platform == "linux" and shutil.which("g++") is not None
+# tests/cuda_emulation: the CUDA C++ kernels built with g++ against the CPU torch, on fibers;
+# where a GPU is, the kernels themselves run instead.
+CUDA_EMULATION_POSSIBLE = sys.platform == "linux" and shutil.which("g++") is not None and not ON_GPU
 requires_cuda_emulation = pytest.mark.skipif(
-    not CUDA_EMULATION_POSSIBLE, reason="the CUDA emulation needs Linux (ucontext fibers) and g++")
+    not CUDA_EMULATION_POSSIBLE, reason="the CUDA emulation needs Linux (ucontext fibers), g++ and no GPU")
 EMULATION_ORDERS = ("ascending", "descending", "shuffled")
 
 
@@ -125,22 +126,48 @@ def emulation_order(request, seed):
         yield request.param
 
 # --- the backends under test -------------------------------------------------------------------
-# Per-op tests run each non-reference backend against backend='reference', the spec.
+# Per-op tests run each non-reference backend against backend='reference', the spec. The
+# cuda backend runs twice: on a GPU, and as "cuda-emulated" (its kernels on the CPU,
+# tests/cuda_emulation) where none is; the cuda_emulated mark makes the fixture below
+# route backend='cuda' to the emulation for the test.
 BACKEND_MARKS = {"triton": requires_triton, "cuda": requires_cuda_backend}
-KERNEL_BACKENDS = [pytest.param(name, marks=mark, id=name) for name, mark in BACKEND_MARKS.items()]
+EMULATED_MARKS = (requires_cuda_emulation, pytest.mark.cuda_emulated)
+
+
+def _params(backend: str, values: tuple = (), name=None) -> list:
+    params = [pytest.param(backend, *values, marks=BACKEND_MARKS.get(backend, ()), id=name(backend) if name else None)]
+    if backend == "cuda":
+        params.append(pytest.param(backend, *values, marks=EMULATED_MARKS,
+                                   id=name("cuda-emulated") if name else "cuda-emulated"))
+    return params
+
+
+KERNEL_BACKENDS = [p for backend in BACKEND_MARKS for p in _params(backend, name=lambda b: b)]
 ALL_BACKENDS = [pytest.param("reference", id="reference"), *KERNEL_BACKENDS]
 
 
 def per_backend(cases: dict, ids=None) -> list:
     """pytest params ``(backend, *case)`` from ``{backend: [case, ...]}`` (a case is a tuple,
-    or one value), each with its backend's skip mark; ``ids(backend, case)`` names one."""
+    or one value), each with its backend's skip mark (cuda cases also as cuda-emulated);
+    ``ids(backend, case)`` names one."""
     params = []
     for backend, backend_cases in cases.items():
         for case in backend_cases:
             values = case if isinstance(case, tuple) else (case,)
-            name = ids(backend, case) if ids else None
-            params.append(pytest.param(backend, *values, marks=BACKEND_MARKS.get(backend, ()), id=name))
+            params += _params(backend, values, (lambda b, c=case: ids(b, c)) if ids else None)
     return params
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulated_backend(request):
+    """For a test marked cuda_emulated: backend='cuda' runs the emulated kernels."""
+    if request.node.get_closest_marker("cuda_emulated") is None:
+        yield
+        return
+    from . import cuda_emulation
+
+    with cuda_emulation.as_cuda_backend():
+        yield
 
 
 def op_module(backend: str, family: str):

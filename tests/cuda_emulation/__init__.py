@@ -14,6 +14,12 @@ CUDA registration a CPU one under the emulation namespace. The build is cached i
 ``build/cuda_emulation/<hash of sources, flags and torch>`` (~1-2 min on two cores the
 first time) and guarded by a file lock, so parallel test workers build it once.
 
+``as_cuda_backend()`` puts the emulated kernels behind ``backend='cuda'`` for CPU tensors:
+the cuda backend's own Python wrappers (``m2f_kernels/cuda``, read with the library's
+namespace and the CPU as their device) replace the package for the duration, so the op
+tests run the whole path: public op, autograd, dispatch, wrappers, C++ launch code,
+kernels. ``tests/conftest.py`` does it for the ``cuda-emulated`` test parameters.
+
 ``python -m tests.cuda_emulation`` builds it and prints the library's path.
 """
 from __future__ import annotations
@@ -27,12 +33,15 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import types
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
+WRAPPERS = ROOT / "m2f_kernels" / "cuda"
 HERE = Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
 BUILD_ROOT = ROOT / "build" / "cuda_emulation"
@@ -146,3 +155,88 @@ def order(name: str, seed: int = 0):
         yield
     finally:
         ops.emulation_set_order(ORDERS["ascending"], 0)
+
+
+# How the cuda backend's Python side is read for the emulation: each rewrite must match
+# (a wrapper that changes its device check or op calls fails here, loudly).
+_PACKAGE_REWRITES = (('_C = importlib.import_module("m2f_kernels._C")', "_C = None"),
+                     ('if dev_type != "cuda":', 'if dev_type != "cpu":'),
+                     ("if not torch.cuda.is_available():", "if False:"))
+_MODULE_REWRITES = (("torch.ops.m2f_kernels_C.", "_emulated_ops."),
+                    ('.device.type != "cuda"', '.device.type != "cpu"'))
+
+
+@contextlib.contextmanager
+def filled_allocations():
+    """Inside: CPU ``torch.empty`` / ``at::empty`` hand out NaN-filled memory (integers: the
+    largest value), as torch does under deterministic algorithms (only inside: an op whose
+    ``deterministic=None`` follows that flag must not see it)."""
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+
+
+class _FilledOps:
+    """The emulated ops, each call with its allocations filled (the outputs a kernel leaves
+    unwritten show up as NaN)."""
+
+    def __getattr__(self, name: str):
+        op = getattr(load(), name)
+
+        def call(*args):
+            with filled_allocations():
+                return op(*args)
+        return call
+
+
+def _module_from(path: Path, name: str, rewrites, package: bool = False) -> types.ModuleType:
+    source = path.read_text()
+    for old, new in rewrites:
+        if old in source:
+            source = source.replace(old, new)
+        elif package or old.startswith("torch.ops"):
+            raise RuntimeError(f"cuda emulation: {path} no longer contains {old!r}; update tests/cuda_emulation")
+    module = types.ModuleType(name)
+    module._emulated_ops = _FilledOps()
+    module.__file__ = str(path)
+    module.__package__ = name if package else name.rpartition(".")[0]
+    if package:
+        module.__path__ = []  # a package whose other submodules do not exist
+    sys.modules[name] = module
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    return module
+
+
+@contextlib.contextmanager
+def as_cuda_backend():
+    """Inside: ``backend='cuda'`` runs the emulated kernels on CPU tensors (their
+    allocations NaN-filled: ``filled_allocations``)."""
+    from m2f_kernels import _dispatch
+
+    load()
+    saved = {name: mod for name, mod in sys.modules.items()
+             if name == "m2f_kernels._C" or name == "m2f_kernels.cuda" or name.startswith("m2f_kernels.cuda.")}
+
+    def forget():
+        for cache in (_dispatch._op_modules, _dispatch._functions):
+            for key in [k for k in cache if k[0] == "cuda"]:
+                del cache[key]
+
+    forget()
+    try:
+        package = _module_from(WRAPPERS / "__init__.py", "m2f_kernels.cuda", _PACKAGE_REWRITES, package=True)
+        for path in sorted(WRAPPERS.glob("*.py")):
+            if path.name != "__init__.py":
+                setattr(package, path.stem, _module_from(path, f"m2f_kernels.cuda.{path.stem}", _MODULE_REWRITES))
+        yield
+    finally:
+        for name in [n for n in sys.modules if n == "m2f_kernels.cuda" or n.startswith("m2f_kernels.cuda.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        forget()
