@@ -10,10 +10,12 @@ logit: non-finite where it is), within the dtype's tolerance where finite; maske
 with NaN / inf in q, k, v or grad_out: non-finite only where the dense reference is (±inf
 in q or k: compared where both are finite); ms_deform_attn's deterministic grad_value: NaN
 at least where the contract is non-finite. linear_sum_assignment has no triton backend: its
-cases run on cuda only (the same targets matched, the same total cost). Error denominators
+cases run on cuda only (the same targets matched, the same total cost; NaN, which the op
+refuses on CPU tensors, becomes +inf there). Error denominators
 are floored (masked attention: at the norm of the sums of |terms|, the scale of 16-bit
 rounding in sums that cancel, e.g. dq with few keys). A call beyond a backend's declared
-limits (BackendUnavailableError) is skipped for that backend.
+limits (BackendUnavailableError) is skipped for that backend. Where no GPU is, the cuda
+backend's kernels run on the CPU as ``cuda-emulated`` (tests/cuda_emulation).
 
 Counts: ``M2F_FUZZ_CASES`` cases per op and dtype (default ``CI_CASES``, sized for the
 interpreter: ~30 s of CPU time for the file), and the GPU run, ``test_fuzz_gpu`` (marked gpu
@@ -23,6 +25,7 @@ that case.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -32,8 +35,10 @@ import pytest
 import torch
 
 import m2f_kernels as mk
+from . import cuda_emulation
 from ._inputs import levels, make_mask, make_qkv, make_target, off_grid_lines
-from .conftest import CUDA_EXTENSION_BUILT, DEVICE, ON_GPU, TOLERANCE, requires_gpu, triton_runnable
+from .conftest import (CUDA_EMULATION_POSSIBLE, CUDA_EXTENSION_BUILT, DEVICE, ON_GPU, TOLERANCE, requires_gpu,
+                       triton_runnable)
 
 NAN, INF = float("nan"), float("inf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -50,13 +55,26 @@ pytestmark = [
 
 
 def kernel_backends() -> list:
-    """The kernel backends that can run here (the reference is the oracle)."""
+    """The kernel backends that can run here (the reference is the oracle); cuda-emulated:
+    the cuda backend's kernels on the CPU (tests/cuda_emulation)."""
     names = []
     if triton_runnable():
         names.append("triton")
     if CUDA_EXTENSION_BUILT and ON_GPU:
         names.append("cuda")
+    if CUDA_EMULATION_POSSIBLE:
+        names.append("cuda-emulated")
     return names
+
+
+@contextlib.contextmanager
+def backend_name(backend: str):
+    """Inside: the ``backend=`` name that runs ``backend`` (cuda-emulated runs as 'cuda')."""
+    if backend == "cuda-emulated":
+        with cuda_emulation.as_cuda_backend():
+            yield "cuda"
+    else:
+        yield backend
 
 
 # ============================================================================ a case
@@ -476,7 +494,7 @@ def linear_sum_assignment_case(rng, dtype):
 
     def fn(a, backend):
         c = a["cost"]
-        if backend == "reference":  # NaN counts as +inf; the CPU reference refuses NaN
+        if backend == "reference" or c.device.type == "cpu":  # NaN counts as +inf; the op refuses it on the CPU
             c = c.nan_to_num(nan=INF, posinf=INF)
         return (mk.linear_sum_assignment(c, a["num_targets"], backend=backend),)
 
@@ -507,7 +525,7 @@ OPS = {
     "masked_attention": masked_attention_case,
     "linear_sum_assignment": linear_sum_assignment_case,
 }
-NO_TRITON = {"linear_sum_assignment"}  # reference and cuda only
+NO_TRITON = {"linear_sum_assignment"}  # reference and cuda (and cuda-emulated) only
 # CI subset per op and dtype: the file runs in ~45 s under TRITON_INTERPRET on 2 cores
 CI_CASES = {"point_sample": 20, "uncertain_point_coords": 20, "point_mask_loss": 16, "pairwise_mask_cost": 16,
             "ms_deform_attn": 12, "masked_attention": 10, "linear_sum_assignment": 20}
@@ -529,7 +547,8 @@ def fuzz(op: str, dtype_name: str, count: int) -> None:
         case = OPS[op](rng, dtype)
         for backend in backends:
             try:
-                run_case(case, backend)
+                with backend_name(backend) as name:
+                    run_case(case, name)
             except mk.BackendUnavailableError:
                 continue  # beyond a declared limit of this backend (e.g. cuda's mask_weight)
             except Exception as e:
