@@ -40,6 +40,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <optional>
 #include <random>
@@ -126,7 +127,6 @@ struct Runtime {
   std::mt19937_64 rng{0};
   int64_t launches = 0;
   std::unordered_map<const void*, int> max_dynamic_shared;  // cudaFuncSetAttribute
-  bool running = false;
 };
 
 inline Runtime& rt() {
@@ -299,8 +299,12 @@ void run_bound(void* arg) {
 template <typename... Params, typename... Args>
 void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) {
   static_assert(sizeof...(Params) == sizeof...(Args), "kernel launched with the wrong number of arguments");
+  static thread_local bool in_launch = false;
+  TORCH_CHECK(!in_launch, "cuda emulation: a kernel launched from inside a kernel");
+  // One launch at a time in the process: the kernels' static __shared__ arrays are global.
+  static std::mutex one_launch;
+  const std::lock_guard<std::mutex> lock(one_launch);
   Runtime& r = rt();
-  TORCH_CHECK(!r.running, "cuda emulation: a kernel launched from inside a kernel");
   const size_t threads = static_cast<size_t>(cfg.block.x) * cfg.block.y * cfg.block.z;
   TORCH_CHECK(threads >= 1 && threads <= kMaxBlockThreads && cfg.block.z <= 64,
               "cuda emulation: invalid block (", cfg.block.x, ", ", cfg.block.y, ", ", cfg.block.z, ")");
@@ -321,7 +325,7 @@ void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) 
   const uintptr_t base = reinterpret_cast<uintptr_t>(r.dynamic_shared.data());
   r.dynamic_shared_base = reinterpret_cast<unsigned char*>((base + 15) & ~uintptr_t{15});
   allocate_stacks(threads);
-  r.running = true;
+  in_launch = true;
   ++r.launches;
   const size_t blocks = static_cast<size_t>(cfg.grid.x) * cfg.grid.y * cfg.grid.z;
   try {
@@ -331,10 +335,10 @@ void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) 
       run_block(threads);
     }
   } catch (...) {
-    r.running = false;
+    in_launch = false;
     throw;
   }
-  r.running = false;
+  in_launch = false;
 }
 
 inline unsigned char* dynamic_shared() { return rt().dynamic_shared_base; }
