@@ -51,20 +51,27 @@ def test_an_unsynchronised_read_changes_with_the_order(emu):
     descending after them, except the last thread's."""
     expected = (torch.arange(64, dtype=torch.int32) + 1).roll(-1)
     with cuda_emulation.order("ascending"):
-        racy_ascending = emu.emulation_self_test("racy_neighbour")
-        synced_ascending = emu.emulation_self_test("neighbour")
+        racy_ascending = emu.emulation_self_test("racy_neighbour")[:64]
+        synced_ascending = emu.emulation_self_test("neighbour")[:64]
     with cuda_emulation.order("descending"):
-        racy_descending = emu.emulation_self_test("racy_neighbour")
-        synced_descending = emu.emulation_self_test("neighbour")
+        racy_descending = emu.emulation_self_test("racy_neighbour")[:64]
+        synced_descending = emu.emulation_self_test("neighbour")[:64]
     assert torch.equal(synced_ascending, expected) and torch.equal(synced_descending, expected)
     # dynamic shared memory starts as 0xff bytes: -1 where a slot is read before its write
     assert (racy_ascending[:-1] == -1).all() and racy_ascending[-1] == expected[-1]
     assert torch.equal(racy_descending[:-1], expected[:-1]) and racy_descending[-1] == -1
 
 
+def test_static_shared_memory_is_poisoned_per_block(emu):
+    """Block 0 writes a static __shared__ array; block 1 reads it without writing: 0xff bytes."""
+    with cuda_emulation.order("ascending"):
+        out = emu.emulation_self_test("static_shared")
+    assert torch.equal(out[:64], torch.arange(64, dtype=torch.int32) + 1) and (out[64:] == -1).all()
+
+
 def test_warp_collectives(emu):
     t = torch.arange(64, dtype=torch.int32)
-    assert torch.equal(emu.emulation_self_test("shuffle"), (t ^ 5) + 100 * (t // 32 == 1))
+    assert torch.equal(emu.emulation_self_test("shuffle")[:64], (t ^ 5) + 100 * (t // 32 == 1))
 
 
 @pytest.mark.parametrize("kernel,message", [

@@ -9,8 +9,10 @@ headers, then loads the library. The operators register as ``torch.ops.m2f_kerne
 
 The sources are rewritten on the way (in the build folder, never in ``csrc``):
 ``kernel<<<grid, block, shared, stream>>>(args)`` becomes a call of ``m2f_emu::launch``,
-``extern __shared__ T name[];`` a pointer to the launch's dynamic shared memory, and the
-CUDA registration a CPU one under the emulation namespace. The build is cached in
+``extern __shared__ T name[];`` a pointer to the launch's dynamic shared memory,
+``__shared__ T name[n];`` a reference to an array the runtime keeps per declaration and
+poisons before each block, and the CUDA registration a CPU one under the emulation
+namespace. The build is cached in
 ``build/cuda_emulation/<hash of sources, flags and torch>`` (~1-2 min on two cores the
 first time) and guarded by a file lock, so parallel test workers build it once.
 
@@ -54,6 +56,9 @@ _LAUNCH = re.compile(
     re.DOTALL)
 _DYNAMIC_SHARED = re.compile(
     r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w:]+(?:\s+[\w:]+)*?)\s+(?P<name>\w+)\s*\[\s*\]\s*;")
+_STATIC_SHARED = re.compile(
+    r"__shared__\s+(?:__align__\(\d+\)\s+)?(?P<type>[\w:]+(?:\s+[\w:]+)*?)\s+(?P<name>\w+)"
+    r"(?P<dims>(?:\s*\[[^\]]+\])+)\s*;")
 
 
 def _launch(m: re.Match) -> str:
@@ -61,11 +66,23 @@ def _launch(m: re.Match) -> str:
     return head + (")" if m["close"] else ", ")
 
 
+def _static_shared(m: re.Match) -> str:
+    """``__shared__ T name[a][b];`` -> a reference to the block's array (poisoned per block)."""
+    t, name, dims = m["type"], m["name"], m["dims"].replace(" ", "")
+    tag = f"m2f_emu_shared_{name}"
+    return (f"static char {tag}; {t} (&{name}){dims} = *reinterpret_cast<{t}(*){dims}>("
+            f"::m2f_emu::static_shared(&{tag}, sizeof({t}{dims})));")
+
+
 def rewrite(text: str) -> str:
     """One csrc file as the emulation compiles it (launches, dynamic shared memory, registration)."""
     text = _LAUNCH.sub(_launch, text)
     text = _DYNAMIC_SHARED.sub(
         lambda m: f"{m['type']}* {m['name']} = reinterpret_cast<{m['type']}*>(::m2f_emu::dynamic_shared());", text)
+    text = _STATIC_SHARED.sub(_static_shared, text)
+    if "__shared__" in text:
+        raise RuntimeError("cuda emulation: a __shared__ declaration the rewrite does not know: "
+                           + text[text.index("__shared__"):][:80])
     text = text.replace("m2f_kernels_C", NAMESPACE)
     return re.sub(rf"TORCH_LIBRARY_IMPL\(\s*{NAMESPACE}\s*,\s*CUDA\s*,", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU,", text)
 

@@ -29,6 +29,15 @@ __global__ void half_warp_shuffle_kernel(int* out) {
   out[threadIdx.x] = x;
 }
 
+// Block 0 writes a static shared array, block 1 only reads it: it must read the poison.
+__global__ void static_shared_kernel(int* out) {
+  __shared__ int slots[kSelfTestThreads];
+  const int t = threadIdx.x;
+  if (blockIdx.x == 0) slots[t] = t + 1;
+  __syncthreads();
+  out[blockIdx.x * kSelfTestThreads + t] = slots[t];
+}
+
 // out[t] = (t ^ 5) + 100 * (warp of t holds thread 37).
 __global__ void shuffle_kernel(int* out) {
   const int t = threadIdx.x;
@@ -36,7 +45,7 @@ __global__ void shuffle_kernel(int* out) {
 }
 
 at::Tensor self_test(const std::string& kernel) {
-  at::Tensor out = at::full({kSelfTestThreads}, -7, at::kInt);
+  at::Tensor out = at::full({2 * kSelfTestThreads}, -7, at::kInt);  // one-block kernels write the first half
   int* p = out.data_ptr<int>();
   const size_t shared = kSelfTestThreads * sizeof(int);
   if (kernel == "racy_neighbour") {
@@ -47,6 +56,8 @@ at::Tensor self_test(const std::string& kernel) {
     divergent_barrier_kernel<<<1, kSelfTestThreads>>>(p);
   } else if (kernel == "half_warp_shuffle") {
     half_warp_shuffle_kernel<<<1, kSelfTestThreads>>>(p);
+  } else if (kernel == "static_shared") {
+    static_shared_kernel<<<2, kSelfTestThreads>>>(p);
   } else if (kernel == "shuffle") {
     shuffle_kernel<<<1, kSelfTestThreads>>>(p);
   } else {

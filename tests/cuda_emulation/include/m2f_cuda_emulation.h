@@ -17,13 +17,12 @@
 // of a block while others left the kernel (divergent barrier), a warp collective some lanes
 // of the warp never reach, lanes of one warp waiting at different collectives, a mask other
 // than the full warp, more dynamic shared memory than the launch may use, an over-large
-// block or grid. Dynamic shared memory is filled with 0xff bytes (NaN floats, -1 ints)
-// before each block.
+// block or grid. Shared memory, dynamic and static, is filled with 0xff bytes (NaN floats,
+// -1 ints) before each block.
 //
 // Not emulated: the device's arithmetic (nvcc --use_fast_math's approximate exp/log and
 // flushed denormals; FMA contraction), memory ordering between blocks (a kernel here sees
-// every earlier block's writes), out-of-bounds accesses (plain CPU reads and writes), and
-// static __shared__ arrays keep their values from one block to the next.
+// every earlier block's writes) and out-of-bounds accesses (plain CPU reads and writes).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -58,9 +57,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// One array per kernel (blocks run one at a time). `extern __shared__ T name[];` is
-// rewritten by the build into a pointer to the launch's dynamic shared memory.
-#define __shared__ static
+// __shared__ declarations are rewritten by the build (tests/cuda_emulation/__init__.py):
+// `extern __shared__ T name[];` into a pointer to the launch's dynamic shared memory,
+// `__shared__ T name[n];` into a reference to the array static_shared() keeps for it.
 // The host code checks that its tensors are CUDA tensors; here they are CPU tensors.
 #define is_cuda is_cpu
 
@@ -121,6 +120,8 @@ struct Runtime {
   dim3 grid, block, block_idx;
   std::vector<unsigned char> dynamic_shared;  // 16-byte aligned storage below
   unsigned char* dynamic_shared_base = nullptr;
+  // The static __shared__ arrays, per declaration (its tag's address); poisoned per block.
+  std::unordered_map<const void*, std::vector<unsigned char>> static_shared;
   void (*body)(void*) = nullptr;
   void* body_arg = nullptr;
   Order order = Order::kAscending;
@@ -246,6 +247,7 @@ inline void resolve_block(size_t n) {
 inline void run_block(size_t n) {
   Runtime& r = rt();
   std::fill(r.dynamic_shared.begin(), r.dynamic_shared.end(), 0xff);
+  for (auto& arena : r.static_shared) std::fill(arena.second.begin(), arena.second.end(), 0xff);
   for (size_t t = 0; t < n; ++t) {
     Fiber& f = r.fibers[t];
     f.idx = dim3(static_cast<unsigned>(t % r.block.x), static_cast<unsigned>(t / r.block.x % r.block.y),
@@ -342,6 +344,13 @@ void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) 
 }
 
 inline unsigned char* dynamic_shared() { return rt().dynamic_shared_base; }
+
+// The block's copy of one static __shared__ array (every thread of a block gets the same).
+inline void* static_shared(const void* tag, size_t bytes) {
+  auto& arena = rt().static_shared[tag];
+  if (arena.size() != bytes) arena.assign(bytes, 0xff);  // operator new: 16-byte aligned
+  return arena.data();
+}
 
 template <typename T>
 uint64_t to_bits(T v) {
