@@ -316,8 +316,9 @@ void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) 
   const auto attr = r.max_dynamic_shared.find(reinterpret_cast<const void*>(kernel));
   const size_t allowed =
       attr == r.max_dynamic_shared.end() ? kDefaultDynamicShared : static_cast<size_t>(attr->second);
-  TORCH_CHECK(cfg.shared <= allowed, "cuda emulation: ", cfg.shared, " bytes of dynamic shared memory, the kernel may use ",
-              allowed, " (cudaFuncSetAttribute raises the limit)");
+  TORCH_CHECK(cfg.shared <= allowed, "cuda emulation: ", cfg.shared,
+              " bytes of dynamic shared memory, the kernel may use ", allowed,
+              " (cudaFuncSetAttribute raises the limit)");
   BoundKernel<Params...> bound{kernel, std::tuple<Params...>(std::forward<Args>(args)...)};
   r.body = &run_bound<Params...>;
   r.body_arg = &bound;
