@@ -22,7 +22,8 @@ from m2f import build_model
 from m2f.backbone import calibrate_frozen_bn
 from bench.m2f_testing import TINY, jitter_deformable_init, random_images, random_targets
 from ._same_points import same_points  # noqa: F401  (fixture)
-from .conftest import ON_GPU, TF32_TOLERANCE, TOLERANCE, fresh_seed, rel_err, requires_gpu, requires_triton
+from .conftest import (KERNEL_BACKENDS, ON_GPU, TF32_TOLERANCE, TOLERANCE, fresh_seed, rel_err, requires_gpu,
+                       requires_triton)
 
 FUSED_OPS = ("masked_attention", "ms_deform_attn", "uncertain_point_coords", "point_mask_loss", "pairwise_mask_cost",
              "linear_sum_assignment", "point_sample", "point_mask_logits")
@@ -177,47 +178,83 @@ def check_autocast_near_fp32(model, images, targets, seed, dtype, loss_tol, sign
     assert flipped < sign_tol, f"seed {seed}: {dtype} flips the sign of {flipped:.1%} of the mask logits"
 
 
-def _triton_implements(op: str) -> bool:
-    try:
-        import m2f_kernels.triton  # noqa: F401
-    except ImportError:
-        return False
-    return m2f_kernels._dispatch.why_not("triton", op, torch.device("cuda" if ON_GPU else "cpu"), torch.float32) is None
+def _implements(backend: str, op: str) -> bool:
+    device = torch.device("cuda" if ON_GPU else "cpu")
+    return m2f_kernels._dispatch.why_not(backend, op, device, torch.float32) is None
 
 
 # the ops of the mask-logits criterion (mask_head='logits'); the rest run in the default one
 LOGITS_HEAD_OPS = ("uncertain_point_coords", "point_mask_loss", "pairwise_mask_cost")
+# the cuda backend on a GPU, or its kernels on the CPU (cuda-emulated, tests/cuda_emulation)
+CUDA_BACKENDS = [p for p in KERNEL_BACKENDS if p.values[0] == "cuda"]
 
 
-def _triton_case(seed, mask_head="points"):
+def _small_case(seed, mask_head="points"):
     device = "cuda" if ON_GPU else "cpu"
     # 64x64: smaller images leave 1x1 res5 maps whose calibrated norms are ill-conditioned
     return make_case(seed, device=device, size=64, batch=2, targets=(1, 2), num_queries=4, dec_layers=2,
                      enc_layers=1, num_points=16, mask_head=mask_head)
 
 
-def _on_triton(monkeypatch, op):
-    """Route ``m2f_kernels.<op>`` to the triton backend; returns the list its calls append to."""
-    calls, real = [], getattr(m2f_kernels, op)
-    monkeypatch.setattr(m2f_kernels, op, lambda *a, **k: calls.append(1) or real(*a, **{**k, "backend": "triton"}))
-    return calls
+def _on_backend(monkeypatch, op, backend):
+    """Route ``m2f_kernels.<op>`` to ``backend``; a call beyond the backend's declared limits
+    (e.g. the cuda point loss with a tensor num_masks) runs on the default backend instead.
+    Returns (the calls ``backend`` ran, the refusals' messages)."""
+    calls, refused, real = [], [], getattr(m2f_kernels, op)
+
+    def routed(*args, **kwargs):
+        try:
+            out = real(*args, **{**kwargs, "backend": backend})
+        except m2f_kernels.BackendUnavailableError as e:
+            refused.append(str(e))
+            return real(*args, **kwargs)
+        calls.append(1)
+        return out
+    monkeypatch.setattr(m2f_kernels, op, routed)
+    return calls, refused
+
+
+def _one_op_agrees(backend, op, monkeypatch):
+    """``op`` alone on ``backend`` inside the tiny model, against the official path (same points)."""
+    if not _implements(backend, op):
+        pytest.skip(f"the {backend} backend does not implement {op}")
+    seed = fresh_seed()
+    model, images, targets = _small_case(seed, "logits" if op in LOGITS_HEAD_OPS else "points")
+    ref = run(model, "reference", images, targets, seed)
+    calls, refused = _on_backend(monkeypatch, op, backend)
+    fused = run(model, "fused", images, targets, seed)
+    if not calls and refused:
+        pytest.skip(f"every {op} call of the fused model is beyond the backend's limits: {refused[0]}")
+    assert calls, f"the fused model never called {op}"
+    tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
+    compare(ref, fused, tol, seed, f"{backend} {op}")
+
+
+def _all_ops_agree(backend, monkeypatch, mask_head):
+    """Every op ``backend`` implements on it at once (the others, and calls beyond its
+    limits, on their default backend)."""
+    seed = fresh_seed()
+    model, images, targets = _small_case(seed, mask_head)
+    ref = run(model, "reference", images, targets, seed)
+    calls = {op: _on_backend(monkeypatch, op, backend)[0] for op in FUSED_OPS if _implements(backend, op)}
+    fused = run(model, "fused", images, targets, seed)
+    assert any(calls.values()), f"no op ran on {backend}"
+    tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
+    compare(ref, fused, tol, seed, f"{backend}, all ops, mask_head={mask_head}")
 
 
 @requires_triton
 @pytest.mark.parametrize("op", [op for op in FUSED_OPS if op != "uncertain_point_coords"])
 def test_fused_with_one_triton_op_agrees(op, monkeypatch, same_points):
-    """Each op the Triton backend implements, alone on Triton inside the tiny model, against
-    the official path (same points)."""
-    if not _triton_implements(op):
-        pytest.skip(f"the triton backend does not implement {op}")
-    seed = fresh_seed()
-    model, images, targets = _triton_case(seed, "logits" if op in LOGITS_HEAD_OPS else "points")
-    ref = run(model, "reference", images, targets, seed)
-    calls = _on_triton(monkeypatch, op)
-    fused = run(model, "fused", images, targets, seed)
-    assert calls, f"the fused model never called {op}"
-    tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
-    compare(ref, fused, tol, seed, f"triton {op}")
+    """Each op the Triton backend implements, alone on Triton inside the tiny model."""
+    _one_op_agrees("triton", op, monkeypatch)
+
+
+@pytest.mark.parametrize("op", [op for op in FUSED_OPS if op != "uncertain_point_coords"])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_fused_with_one_cuda_op_agrees(backend, op, monkeypatch, same_points):
+    """Each op the cuda backend implements, alone on it inside the tiny model."""
+    _one_op_agrees(backend, op, monkeypatch)
 
 
 @requires_triton
@@ -225,9 +262,9 @@ def test_fused_importance_sampling_on_triton_agrees(monkeypatch):
     """uncertain_point_coords picks the points, so it is compared inside the fused path (same
     draws in the same order) rather than against the official one."""
     seed = fresh_seed()
-    model, images, targets = _triton_case(seed, "logits")
+    model, images, targets = _small_case(seed, "logits")
     ref = run(model, "fused", images, targets, seed)
-    calls = _on_triton(monkeypatch, "uncertain_point_coords")
+    calls, _ = _on_backend(monkeypatch, "uncertain_point_coords", "triton")
     fused = run(model, "fused", images, targets, seed)
     assert calls, "the fused model never called uncertain_point_coords"
     tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
@@ -239,15 +276,15 @@ def test_fused_importance_sampling_on_triton_agrees(monkeypatch):
 def test_fused_all_on_triton_agrees(same_points, monkeypatch, mask_head):
     """Every op the Triton backend implements on Triton at once (the solver, which it lacks,
     on its default backend)."""
-    seed = fresh_seed()
-    model, images, targets = _triton_case(seed, mask_head)
-    ref = run(model, "reference", images, targets, seed)
-    for op in FUSED_OPS:
-        if _triton_implements(op):
-            monkeypatch.setattr(m2f_kernels, op, functools.partial(getattr(m2f_kernels, op), backend="triton"))
-    fused = run(model, "fused", images, targets, seed)
-    tol = TF32_TOLERANCE if ON_GPU else TOLERANCE[torch.float32]
-    compare(ref, fused, tol, seed, f"triton, all ops, mask_head={mask_head}")
+    _all_ops_agree("triton", monkeypatch, mask_head)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_fused_all_on_cuda_agrees(backend, same_points, monkeypatch):
+    """Every op the cuda backend implements on it at once (point_mask_logits, which it lacks,
+    and the point loss and target sampling, beyond its limits in this model, on their
+    default backend)."""
+    _all_ops_agree(backend, monkeypatch, "points")
 
 
 # ----------------------------------------------------------------------------- GPU, full size
