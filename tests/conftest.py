@@ -160,13 +160,16 @@ def per_backend(cases: dict, ids=None) -> list:
 
 @pytest.fixture(autouse=True)
 def _cuda_emulated_backend(request):
-    """For a test marked cuda_emulated: backend='cuda' runs the emulated kernels."""
+    """For a test marked cuda_emulated: backend='cuda' runs the emulated kernels, their
+    threads and blocks in an order picked by the test's seed (over many runs every order
+    meets every test; tests/test_cuda_emulated.py runs all three on purpose)."""
     if request.node.get_closest_marker("cuda_emulated") is None:
         yield
         return
     from . import cuda_emulation
 
-    with cuda_emulation.as_cuda_backend():
+    seed = request.getfixturevalue("seed")
+    with cuda_emulation.as_cuda_backend(), cuda_emulation.order(EMULATION_ORDERS[seed % 3], seed):
         yield
 
 

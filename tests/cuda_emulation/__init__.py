@@ -22,6 +22,9 @@ namespace and the CPU as their device) replace the package for the duration, so 
 tests run the whole path: public op, autograd, dispatch, wrappers, C++ launch code,
 kernels. ``tests/conftest.py`` does it for the ``cuda-emulated`` test parameters.
 
+``M2F_CUDA_EMULATION_SANITIZE=address`` builds it under AddressSanitizer (a separate cache
+entry), the CPU's memcheck: ``scripts/cuda_emulation_memcheck.sh`` runs the tests with it.
+
 ``python -m tests.cuda_emulation`` builds it and prints the library's path.
 """
 from __future__ import annotations
@@ -48,6 +51,7 @@ HERE = Path(__file__).resolve().parent
 INCLUDE = HERE / "include"
 BUILD_ROOT = ROOT / "build" / "cuda_emulation"
 NAMESPACE = "m2f_kernels_emu"
+SANITIZE_ENV = "M2F_CUDA_EMULATION_SANITIZE"
 # The orders a block's threads (between synchronisation points) and a grid's blocks run in.
 ORDERS = {"ascending": 0, "descending": 1, "shuffled": 2}
 
@@ -97,6 +101,8 @@ def _flags() -> list[str]:
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     flags = ["-std=c++17", "-O2", "-fPIC", "-g0", "-Wno-unknown-pragmas", "-Wno-c++20-extensions",
              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-include", "m2f_cuda_emulation.h", f"-I{INCLUDE}"]
+    if os.environ.get(SANITIZE_ENV) == "address":
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
     return flags + [f"-I{p}" for p in cpp_extension.include_paths()]
 
 
@@ -148,7 +154,8 @@ def build(verbose: bool = False) -> Path:
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
             list(pool.map(_compile, commands))
         libs = cpp_extension.library_paths()
-        _compile(["g++", "-shared", "-o", str(work / library.name), *[str(work / f"{u.stem}.o") for u in units],
+        _compile(["g++", "-shared", *[f for f in flags if f.startswith("-fsanitize")],
+                  "-o", str(work / library.name), *[str(work / f"{u.stem}.o") for u in units],
                   *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"])
         shutil.rmtree(out_dir, ignore_errors=True)
         work.rename(out_dir)

@@ -21,8 +21,9 @@
 // -1 ints) before each block.
 //
 // Not emulated: the device's arithmetic (nvcc --use_fast_math's approximate exp/log and
-// flushed denormals; FMA contraction), memory ordering between blocks (a kernel here sees
-// every earlier block's writes) and out-of-bounds accesses (plain CPU reads and writes).
+// flushed denormals; FMA contraction) and memory ordering between blocks (a kernel here sees
+// every earlier block's writes). Out-of-bounds accesses are plain CPU reads and writes:
+// the address-sanitizer build (scripts/cuda_emulation_memcheck.sh) reports them.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -118,8 +119,7 @@ struct Runtime {
   std::vector<Fiber> fibers;
   Fiber* current = nullptr;
   dim3 grid, block, block_idx;
-  std::vector<unsigned char> dynamic_shared;  // 16-byte aligned storage below
-  unsigned char* dynamic_shared_base = nullptr;
+  std::vector<unsigned char> dynamic_shared;  // the launch's dynamic shared memory
   // The static __shared__ arrays, per declaration (its tag's address); poisoned per block.
   std::unordered_map<const void*, std::vector<unsigned char>> static_shared;
   void (*body)(void*) = nullptr;
@@ -324,9 +324,11 @@ void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) 
   r.body_arg = &bound;
   r.grid = cfg.grid;
   r.block = cfg.block;
-  r.dynamic_shared.assign(cfg.shared + 16, 0xff);
-  const uintptr_t base = reinterpret_cast<uintptr_t>(r.dynamic_shared.data());
-  r.dynamic_shared_base = reinterpret_cast<unsigned char*>((base + 15) & ~uintptr_t{15});
+  // exactly the launch's bytes (an address sanitizer build sees a read past them); operator
+  // new's alignment is 16 bytes, as __align__(16) declarations of it expect
+  r.dynamic_shared.assign(cfg.shared, 0xff);
+  r.dynamic_shared.shrink_to_fit();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(r.dynamic_shared.data()) % 16 == 0, "cuda emulation: unaligned shared memory");
   allocate_stacks(threads);
   in_launch = true;
   ++r.launches;
@@ -344,7 +346,7 @@ void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) 
   in_launch = false;
 }
 
-inline unsigned char* dynamic_shared() { return rt().dynamic_shared_base; }
+inline unsigned char* dynamic_shared() { return rt().dynamic_shared.data(); }
 
 // The block's copy of one static __shared__ array (every thread of a block gets the same).
 inline void* static_shared(const void* tag, size_t bytes) {
