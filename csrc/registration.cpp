@@ -29,10 +29,10 @@ TORCH_LIBRARY_FRAGMENT(m2f_kernels_C, m) {
   m.def("uncertain_point_coords(Tensor logits, Tensor candidates, Tensor random, int num_uncertain) -> Tensor");
   m.def(
       "point_mask_loss_fwd(Tensor pred, Tensor target, Tensor coords, float num_masks, Tensor? batch_index, "
-      "Tensor? query_index) -> (Tensor, Tensor)");
+      "Tensor? query_index, Tensor? weight) -> (Tensor, Tensor)");
   m.def(
       "point_mask_loss_bwd(Tensor grad_bce, Tensor grad_dice, Tensor pred, Tensor target, Tensor coords, "
-      "float num_masks, Tensor? batch_index, Tensor? query_index) -> Tensor");
+      "float num_masks, Tensor? batch_index, Tensor? query_index, Tensor? weight) -> Tensor");
   m.def("pairwise_mask_cost(Tensor pred, Tensor target, Tensor coords) -> (Tensor, Tensor)");
   m.def("linear_sum_assignment(Tensor cost, Tensor num_targets) -> Tensor");
 }

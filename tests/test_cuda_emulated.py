@@ -139,13 +139,14 @@ def test_point_loss_ops_are_order_independent(emu, form, seed):
     forward, pairwise_mask_cost and uncertain_point_coords."""
     pred, target, coords, bidx, qidx = make_loss_inputs(torch.float32, form, 5, 300, target_hw=(13, 11))
     target = target.view(torch.uint8)
+    weight = torch.rand(5)
     maps = torch.randn(3, 4, 9, 10)
     sample_coords = make_coords(3, 40, [(9, 10)], device="cpu")
     logits = torch.randn(4, 9, 10)
     candidates, random = torch.rand(4, 48, 2), torch.rand(4, 4, 2)
 
     def run():
-        return (emu.point_mask_loss_fwd(pred, target, coords, 5.0, bidx, qidx)
+        return (emu.point_mask_loss_fwd(pred, target, coords, 5.0, bidx, qidx, weight)
                 + (emu.point_sample_fwd(maps, sample_coords),)
                 + emu.pairwise_mask_cost(maps[:, 0], target[:4], coords[0])
                 + (emu.uncertain_point_coords(logits, candidates, random, 12),))

@@ -41,9 +41,9 @@ CASES = {
     "m2f_kernels_C.point_sample_bwd": ("z(1, 1, 5), z(1, 4, 4), z(1, 5, 2)", "input must be [N, C, H, W]"),
     "m2f_kernels_C.uncertain_point_coords": ("z(1, 4, 4), z(1, 6, 2), z(1, 2, 2), 7",
                                              "num_uncertain must be in [0, S = 6], got 7"),
-    "m2f_kernels_C.point_mask_loss_fwd": ("z(2, 4, 4), z(2, 4), z(2, 5, 2), 2.0, None, None",
+    "m2f_kernels_C.point_mask_loss_fwd": ("z(2, 4, 4), z(2, 4), z(2, 5, 2), 2.0, None, None, None",
                                           "target must be [N, Ht, Wt]"),
-    "m2f_kernels_C.point_mask_loss_bwd": ("z(2), z(), z(2, 4, 4), z(2, 4, 4), z(2, 5, 2), 2.0, None, None",
+    "m2f_kernels_C.point_mask_loss_bwd": ("z(2), z(), z(2, 4, 4), z(2, 4, 4), z(2, 5, 2), 2.0, None, None, None",
                                           "grad_bce and grad_dice must be scalars"),
     "m2f_kernels_C.pairwise_mask_cost": ("z(3, 4, 4), z(2, 4, 4), z(5, 3)", "coords must be [P, 2]"),
 }

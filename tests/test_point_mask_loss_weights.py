@@ -6,10 +6,10 @@ import torch
 
 import m2f_kernels as mk
 
-from .conftest import INTERPRETING, ON_GPU, rel_err
+from .conftest import ALL_BACKENDS, KERNEL_BACKENDS, ON_GPU, rel_err
 
 DEVICE = "cuda" if ON_GPU else "cpu"
-BACKENDS = ["reference"] + (["triton"] if (ON_GPU or INTERPRETING) else [])
+BACKENDS = ALL_BACKENDS  # cuda on a GPU, cuda-emulated (its kernels on the CPU) elsewhere
 
 
 def _inputs(dtype=torch.float32):
@@ -58,24 +58,28 @@ def test_tensor_num_masks_equals_the_number(backend):
     assert rel_err(unweighted[0], plain[0]) < 1e-5 and rel_err(unweighted[1], plain[1]) < 1e-5, seed
 
 
-@pytest.mark.skipif(not (ON_GPU or INTERPRETING), reason="needs a device the triton backend runs on")
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_weights_in_16bit(dtype):
+def test_weights_in_16bit(backend, dtype):
     seed = torch.seed()
     pred, target, coords, index = _inputs(dtype)
     weight = torch.rand(4, device=DEVICE)
-    got = _loss_and_grad(pred, target, coords, 2.0, pred_index=index, mask_weight=weight, backend="triton")
+    got = _loss_and_grad(pred, target, coords, 2.0, pred_index=index, mask_weight=weight, backend=backend)
     want = _loss_and_grad(pred.double(), target, coords.double(), 2.0, pred_index=index,
                           mask_weight=weight.double(), backend="reference")
     assert rel_err(got[0], want[0]) < 1e-2 and rel_err(got[1], want[1]) < 1e-2, seed
 
 
-def test_cuda_backend_declares_weights_unsupported():
-    from m2f_kernels import _dispatch
-
-    args = (None, None, None, 1.0, None, None, torch.ones(2))
-    pytest.importorskip("m2f_kernels._C", reason="the cuda backend is not built")
-    assert "weights" in _dispatch.limit_reason("cuda", "point_mask_loss", args)
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_weights_without_index(backend):
+    """Plain [N, Hp, Wp] pred, weights with a NaN-free zero and a negative factor."""
+    seed = torch.seed()
+    pred, target, coords = torch.randn(4, 9, 11, device=DEVICE), torch.rand(4, 13, 10, device=DEVICE), \
+        torch.rand(4, 33, 2, device=DEVICE)
+    weight = torch.tensor([0.5, 0.0, -1.0, 3.0], device=DEVICE)
+    got = _loss_and_grad(pred, target, coords, 2.5, mask_weight=weight, backend=backend)
+    want = _loss_and_grad(pred, target, coords, 2.5, mask_weight=weight, backend="reference")
+    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-5, seed
 
 
 def test_weight_and_num_masks_checks():

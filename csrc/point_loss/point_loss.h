@@ -30,19 +30,22 @@ at::Tensor uncertain_point_coords(const at::Tensor& logits, const at::Tensor& ca
                                   int64_t num_uncertain);
 
 // pred [N, Hp, Wp], or [B, Q, Hp, Wp] with batch_index / query_index [N] int64;
-// target [N, Ht, Wt]; coords [N, P, 2]. (loss_bce, loss_dice): 0-dim, pred's dtype.
+// target [N, Ht, Wt]; coords [N, P, 2]; weight [N] float32 contiguous or none (ones): a
+// factor on each mask's two terms. (loss_bce, loss_dice): 0-dim float32.
 // Deterministic: per-block partial sums, then fixed-order finishes (no float atomics).
 std::tuple<at::Tensor, at::Tensor> point_mask_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                                        const at::Tensor& coords, double num_masks,
                                                        const std::optional<at::Tensor>& batch_index,
-                                                       const std::optional<at::Tensor>& query_index);
+                                                       const std::optional<at::Tensor>& query_index,
+                                                       const std::optional<at::Tensor>& weight);
 
 // grad_bce, grad_dice: 0-dim (any floating dtype). grad_pred shaped like pred, contiguous,
 // in pred's dtype (fp32 atomic scatter, then one cast).
 at::Tensor point_mask_loss_bwd(const at::Tensor& grad_bce, const at::Tensor& grad_dice, const at::Tensor& pred,
                                const at::Tensor& target, const at::Tensor& coords, double num_masks,
                                const std::optional<at::Tensor>& batch_index,
-                               const std::optional<at::Tensor>& query_index);
+                               const std::optional<at::Tensor>& query_index,
+                               const std::optional<at::Tensor>& weight);
 
 // pred [Q, Hp, Wp], target [T, Ht, Wt], coords [P, 2] -> (cost_bce [Q, T], cost_dice [Q, T])
 // float32: the matcher's batch_sigmoid_ce_loss / P and batch_dice_loss.

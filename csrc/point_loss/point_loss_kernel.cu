@@ -173,15 +173,18 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block: the two loss scalars (fp32) from the per-mask sums [4, N].
+// One block: the two loss scalars (fp32) from the per-mask sums [4, N]; weight [N] (null:
+// ones) multiplies each mask's two terms.
 __global__ void __launch_bounds__(kThreads)
-    mask_loss_finish_kernel(const float* __restrict__ sums, int64_t N, float p_count, float num_masks,
-                            float* __restrict__ out_bce, float* __restrict__ out_dice) {
+    mask_loss_finish_kernel(const float* __restrict__ sums, const float* __restrict__ weight, int64_t N,
+                            float p_count, float num_masks, float* __restrict__ out_bce,
+                            float* __restrict__ out_dice) {
   __shared__ float smem[kThreads / kWarp];
   float bce = 0.0f, dice = 0.0f;
   for (int64_t m = threadIdx.x; m < N; m += kThreads) {
-    bce += sums[m] / p_count;
-    dice += 1.0f - (2.0f * sums[N + m] + 1.0f) / (sums[2 * N + m] + sums[3 * N + m] + 1.0f);
+    const float w = weight ? weight[m] : 1.0f;
+    bce += w * (sums[m] / p_count);
+    dice += w * (1.0f - (2.0f * sums[N + m] + 1.0f) / (sums[2 * N + m] + sums[3 * N + m] + 1.0f));
   }
   bce = block_sum(bce, smem);
   dice = block_sum(dice, smem);
@@ -192,12 +195,13 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // One thread per (mask, point): d loss / d logit, scattered into grad (fp32, contiguous,
-// shaped like pred; mask n at mask_offset(g, n, gs_b, gs_q)).
+// shaped like pred; mask n at mask_offset(g, n, gs_b, gs_q)); weight [N] as the forward's.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     mask_loss_grad_kernel(const scalar_t* __restrict__ pred, LossGeom g, const float* __restrict__ sums,
-                          const float* __restrict__ grad_bce, const float* __restrict__ grad_dice, float num_masks,
-                          int64_t gs_b, int64_t gs_q, float* grad) {
+                          const float* __restrict__ weight, const float* __restrict__ grad_bce,
+                          const float* __restrict__ grad_dice, float num_masks, int64_t gs_b, int64_t gs_q,
+                          float* grad) {
   const float gb = *grad_bce;
   const float gd = *grad_dice;
   const float p_count = static_cast<float>(g.P);
@@ -214,7 +218,8 @@ __global__ void __launch_bounds__(kThreads)
     const float den = sums[2 * g.N + n] + sums[3 * g.N + n] + 1.0f;
     const float d_bce = (s - t) / p_count;
     const float d_dice = -(2.0f * t * den - num) / (den * den) * s * (1.0f - s);
-    const float gx = (gb * d_bce + gd * d_dice) / num_masks;
+    float gx = (gb * d_bce + gd * d_dice) / num_masks;
+    if (weight) gx *= weight[n];
     scatter(grad + mask_offset(g, n, gs_b, gs_q), g.Wp, gx, tp);
   }
 }
@@ -392,6 +397,16 @@ LossSetup loss_setup(const at::Tensor& pred, const at::Tensor& target, const at:
   return s;
 }
 
+// The per-mask weights as the kernels read them: null, or weight [N] float32 contiguous.
+const float* weight_data(const std::optional<at::Tensor>& weight, const at::Tensor& pred, int64_t N, const char* op) {
+  if (!weight.has_value() || !weight->defined()) return nullptr;
+  check_cuda(*weight, pred, op, "weight");
+  TORCH_CHECK(weight->scalar_type() == at::kFloat && weight->dim() == 1 && weight->size(0) == N &&
+                  weight->is_contiguous(),
+              op, ": weight must be contiguous float32 [N] (N of coords)");
+  return weight->data_ptr<float>();
+}
+
 // Per-mask sums [4, N] fp32 (bce, s*t, s, t over the points), deterministic.
 at::Tensor loss_sums(const at::Tensor& pred, const LossSetup& s, cudaStream_t stream) {
   const LossGeom& g = s.g;
@@ -506,15 +521,17 @@ at::Tensor uncertain_point_coords(const at::Tensor& logits, const at::Tensor& ca
 std::tuple<at::Tensor, at::Tensor> point_mask_loss_fwd(const at::Tensor& pred, const at::Tensor& target,
                                                        const at::Tensor& coords, double num_masks,
                                                        const std::optional<at::Tensor>& batch_index,
-                                                       const std::optional<at::Tensor>& query_index) {
+                                                       const std::optional<at::Tensor>& query_index,
+                                                       const std::optional<at::Tensor>& weight) {
   const c10::cuda::CUDAGuard guard(pred.device());
   const LossSetup s = loss_setup(pred, target, coords, batch_index, query_index, "point_mask_loss_fwd");
+  const float* w = weight_data(weight, pred, s.g.N, "point_mask_loss_fwd");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor sums = loss_sums(pred, s, stream);
   const auto f32 = pred.options().dtype(at::kFloat);
   at::Tensor out_bce = at::empty({}, f32);
   at::Tensor out_dice = at::empty({}, f32);
-  mask_loss_finish_kernel<<<1, kThreads, 0, stream>>>(sums.data_ptr<float>(), s.g.N, static_cast<float>(s.g.P),
+  mask_loss_finish_kernel<<<1, kThreads, 0, stream>>>(sums.data_ptr<float>(), w, s.g.N, static_cast<float>(s.g.P),
                                                        static_cast<float>(num_masks), out_bce.data_ptr<float>(),
                                                        out_dice.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -524,11 +541,13 @@ std::tuple<at::Tensor, at::Tensor> point_mask_loss_fwd(const at::Tensor& pred, c
 at::Tensor point_mask_loss_bwd(const at::Tensor& grad_bce, const at::Tensor& grad_dice, const at::Tensor& pred,
                                const at::Tensor& target, const at::Tensor& coords, double num_masks,
                                const std::optional<at::Tensor>& batch_index,
-                               const std::optional<at::Tensor>& query_index) {
+                               const std::optional<at::Tensor>& query_index,
+                               const std::optional<at::Tensor>& weight) {
   const char* op = "point_mask_loss_bwd";
   TORCH_CHECK(grad_bce.numel() == 1 && grad_dice.numel() == 1, op, ": grad_bce and grad_dice must be scalars");
   const c10::cuda::CUDAGuard guard(pred.device());
   const LossSetup s = loss_setup(pred, target, coords, batch_index, query_index, op);
+  const float* w = weight_data(weight, pred, s.g.N, op);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor sums = loss_sums(pred, s, stream);
   const at::Tensor gb = grad_bce.to(pred.device(), at::kFloat).reshape({1}).contiguous();
@@ -540,7 +559,7 @@ at::Tensor point_mask_loss_bwd(const at::Tensor& grad_bce, const at::Tensor& gra
   if (total > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pred.scalar_type(), "point_mask_loss_bwd", [&] {
       mask_loss_grad_kernel<scalar_t><<<grid_for(total), kThreads, 0, stream>>>(
-          pred.data_ptr<scalar_t>(), s.g, sums.data_ptr<float>(), gb.data_ptr<float>(), gd.data_ptr<float>(),
+          pred.data_ptr<scalar_t>(), s.g, sums.data_ptr<float>(), w, gb.data_ptr<float>(), gd.data_ptr<float>(),
           static_cast<float>(num_masks), gs_b, gs_q, grad.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

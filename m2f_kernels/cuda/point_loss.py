@@ -17,16 +17,11 @@ import torch
 from .._dispatch import Limit
 
 
-def _weight_reason(pred, target, coords, num_masks, batch_index, query_index, weight):
-    return None if weight is None else "got mask_weight (or a tensor num_masks)"
-
-
 def _byte_input_reason(input, coords):
     return None if input.is_floating_point() else f"got a {input.dtype} input"
 
 
-LIMITS = {"point_mask_loss": Limit("no per-mask weights", _weight_reason),
-          "point_sample": Limit("floating inputs", _byte_input_reason)}
+LIMITS = {"point_sample": Limit("floating inputs", _byte_input_reason)}
 
 
 def _check_device(op: str, ref: torch.Tensor, **tensors) -> None:
@@ -47,6 +42,10 @@ def _target(target: torch.Tensor) -> torch.Tensor:
 
 def _index(index: Optional[torch.Tensor], device) -> Optional[torch.Tensor]:
     return None if index is None else index.to(device=device, dtype=torch.int64).contiguous()
+
+
+def _weight(weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if weight is None else weight.to(torch.float32).contiguous()
 
 
 def point_sample_fwd(input, coords):
@@ -88,12 +87,13 @@ def point_mask_loss_fwd(pred, target, coords, num_masks: float,
     """(loss_bce, loss_dice): 0-dim fp32 tensors.
 
     pred [N, Hp, Wp], or [B, Q, Hp, Wp] with batch_index / query_index [N]; target
-    [N, Ht, Wt] bool/uint8/floating; coords [N, P, 2]. Deterministic.
+    [N, Ht, Wt] bool/uint8/floating; coords [N, P, 2]; weight [N] or None: a factor on each
+    mask's two terms. Deterministic.
     """
-    _check_device("point_mask_loss", pred, target=target, coords=coords)
+    _check_device("point_mask_loss", pred, target=target, coords=coords, weight=weight)
     return torch.ops.m2f_kernels_C.point_mask_loss_fwd(
         pred, _target(target), _coords(coords), float(num_masks),
-        _index(batch_index, pred.device), _index(query_index, pred.device))
+        _index(batch_index, pred.device), _index(query_index, pred.device), _weight(weight))
 
 
 def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: float,
@@ -101,11 +101,11 @@ def point_mask_loss_bwd(grad_bce, grad_dice, pred, target, coords, num_masks: fl
                         query_index: Optional[torch.Tensor] = None,
                         weight: Optional[torch.Tensor] = None):
     """grad_pred shaped like pred (contiguous, pred.dtype; zero where no point of a matched mask landed)."""
-    _check_device("point_mask_loss", pred, target=target, coords=coords)
+    _check_device("point_mask_loss", pred, target=target, coords=coords, weight=weight)
     return torch.ops.m2f_kernels_C.point_mask_loss_bwd(
         grad_bce.to(device=pred.device, dtype=torch.float32), grad_dice.to(device=pred.device, dtype=torch.float32),
         pred, _target(target), _coords(coords), float(num_masks),
-        _index(batch_index, pred.device), _index(query_index, pred.device))
+        _index(batch_index, pred.device), _index(query_index, pred.device), _weight(weight))
 
 
 def pairwise_mask_cost(pred, target, coords):
