@@ -125,6 +125,7 @@ def emulation_order(request, seed):
     with cuda_emulation.order(request.param, seed):
         yield request.param
 
+
 # --- the backends under test -------------------------------------------------------------------
 # Per-op tests run each non-reference backend against backend='reference', the spec. The
 # cuda backend runs twice: on a GPU, and as "cuda-emulated" (its kernels on the CPU,
@@ -135,7 +136,8 @@ EMULATED_MARKS = (requires_cuda_emulation, pytest.mark.cuda_emulated)
 
 
 def _params(backend: str, values: tuple = (), name=None) -> list:
-    params = [pytest.param(backend, *values, marks=BACKEND_MARKS.get(backend, ()), id=name(backend) if name else None)]
+    params = [pytest.param(backend, *values, marks=BACKEND_MARKS.get(backend, ()),
+                           id=name(backend) if name else None)]
     if backend == "cuda":
         params.append(pytest.param(backend, *values, marks=EMULATED_MARKS,
                                    id=name("cuda-emulated") if name else "cuda-emulated"))

@@ -328,7 +328,8 @@ void launch(const LaunchConfig& cfg, void (*kernel)(Params...), Args&&... args) 
   // new's alignment is 16 bytes, as __align__(16) declarations of it expect
   r.dynamic_shared.assign(cfg.shared, 0xff);
   r.dynamic_shared.shrink_to_fit();
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(r.dynamic_shared.data()) % 16 == 0, "cuda emulation: unaligned shared memory");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(r.dynamic_shared.data()) % 16 == 0,
+              "cuda emulation: unaligned shared memory");
   allocate_stacks(threads);
   in_launch = true;
   ++r.launches;
