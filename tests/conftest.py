@@ -226,7 +226,7 @@ TRITON_VERSIONS_SUBSET = (
     "test_op_point_loss.py::test_point_mask_loss_sizes[triton-one_mask-",
     "test_op_point_loss.py::test_point_mask_loss[triton-bfloat16-indexed-",
     "test_op_point_loss.py::test_point_mask_loss_int32_index[triton]",
-    "test_point_mask_loss_weights.py::test_triton_weights_in_16bit",
+    "test_point_mask_loss_weights.py::test_weights_in_16bit[triton-",
     # ms_deform_attn: weights and softmax, 16-bit inputs, the fixed-point backward
     "test_op_ms_deform_attn.py::test_matches_reference[triton-mixed_levels-float16-",
     "test_op_ms_deform_attn.py::test_matches_reference[triton-mixed_levels-bfloat16-weights]",

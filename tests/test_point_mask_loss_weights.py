@@ -58,8 +58,8 @@ def test_tensor_num_masks_equals_the_number(backend):
     assert rel_err(unweighted[0], plain[0]) < 1e-5 and rel_err(unweighted[1], plain[1]) < 1e-5, seed
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_weights_in_16bit(backend, dtype):
     seed = torch.seed()
     pred, target, coords, index = _inputs(dtype)
