@@ -198,7 +198,7 @@ def _small_case(seed, mask_head="points"):
 
 def _on_backend(monkeypatch, op, backend):
     """Route ``m2f_kernels.<op>`` to ``backend``; a call beyond the backend's declared limits
-    (e.g. the cuda point_sample of the bool targets) runs on the default backend instead.
+    runs on the default backend instead.
     Returns (the calls ``backend`` ran, the refusals' messages)."""
     calls, refused, real = [], [], getattr(m2f_kernels, op)
 
@@ -282,7 +282,7 @@ def test_fused_all_on_triton_agrees(same_points, monkeypatch, mask_head):
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 def test_fused_all_on_cuda_agrees(backend, same_points, monkeypatch):
     """Every op the cuda backend implements on it at once (point_mask_logits, which it lacks,
-    and the sampling of bool targets, beyond its limits, on their default backend)."""
+    on its default backend)."""
     _all_ops_agree(backend, monkeypatch, "points")
 
 

@@ -77,6 +77,22 @@ def test_point_sample(backend, dtype, channels, strided, p, seed):
     assert_close(grad, egrad, TOLERANCE[dtype], f"grad input (seed {seed})")
 
 
+@pytest.mark.parametrize("kind,strided", [("bool", False), ("uint8", True)], ids=["bool", "uint8_strided"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_point_sample_byte_input(backend, kind, strided, seed):
+    """0/1 masks (bool or uint8, here a non-contiguous view of a padded batch) give float32
+    samples equal to the reference's."""
+    n, c, h, w, p = 3, 2, 7, 9, 45
+    maps = make_target(kind, n * c, h, w, padded=strided).reshape(n, c, h, w)  # a view: strides kept
+    assert maps.is_contiguous() != strided
+    coords = make_coords(n, p, [(h, w)])
+    with poisoned(backend):
+        out = mk.point_sample(maps, coords, backend=backend)
+    expected = mk.point_sample(maps, coords, backend="reference")
+    assert out.dtype == torch.float32 and out.shape == (n, c, p) and out.is_contiguous()
+    assert_close(out, expected, TOLERANCE[torch.float32], f"point_sample of {kind} maps (seed {seed})")
+
+
 # ============================================================================ importance sampling
 
 

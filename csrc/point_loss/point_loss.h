@@ -16,7 +16,8 @@
 
 namespace m2f_kernels {
 
-// input [N, C, H, W], coords [N, P, 2] -> [N, C, P] contiguous, in input's dtype.
+// input [N, C, H, W] floating, or bool / uint8 0/1 maps; coords [N, P, 2] -> [N, C, P]
+// contiguous, in input's dtype (float32 for bool / uint8).
 at::Tensor point_sample_fwd(const at::Tensor& input, const at::Tensor& coords);
 
 // grad_out [N, C, P] -> grad_input [N, C, H, W] contiguous, in input's dtype

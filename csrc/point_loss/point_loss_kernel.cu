@@ -436,7 +436,10 @@ at::Tensor point_sample_fwd(const at::Tensor& input, const at::Tensor& coords) {
   const char* op = "point_sample_fwd";
   check_cuda(input, input, op, "input");
   check_cuda(coords, input, op, "coords");
-  check_pred_dtype(input, op, "input");
+  const bool bytes = input.scalar_type() == at::kBool || input.scalar_type() == at::kByte;
+  TORCH_CHECK(bytes || input.scalar_type() == at::kFloat || input.scalar_type() == at::kHalf ||
+                  input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kDouble,
+              op, ": input must be float32, float16, bfloat16, bool or uint8, got ", input.scalar_type());
   TORCH_CHECK(input.dim() == 4, op, ": input must be [N, C, H, W]");
   TORCH_CHECK(coords.dim() == 3 && coords.size(2) == 2 && coords.size(0) == input.size(0), op,
               ": coords must be [N, P, 2] with input's N");
@@ -448,14 +451,21 @@ at::Tensor point_sample_fwd(const at::Tensor& input, const at::Tensor& coords) {
   const int64_t total = N * C * P;
   if (total > 0) {
     const auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "point_sample_fwd", [&] {
-      sample_rows_kernel<TypedMap<scalar_t>><<<grid_for(total), kThreads, 0, stream>>>(
-          TypedMap<scalar_t>{input.data_ptr<scalar_t>()}, C, H, W, input.stride(0), input.stride(1),
-          input.stride(2), input.stride(3), cf.data_ptr<float>(), 2 * P, P, total, false, out.data_ptr<float>());
+    if (bytes) {  // 0/1 maps read as bytes, never converted
+      sample_rows_kernel<AnyMap><<<grid_for(total), kThreads, 0, stream>>>(
+          AnyMap{input.data_ptr(), MapType::kByte}, C, H, W, input.stride(0), input.stride(1), input.stride(2),
+          input.stride(3), cf.data_ptr<float>(), 2 * P, P, total, false, out.data_ptr<float>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    } else {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "point_sample_fwd", [&] {
+        sample_rows_kernel<TypedMap<scalar_t>><<<grid_for(total), kThreads, 0, stream>>>(
+            TypedMap<scalar_t>{input.data_ptr<scalar_t>()}, C, H, W, input.stride(0), input.stride(1),
+            input.stride(2), input.stride(3), cf.data_ptr<float>(), 2 * P, P, total, false, out.data_ptr<float>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
   }
-  return out.to(input.scalar_type());  // no copy for fp32
+  return bytes ? out : out.to(input.scalar_type());  // float32 for bytes; no copy for fp32
 }
 
 at::Tensor point_sample_bwd(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& coords) {

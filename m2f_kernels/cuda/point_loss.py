@@ -4,8 +4,8 @@ Coordinates are (x, y) in [0, 1], sampled bilinearly with zero padding in the
 ``grid_sample(align_corners=False)`` convention. The kernels read maps (input, logits,
 pred, target) through their strides, so no map is copied (except the matched logits of
 an indexed uncertain_point_coords, gathered here for the 3-D C++ op); this module hands them
-coordinates as float32 contiguous, bool targets viewed as uint8 (read as bytes, never
-converted) and index tensors as int64 on pred's device. Shapes and dtypes follow the
+coordinates as float32 contiguous, bool maps (targets, point_sample inputs) viewed as
+uint8 (read as bytes, never converted) and index tensors as int64 on pred's device. Shapes and dtypes follow the
 backend contract (``m2f_kernels.reference.point_loss``).
 """
 from __future__ import annotations
@@ -13,15 +13,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
-from .._dispatch import Limit
-
-
-def _byte_input_reason(input, coords):
-    return None if input.is_floating_point() else f"got a {input.dtype} input"
-
-
-LIMITS = {"point_sample": Limit("floating inputs", _byte_input_reason)}
 
 
 def _check_device(op: str, ref: torch.Tensor, **tensors) -> None:
@@ -49,9 +40,10 @@ def _weight(weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def point_sample_fwd(input, coords):
-    """input [N, C, H, W], coords [N, P, 2] -> [N, C, P] contiguous, in input.dtype."""
+    """input [N, C, H, W] (floating, or bool / uint8 read as bytes), coords [N, P, 2] ->
+    [N, C, P] contiguous, in input.dtype (float32 for bool / uint8)."""
     _check_device("point_sample", input, coords=coords)
-    return torch.ops.m2f_kernels_C.point_sample_fwd(input, _coords(coords))
+    return torch.ops.m2f_kernels_C.point_sample_fwd(_target(input), _coords(coords))
 
 
 def point_sample_bwd(grad_out, input, coords):
