@@ -1,8 +1,9 @@
 """The CUDA kernels on the CPU (tests/cuda_emulation): the emulation itself, and what the
 op tests' ``cuda-emulated`` parameters do not cover.
 
-The op tests (test_op_*.py, test_nonfinite.py, test_assignment.py) run the cuda backend's
-kernels under the emulation against the reference. Here: every kernel whose result the
+The op tests (test_op_*.py, test_nonfinite.py, test_assignment.py, test_fuzz.py,
+test_point_mask_loss_weights.py) and the tiny model (test_m2f_equivalence.py) run the cuda
+backend's kernels under the emulation against the reference. Here: every kernel whose result the
 docs call deterministic gives bitwise the same result whatever order its threads and blocks
 run in (a result that moves with the order reads another thread's write without a barrier
 between: a race on a GPU); every TORCH_CHECK of the launch code raises as on the GPU; and
