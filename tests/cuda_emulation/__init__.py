@@ -14,7 +14,8 @@ The sources are rewritten on the way (in the build folder, never in ``csrc``):
 poisons before each block, and the CUDA registration a CPU one under the emulation
 namespace. The build is cached in
 ``build/cuda_emulation/<hash of sources, flags and torch>`` (~35 s on an idle two-core
-machine the first time) and guarded by a file lock, so parallel test workers build it once.
+machine the first time; the four newest builds are kept) and guarded by a file lock, so
+parallel test workers build it once.
 
 ``as_cuda_backend()`` puts the emulated kernels behind ``backend='cuda'`` for CPU tensors:
 the cuda backend's own Python wrappers (``m2f_kernels/cuda``, read with the library's
@@ -39,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -159,7 +161,18 @@ def build(verbose: bool = False) -> Path:
                   *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs], "-lc10", "-ltorch_cpu"])
         shutil.rmtree(out_dir, ignore_errors=True)
         work.rename(out_dir)
+        _prune(keep=out_dir)
         return library
+
+
+def _prune(keep: Path, builds: int = 4, grace_s: float = 3600.0) -> None:
+    """Delete all but the ``builds`` newest cached builds, sparing any built in the last
+    ``grace_s`` (another process may be about to load it; a loaded library stays usable)."""
+    done = [d for d in BUILD_ROOT.iterdir() if d.is_dir() and not d.name.endswith(".tmp") and d != keep]
+    now = time.time()
+    for old in sorted(done, key=lambda d: d.stat().st_mtime, reverse=True)[builds - 1:]:
+        if now - old.stat().st_mtime > grace_s:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @functools.cache
