@@ -437,9 +437,7 @@ at::Tensor point_sample_fwd(const at::Tensor& input, const at::Tensor& coords) {
   check_cuda(input, input, op, "input");
   check_cuda(coords, input, op, "coords");
   const bool bytes = input.scalar_type() == at::kBool || input.scalar_type() == at::kByte;
-  TORCH_CHECK(bytes || input.scalar_type() == at::kFloat || input.scalar_type() == at::kHalf ||
-                  input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kDouble,
-              op, ": input must be float32, float16, bfloat16, bool or uint8, got ", input.scalar_type());
+  if (!bytes) check_pred_dtype(input, op, "input");
   TORCH_CHECK(input.dim() == 4, op, ": input must be [N, C, H, W]");
   TORCH_CHECK(coords.dim() == 3 && coords.size(2) == 2 && coords.size(0) == input.size(0), op,
               ": coords must be [N, P, 2] with input's N");

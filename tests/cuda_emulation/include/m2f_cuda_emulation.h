@@ -68,7 +68,6 @@ struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-using uint3 = dim3;
 using cudaStream_t = struct m2f_emu_stream*;
 
 using std::fmax;
@@ -432,12 +431,12 @@ inline long long __float2ll_rz(float x) {
 
 // ---- the runtime API the host code calls -------------------------------------------------
 enum cudaError_t { cudaSuccess = 0 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 
-// An H100's values (SXM: 227 KB opt-in shared memory per block, 132 SMs).
+// An H100's value (227 KB opt-in shared memory per block).
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int /*device*/) {
-  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : attr == cudaDevAttrMultiProcessorCount ? 132 : 0;
+  *value = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 0;
   return cudaSuccess;
 }
 
